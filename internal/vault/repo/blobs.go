@@ -1,0 +1,299 @@
+package repo
+
+import (
+	"context"
+	"fmt"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/dualkey/dualkey/internal/vault/backend"
+	"github.com/dualkey/dualkey/internal/vault/format"
+	"github.com/dualkey/dualkey/internal/vault/pack"
+)
+
+// BlobID returns the keyed ID of plaintext.
+func (r *Repository) BlobID(data []byte) ID { return r.key.ID(data) }
+
+// SaveBlob stores data as a blob of type t unless the repository already
+// has it, and reports whether it was new. The costly work (hashing,
+// compression, encryption) runs in the caller's goroutine, so callers get
+// parallelism by calling from several goroutines; packs are uploaded in the
+// background, at most Options.Uploads at once.
+func (r *Repository) SaveBlob(ctx context.Context, t pack.BlobType, data []byte) (ID, bool, error) {
+	id := r.key.ID(data)
+	isNew, err := r.SaveBlobWithID(ctx, t, id, data)
+	return id, isNew, err
+}
+
+// SaveBlobWithID is SaveBlob for a caller that already computed the ID.
+func (r *Repository) SaveBlobWithID(ctx context.Context, t pack.BlobType, id ID, data []byte) (bool, error) {
+	if err := ctx.Err(); err != nil {
+		return false, err
+	}
+	r.mu.Lock()
+	if r.upErr != nil {
+		err := r.upErr
+		r.mu.Unlock()
+		return false, err
+	}
+	if r.pending[id] || r.idx.HasForDedup(id) {
+		r.mu.Unlock()
+		return false, nil
+	}
+	r.pending[id] = true
+	r.mu.Unlock()
+
+	flags, sealed := r.encodeBlob(data)
+
+	r.mu.Lock()
+	w := r.packers[t]
+	if w == nil {
+		w = pack.NewWriter(r.key, r.opts.PackSize+r.opts.PackSize/8)
+		r.packers[t] = w
+	}
+	w.Add(t, id, flags, len(data), sealed)
+	var full *pack.Writer
+	if w.Size() >= r.opts.PackSize {
+		full = w
+		delete(r.packers, t)
+	}
+	r.mu.Unlock()
+	if full != nil {
+		r.upload(ctx, full)
+	}
+	return true, nil
+}
+
+// encodeBlob compresses data when that pays and seals it.
+func (r *Repository) encodeBlob(data []byte) (uint8, []byte) {
+	var flags uint8
+	plain := data
+	if len(data) >= 64 {
+		c := r.enc.EncodeAll(data, make([]byte, 0, len(data)/2))
+		// Incompressible data is stored raw: restoring it then costs no
+		// decompression, and zstd would only add its frame overhead.
+		if len(c) < len(data)-len(data)/32 {
+			flags, plain = pack.FlagZstd, c
+		}
+	}
+	return flags, r.key.Seal(make([]byte, 0, len(plain)+28), plain)
+}
+
+// upload finishes w and saves it in the background. It blocks while
+// Options.Uploads packs are already in flight, which bounds memory.
+func (r *Repository) upload(ctx context.Context, w *pack.Writer) {
+	data, blobs := w.Finish()
+	r.mu.Lock()
+	g := r.uploads
+	r.mu.Unlock()
+	g.Go(func() error {
+		id := format.Hash(data)
+		err := r.store.Save(ctx, backend.Handle{Type: backend.Pack, Name: id.String()}, data)
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if err != nil {
+			err = fmt.Errorf("repo: save pack %s: %w", id, err)
+			if r.upErr == nil {
+				r.upErr = err
+			}
+			return err
+		}
+		r.idx.Add(id, blobs)
+		for _, b := range blobs {
+			delete(r.pending, b.ID)
+		}
+		r.newPacks = append(r.newPacks, indexPack{ID: id, Blobs: blobs})
+		r.opts.Log.Debug("pack saved", "pack", id.String()[:12], "blobs", len(blobs), "bytes", len(data))
+		return nil
+	})
+}
+
+// Flush uploads the open packs, waits for every upload, and writes an index
+// object for the packs saved since the last Flush. Only after Flush returns
+// are the blobs saved so far durable and findable by other clients.
+func (r *Repository) Flush(ctx context.Context) error {
+	r.mu.Lock()
+	var open []*pack.Writer
+	for t, w := range r.packers {
+		if w.Count() > 0 {
+			open = append(open, w)
+		}
+		delete(r.packers, t)
+	}
+	r.mu.Unlock()
+	for _, w := range open {
+		r.upload(ctx, w)
+	}
+	r.mu.Lock()
+	g := r.uploads
+	r.mu.Unlock()
+	err := g.Wait()
+	r.mu.Lock()
+	r.resetUploads()
+	if err == nil {
+		err = r.upErr
+	}
+	packs := r.newPacks
+	r.newPacks = nil
+	r.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return r.writeIndex(ctx, packs)
+}
+
+// maxIndexBlobs splits large indexes so that no single object is huge.
+const maxIndexBlobs = 200_000
+
+func (r *Repository) writeIndex(ctx context.Context, packs []indexPack) error {
+	for len(packs) > 0 {
+		n, blobs := 0, 0
+		for n < len(packs) && (n == 0 || blobs+len(packs[n].Blobs) <= maxIndexBlobs) {
+			blobs += len(packs[n].Blobs)
+			n++
+		}
+		if _, err := r.SaveIndex(ctx, packs[:n]); err != nil {
+			return err
+		}
+		packs = packs[n:]
+	}
+	return nil
+}
+
+// SaveIndex writes one index object for packs and returns its ID.
+func (r *Repository) SaveIndex(ctx context.Context, packs []indexPack) (ID, error) {
+	ids := make([]ID, len(packs))
+	for i, p := range packs {
+		ids[i] = p.ID
+	}
+	body := r.enc.EncodeAll(encodeIndexBody(packs), nil)
+	obj := format.AppendIndexHeader(nil, ids)
+	obj = r.key.Seal(obj, body)
+	id := format.Hash(obj)
+	if err := r.store.Save(ctx, backend.Handle{Type: backend.Index, Name: id.String()}, obj); err != nil {
+		return id, fmt.Errorf("repo: save index: %w", err)
+	}
+	return id, nil
+}
+
+// readIndex loads and decodes one index object.
+func (r *Repository) readIndex(ctx context.Context, name string) ([]indexPack, error) {
+	data, err := r.store.Load(ctx, backend.Handle{Type: backend.Index, Name: name}, 0, 0)
+	if err != nil {
+		return nil, fmt.Errorf("repo: load index %s: %w", name, err)
+	}
+	if format.Hash(data).String() != name {
+		return nil, fmt.Errorf("%w: index %s: content does not match its name", ErrDamaged, name)
+	}
+	hdrPacks, sealed, err := format.ParseIndexHeader(data)
+	if err != nil {
+		return nil, fmt.Errorf("%w: index %s: %v", ErrDamaged, name, err)
+	}
+	z, err := r.key.Open(nil, sealed)
+	if err != nil {
+		return nil, fmt.Errorf("%w: index %s: %v", ErrDamaged, name, err)
+	}
+	body, err := r.dec.DecodeAll(z, nil)
+	if err != nil {
+		return nil, fmt.Errorf("%w: index %s: decompress: %v", ErrDamaged, name, err)
+	}
+	packs, err := decodeIndexBody(body)
+	if err != nil {
+		return nil, fmt.Errorf("%w: index %s: %v", ErrDamaged, name, err)
+	}
+	if len(packs) != len(hdrPacks) {
+		return nil, fmt.Errorf("%w: index %s: header lists %d packs, body %d", ErrDamaged, name, len(hdrPacks), len(packs))
+	}
+	for i := range packs {
+		if packs[i].ID != hdrPacks[i] {
+			return nil, fmt.Errorf("%w: index %s: header and body disagree on pack %d", ErrDamaged, name, i)
+		}
+	}
+	return packs, nil
+}
+
+// IndexNames lists the index objects.
+func (r *Repository) IndexNames(ctx context.Context) ([]string, error) {
+	return r.names(ctx, backend.Index)
+}
+
+func (r *Repository) names(ctx context.Context, t backend.Type) ([]string, error) {
+	var names []string
+	err := r.store.List(ctx, t, func(fi backend.Info) error {
+		names = append(names, fi.Name)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("repo: list %s: %w", t, err)
+	}
+	return names, nil
+}
+
+func (r *Repository) loadIndex(ctx context.Context) error {
+	names, err := r.IndexNames(ctx)
+	if err != nil {
+		return err
+	}
+	var g errgroup.Group
+	g.SetLimit(8)
+	for _, n := range names {
+		g.Go(func() error {
+			packs, err := r.readIndex(ctx, n)
+			if err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				r.mu.Lock()
+				r.IndexErrors = append(r.IndexErrors, err)
+				r.mu.Unlock()
+				r.opts.Log.Warn("index unreadable; its packs are found by verify", "index", n, "err", err)
+				return nil
+			}
+			for _, p := range packs {
+				r.idx.Add(p.ID, p.Blobs)
+			}
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	return r.loadMarks(ctx)
+}
+
+// LoadBlob reads, authenticates, decompresses and checks one blob.
+func (r *Repository) LoadBlob(ctx context.Context, t pack.BlobType, id ID) ([]byte, error) {
+	loc, ok := r.idx.Lookup(id)
+	if !ok {
+		return nil, fmt.Errorf("repo: %s blob %s: not in the index", t, id)
+	}
+	if loc.Type != t {
+		return nil, fmt.Errorf("repo: blob %s is %s, not %s", id, loc.Type, t)
+	}
+	sealed, err := r.store.Load(ctx, backend.Handle{Type: backend.Pack, Name: loc.Pack.String()}, int64(loc.Offset), int64(loc.Length))
+	if err != nil {
+		return nil, fmt.Errorf("repo: load blob %s from pack %s: %w", id, loc.Pack, err)
+	}
+	return r.DecodeBlob(loc, sealed)
+}
+
+// DecodeBlob opens a sealed blob read from its location and checks its ID.
+func (r *Repository) DecodeBlob(loc Location, sealed []byte) ([]byte, error) {
+	if len(sealed) != int(loc.Length) {
+		return nil, fmt.Errorf("%w: blob %s in pack %s: %d bytes, want %d", ErrDamaged, loc.ID, loc.Pack, len(sealed), loc.Length)
+	}
+	plain, err := r.key.Open(nil, sealed)
+	if err != nil {
+		return nil, fmt.Errorf("%w: blob %s in pack %s: %v", ErrDamaged, ID(loc.ID), loc.Pack, err)
+	}
+	if loc.Flags&pack.FlagZstd != 0 {
+		plain, err = r.dec.DecodeAll(plain, make([]byte, 0, loc.RawLength))
+		if err != nil {
+			return nil, fmt.Errorf("%w: blob %s in pack %s: decompress: %v", ErrDamaged, ID(loc.ID), loc.Pack, err)
+		}
+	}
+	if len(plain) != int(loc.RawLength) || r.key.ID(plain) != loc.ID {
+		return nil, fmt.Errorf("%w: blob %s in pack %s: content does not match its ID", ErrDamaged, ID(loc.ID), loc.Pack)
+	}
+	return plain, nil
+}
