@@ -1,0 +1,23 @@
+package repo
+
+import (
+	"bytes"
+	"testing"
+
+	"github.com/dualkey/dualkey/internal/vault/pack"
+)
+
+func FuzzDecodeIndexBody(f *testing.F) {
+	body := encodeIndexBody([]indexPack{{ID: ID{1}, Blobs: []pack.Blob{{Type: pack.Data, ID: [32]byte{2}, Offset: 0, Length: 40, RawLength: 12}}}})
+	f.Add(body)
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		packs, err := decodeIndexBody(data)
+		if err != nil {
+			return
+		}
+		if again := encodeIndexBody(packs); !bytes.Equal(again, data) {
+			t.Fatal("index body does not round-trip")
+		}
+	})
+}

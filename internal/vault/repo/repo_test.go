@@ -1,0 +1,136 @@
+package repo_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"github.com/dualkey/dualkey/internal/vault/crypto"
+	"github.com/dualkey/dualkey/internal/vault/guard"
+	"github.com/dualkey/dualkey/internal/vault/pack"
+	"github.com/dualkey/dualkey/internal/vault/repo"
+	"github.com/dualkey/dualkey/internal/vault/repo/repotest"
+)
+
+func TestWrongPassword(t *testing.T) {
+	env := repotest.New(t, 0)
+	_, err := repo.Open(context.Background(), env.Store.Session(guard.Admin), "not it", repotest.Options())
+	if !errors.Is(err, crypto.ErrWrongPassword) {
+		t.Fatalf("err = %v, want ErrWrongPassword", err)
+	}
+}
+
+func TestSecondKey(t *testing.T) {
+	ctx := context.Background()
+	env := repotest.New(t, 0)
+	if err := env.Repo.AddKey(ctx, "second"); err != nil {
+		t.Fatal(err)
+	}
+	for _, pw := range []string{repotest.Password, "second"} {
+		r, err := repo.Open(ctx, env.Store.Session(guard.Admin), pw, repotest.Options())
+		if err != nil {
+			t.Fatalf("open with %q: %v", pw, err)
+		}
+		if !r.Key().Equal(env.Repo.Key()) {
+			t.Errorf("password %q opened another master key", pw)
+		}
+		r.Close()
+	}
+}
+
+func TestBlobsConcurrentAndReopen(t *testing.T) {
+	ctx := context.Background()
+	env := repotest.New(t, 0)
+	r := env.Repo
+	var wg sync.WaitGroup
+	ids := make([]repo.ID, 200)
+	for i := range ids {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// Every content appears twice: dedup must store it once.
+			data := bytes.Repeat([]byte(fmt.Sprintf("blob %d ", i%100)), 2000+i%100)
+			id, _, err := r.SaveBlob(ctx, pack.Data, data)
+			if err != nil {
+				t.Error(err)
+			}
+			ids[i] = id
+		}()
+	}
+	wg.Wait()
+	if err := r.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := r.Index().Len(); n != 100 {
+		t.Errorf("index holds %d blobs, want 100 distinct", n)
+	}
+	r2 := env.Reopen(t)
+	for i, id := range ids {
+		want := bytes.Repeat([]byte(fmt.Sprintf("blob %d ", i%100)), 2000+i%100)
+		got, err := r2.LoadBlob(ctx, pack.Data, id)
+		if err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("blob %d after reopen: %v", i, err)
+		}
+	}
+	if _, err := r2.LoadBlob(ctx, pack.Tree, ids[0]); err == nil {
+		t.Error("a data blob loaded as a tree")
+	}
+}
+
+func TestDamagedIndexIsSkipped(t *testing.T) {
+	ctx := context.Background()
+	env := repotest.New(t, 0)
+	var ids []repo.ID
+	for _, s := range []string{"one", "two"} {
+		id, _, err := env.Repo.SaveBlob(ctx, pack.Data, []byte(s))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := env.Repo.Flush(ctx); err != nil { // one index object each
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	names, _ := filepath.Glob(filepath.Join(env.Dir, "index", "*"))
+	if len(names) != 2 {
+		t.Fatalf("%d index files, want 2", len(names))
+	}
+	data, err := os.ReadFile(names[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	data[len(data)-5] ^= 0x40
+	os.Chmod(names[0], 0o600)
+	if err := os.WriteFile(names[0], data, 0o400); err != nil {
+		t.Fatal(err)
+	}
+	r := env.Reopen(t)
+	if len(r.IndexErrors) != 1 || !errors.Is(r.IndexErrors[0], repo.ErrDamaged) {
+		t.Fatalf("IndexErrors = %v, want one ErrDamaged", r.IndexErrors)
+	}
+	if r.Index().Len() != 1 {
+		t.Fatalf("index holds %d blobs after losing one index object, want 1", r.Index().Len())
+	}
+	found := 0
+	for _, id := range ids {
+		if _, err := r.LoadBlob(ctx, pack.Data, id); err == nil {
+			found++
+		}
+	}
+	if found != 1 {
+		t.Errorf("%d blobs load, want the 1 whose index is intact", found)
+	}
+}
+
+func TestCommitRefusesUnknownBlob(t *testing.T) {
+	env := repotest.New(t, 0)
+	_, _, err := env.Repo.Commit(context.Background(), nil, []repo.ID{{1}}, 0)
+	if err == nil {
+		t.Fatal("commit naming an unstored blob succeeded")
+	}
+}
