@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -210,4 +211,31 @@ func mustSnap(t *testing.T, r *repo.Repository, id repo.ID) repo.SnapshotInfo {
 		t.Fatal(err)
 	}
 	return si
+}
+
+// BenchmarkBackup measures a first backup of 256 MiB: half random, half
+// text-like. Run with -benchtime=1x.
+func BenchmarkBackup(b *testing.B) {
+	src := filepath.Join(b.TempDir(), "src")
+	os.MkdirAll(src, 0o755)
+	os.WriteFile(filepath.Join(src, "random"), randBytes(128<<20), 0o644)
+	var text bytes.Buffer
+	for i := 0; text.Len() < 128<<20; i++ {
+		fmt.Fprintf(&text, "%d|account-%d|%d|filler filler filler filler\n", i, i*7919%100000, i%5000)
+	}
+	os.WriteFile(filepath.Join(src, "text"), text.Bytes(), 0o644)
+	b.SetBytes(256 << 20)
+	for b.Loop() {
+		env := repotest.New(b, 0)
+		env.Repo.Close()
+		opts := repotest.Options()
+		opts.PackSize = 16 << 20
+		r, err := repo.Open(context.Background(), env.Store.Session("admin"), repotest.Password, opts)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := Backup(context.Background(), r, []string{src}, Options{NoParent: true}); err != nil {
+			b.Fatal(err)
+		}
+	}
 }

@@ -102,7 +102,7 @@ func (r *Repository) upload(ctx context.Context, w *pack.Writer) {
 		for _, b := range blobs {
 			delete(r.pending, b.ID)
 		}
-		r.newPacks = append(r.newPacks, indexPack{ID: id, Blobs: blobs})
+		r.newPacks = append(r.newPacks, IndexPack{ID: id, Blobs: blobs})
 		r.opts.Log.Debug("pack saved", "pack", id.String()[:12], "blobs", len(blobs), "bytes", len(data))
 		return nil
 	})
@@ -145,7 +145,7 @@ func (r *Repository) Flush(ctx context.Context) error {
 // maxIndexBlobs splits large indexes so that no single object is huge.
 const maxIndexBlobs = 200_000
 
-func (r *Repository) writeIndex(ctx context.Context, packs []indexPack) error {
+func (r *Repository) writeIndex(ctx context.Context, packs []IndexPack) error {
 	for len(packs) > 0 {
 		n, blobs := 0, 0
 		for n < len(packs) && (n == 0 || blobs+len(packs[n].Blobs) <= maxIndexBlobs) {
@@ -161,7 +161,7 @@ func (r *Repository) writeIndex(ctx context.Context, packs []indexPack) error {
 }
 
 // SaveIndex writes one index object for packs and returns its ID.
-func (r *Repository) SaveIndex(ctx context.Context, packs []indexPack) (ID, error) {
+func (r *Repository) SaveIndex(ctx context.Context, packs []IndexPack) (ID, error) {
 	ids := make([]ID, len(packs))
 	for i, p := range packs {
 		ids[i] = p.ID
@@ -176,8 +176,8 @@ func (r *Repository) SaveIndex(ctx context.Context, packs []indexPack) (ID, erro
 	return id, nil
 }
 
-// readIndex loads and decodes one index object.
-func (r *Repository) readIndex(ctx context.Context, name string) ([]indexPack, error) {
+// ReadIndex loads, authenticates and decodes one index object.
+func (r *Repository) ReadIndex(ctx context.Context, name string) ([]IndexPack, error) {
 	data, err := r.store.Load(ctx, backend.Handle{Type: backend.Index, Name: name}, 0, 0)
 	if err != nil {
 		return nil, fmt.Errorf("repo: load index %s: %w", name, err)
@@ -238,7 +238,7 @@ func (r *Repository) loadIndex(ctx context.Context) error {
 	g.SetLimit(8)
 	for _, n := range names {
 		g.Go(func() error {
-			packs, err := r.readIndex(ctx, n)
+			packs, err := r.ReadIndex(ctx, n)
 			if err != nil {
 				if ctx.Err() != nil {
 					return ctx.Err()

@@ -8,7 +8,7 @@ import (
 )
 
 func FuzzDecodeIndexBody(f *testing.F) {
-	body := encodeIndexBody([]indexPack{{ID: ID{1}, Blobs: []pack.Blob{{Type: pack.Data, ID: [32]byte{2}, Offset: 0, Length: 40, RawLength: 12}}}})
+	body := encodeIndexBody([]IndexPack{{ID: ID{1}, Blobs: []pack.Blob{{Type: pack.Data, ID: [32]byte{2}, Offset: 0, Length: 40, RawLength: 12}}}})
 	f.Add(body)
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, data []byte) {

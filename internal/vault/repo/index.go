@@ -107,12 +107,13 @@ func (x *Index) Each(fn func(format.ID, Location)) {
 // pack IDs so that the vault server can read them.
 const indexEntrySize = 1 + 1 + 4 + 4 + 4 + 32
 
-type indexPack struct {
+// IndexPack is one pack's entry in an index object.
+type IndexPack struct {
 	ID    format.ID
 	Blobs []pack.Blob
 }
 
-func encodeIndexBody(packs []indexPack) []byte {
+func encodeIndexBody(packs []IndexPack) []byte {
 	n := 0
 	for _, p := range packs {
 		n += 36 + len(p.Blobs)*indexEntrySize
@@ -132,13 +133,13 @@ func encodeIndexBody(packs []indexPack) []byte {
 	return out
 }
 
-func decodeIndexBody(body []byte) ([]indexPack, error) {
-	var packs []indexPack
+func decodeIndexBody(body []byte) ([]IndexPack, error) {
+	var packs []IndexPack
 	for len(body) > 0 {
 		if len(body) < 36 {
 			return nil, fmt.Errorf("repo: index body: truncated pack record")
 		}
-		var p indexPack
+		var p IndexPack
 		copy(p.ID[:], body)
 		n := binary.LittleEndian.Uint32(body[32:])
 		body = body[36:]

@@ -101,7 +101,7 @@ type Repository struct {
 	mu       sync.Mutex
 	packers  map[pack.BlobType]*pack.Writer
 	pending  map[ID]bool // blobs in open or uploading packs
-	newPacks []indexPack // uploaded since the last index was written
+	newPacks []IndexPack // uploaded since the last index was written
 	uploads  *errgroup.Group
 	upErr    error
 }
