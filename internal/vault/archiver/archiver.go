@@ -81,16 +81,16 @@ func (o *Options) applyDefaults() {
 
 // Progress is a running count of a backup.
 type Progress struct {
-	Files, Dirs    int64
-	Bytes          int64 // content bytes processed so far
-	TotalFiles     int64 // found by the scanner so far
-	TotalBytes     int64
-	ScanDone       bool
-	BytesAdded     int64
-	Errors         int64
-	Elapsed        time.Duration
-	CurrentFile    string
-	Final          bool
+	Files, Dirs int64
+	Bytes       int64 // content bytes processed so far
+	TotalFiles  int64 // found by the scanner so far
+	TotalBytes  int64
+	ScanDone    bool
+	BytesAdded  int64
+	Errors      int64
+	Elapsed     time.Duration
+	CurrentFile string
+	Final       bool
 }
 
 // Result is what Backup returns.

@@ -87,7 +87,9 @@ type Tree struct {
 }
 
 // Sort orders the nodes by name, as Encode requires.
-func (t *Tree) Sort() { sort.Slice(t.Nodes, func(i, j int) bool { return t.Nodes[i].Name < t.Nodes[j].Name }) }
+func (t *Tree) Sort() {
+	sort.Slice(t.Nodes, func(i, j int) bool { return t.Nodes[i].Name < t.Nodes[j].Name })
+}
 
 // Find returns the node named name, or nil.
 func (t *Tree) Find(name string) *Node {
