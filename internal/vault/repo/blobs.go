@@ -104,7 +104,23 @@ func (r *Repository) upload(ctx context.Context, w *pack.Writer) {
 		}
 		r.newPacks = append(r.newPacks, IndexPack{ID: id, Blobs: blobs})
 		r.opts.Log.Debug("pack saved", "pack", id.String()[:12], "blobs", len(blobs), "bytes", len(data))
-		return nil
+		if len(r.newPacks) < r.opts.IndexEvery {
+			return nil
+		}
+		// Index what is stored so far, so that a backup killed midway
+		// leaves packs the next one can find and reuse.
+		packs := r.newPacks
+		r.newPacks = nil
+		r.mu.Unlock()
+		_, err = r.SaveIndex(ctx, packs)
+		r.mu.Lock()
+		if err != nil {
+			r.newPacks = append(r.newPacks, packs...)
+			if r.upErr == nil {
+				r.upErr = err
+			}
+		}
+		return err
 	})
 }
 
@@ -146,18 +162,29 @@ func (r *Repository) Flush(ctx context.Context) error {
 const maxIndexBlobs = 200_000
 
 func (r *Repository) writeIndex(ctx context.Context, packs []IndexPack) error {
+	_, err := r.SaveIndexes(ctx, packs)
+	return err
+}
+
+// SaveIndexes writes index objects covering packs, split so that none
+// holds more than maxIndexBlobs blobs, and returns their IDs. It does not
+// add the packs to the in-memory index.
+func (r *Repository) SaveIndexes(ctx context.Context, packs []IndexPack) ([]ID, error) {
+	var ids []ID
 	for len(packs) > 0 {
 		n, blobs := 0, 0
 		for n < len(packs) && (n == 0 || blobs+len(packs[n].Blobs) <= maxIndexBlobs) {
 			blobs += len(packs[n].Blobs)
 			n++
 		}
-		if _, err := r.SaveIndex(ctx, packs[:n]); err != nil {
-			return err
+		id, err := r.SaveIndex(ctx, packs[:n])
+		if err != nil {
+			return ids, err
 		}
+		ids = append(ids, id)
 		packs = packs[n:]
 	}
-	return nil
+	return ids, nil
 }
 
 // SaveIndex writes one index object for packs and returns its ID.
@@ -185,13 +212,20 @@ func (r *Repository) ReadIndex(ctx context.Context, name string) ([]IndexPack, e
 	if format.Hash(data).String() != name {
 		return nil, fmt.Errorf("%w: index %s: content does not match its name", ErrDamaged, name)
 	}
+	return r.DecodeIndex(name, data)
+}
+
+// DecodeIndex decodes the bytes of index object name, whose hash the caller
+// has checked. Errors wrap ErrDamaged, and crypto.ErrUnauthenticated when
+// authentication failed.
+func (r *Repository) DecodeIndex(name string, data []byte) ([]IndexPack, error) {
 	hdrPacks, sealed, err := format.ParseIndexHeader(data)
 	if err != nil {
-		return nil, fmt.Errorf("%w: index %s: %v", ErrDamaged, name, err)
+		return nil, fmt.Errorf("%w: index %s: %w", ErrDamaged, name, err)
 	}
 	z, err := r.key.Open(nil, sealed)
 	if err != nil {
-		return nil, fmt.Errorf("%w: index %s: %v", ErrDamaged, name, err)
+		return nil, fmt.Errorf("%w: index %s: %w", ErrDamaged, name, err)
 	}
 	body, err := r.dec.DecodeAll(z, nil)
 	if err != nil {
@@ -230,6 +264,11 @@ func (r *Repository) names(ctx context.Context, t backend.Type) ([]string, error
 }
 
 func (r *Repository) loadIndex(ctx context.Context) error {
+	// Marks first: Index.Add then keeps the unmarked copy of a blob stored
+	// in both a marked and an unmarked pack.
+	if err := r.loadMarks(ctx); err != nil {
+		return err
+	}
 	names, err := r.IndexNames(ctx)
 	if err != nil {
 		return err
@@ -255,10 +294,7 @@ func (r *Repository) loadIndex(ctx context.Context) error {
 			return nil
 		})
 	}
-	if err := g.Wait(); err != nil {
-		return err
-	}
-	return r.loadMarks(ctx)
+	return g.Wait()
 }
 
 // LoadBlob reads, authenticates, decompresses and checks one blob.

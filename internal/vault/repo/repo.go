@@ -59,6 +59,10 @@ type Options struct {
 	// pgbench's data directory ~10x at ~400 MB/s per core here; better
 	// levels cost 2-3x the CPU for a few percent.
 	Level zstd.EncoderLevel
+	// IndexEvery writes an index object once this many packs are stored
+	// without one, so a killed backup leaves its work findable: 8 packs
+	// (128 MiB) bound what a kill loses to one pipeline's worth.
+	IndexEvery int
 	// KDF is the Argon2id cost for new keys.
 	KDF crypto.KDFParams
 	// Log receives progress notes; nil discards.
@@ -72,6 +76,9 @@ func (o *Options) ApplyDefaults() {
 	}
 	if o.Uploads == 0 {
 		o.Uploads = 2
+	}
+	if o.IndexEvery == 0 {
+		o.IndexEvery = 8
 	}
 	if o.Level == 0 {
 		o.Level = zstd.SpeedDefault

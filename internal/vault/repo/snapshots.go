@@ -196,7 +196,7 @@ func (r *Repository) SaveTree(ctx context.Context, t *snapshot.Tree) (ID, error)
 	return id, err
 }
 
-// Marks returns the garbage-collection marks.
+// Marks returns the garbage-collection marks by name.
 func (r *Repository) Marks(ctx context.Context) (map[string]format.Mark, error) {
 	names, err := r.names(ctx, backend.Mark)
 	if err != nil {
@@ -204,25 +204,39 @@ func (r *Repository) Marks(ctx context.Context) (map[string]format.Mark, error) 
 	}
 	out := map[string]format.Mark{}
 	for _, n := range names {
-		data, err := r.store.Load(ctx, backend.Handle{Type: backend.Mark, Name: n}, 0, 0)
+		m, err := r.loadMark(ctx, n)
 		if err != nil {
-			return nil, fmt.Errorf("repo: load mark %s: %w", n, err)
-		}
-		var m format.Mark
-		if err := json.Unmarshal(data, &m); err != nil {
-			return nil, fmt.Errorf("%w: mark %s: %v", ErrDamaged, n, err)
+			return nil, err
 		}
 		out[n] = m
 	}
 	return out, nil
 }
 
+func (r *Repository) loadMark(ctx context.Context, name string) (format.Mark, error) {
+	var m format.Mark
+	data, err := r.store.Load(ctx, backend.Handle{Type: backend.Mark, Name: name}, 0, 0)
+	if err != nil {
+		return m, fmt.Errorf("repo: load mark %s: %w", name, err)
+	}
+	if err := json.Unmarshal(data, &m); err != nil {
+		return m, fmt.Errorf("%w: mark %s: %v", ErrDamaged, name, err)
+	}
+	return m, nil
+}
+
 func (r *Repository) loadMarks(ctx context.Context) error {
-	marks, err := r.Marks(ctx)
+	names, err := r.names(ctx, backend.Mark)
 	if err != nil {
 		return err
 	}
-	for _, m := range marks {
+	for _, n := range names {
+		m, err := r.loadMark(ctx, n)
+		if err != nil {
+			// Marks only advise; prune removes damaged ones.
+			r.opts.Log.Warn("mark unreadable; ignored", "mark", n, "err", err)
+			continue
+		}
 		r.idx.Exclude(m.Packs)
 	}
 	return nil
