@@ -128,8 +128,62 @@ func (w *writer) blob(bp *blobPlan, sealed []byte) {
 			w.done(u.file, 1, int64(len(plain)))
 			continue
 		}
+		if len(plain) >= 2*holeBlock && hasZeroBlock(plain) {
+			w.writeSparse(u.file, u.off, plain)
+			continue
+		}
 		w.write(u.file, u.off, plain)
 	}
+}
+
+// holeBlock is the granularity at which zeros inside a blob become holes:
+// a content-defined chunk of a sparse file mixes data with long zero runs.
+const holeBlock = 4096
+
+// hasZeroBlock reports whether b has an aligned all-zero block. On data
+// without zeros each block is rejected at its first byte, so the scan is
+// cheap.
+func hasZeroBlock(b []byte) bool {
+	for i := 0; i+holeBlock <= len(b); i += holeBlock {
+		if b[i] == 0 && isZero(b[i:i+holeBlock]) {
+			return true
+		}
+	}
+	return false
+}
+
+// writeSparse writes the parts of data that are not aligned zero blocks,
+// leaving holes for the rest (the file already has its final size).
+func (w *writer) writeSparse(file int32, off int64, data []byte) {
+	if w.rs.p.files[file].missing.Load() {
+		w.done(file, 1, 0)
+		return
+	}
+	w.flush()
+	f, err := w.handle(file)
+	for start := 0; err == nil && start < len(data); {
+		end := start
+		for end < len(data) {
+			blk := min(holeBlock, len(data)-end)
+			if blk == holeBlock && isZero(data[end:end+blk]) {
+				break
+			}
+			end += blk
+		}
+		if end > start {
+			_, err = f.WriteAt(data[start:end], off+int64(start))
+		}
+		for end < len(data) && end+holeBlock <= len(data) && isZero(data[end:end+holeBlock]) {
+			end += holeBlock
+		}
+		start = end
+	}
+	n := int64(len(data))
+	if err != nil {
+		w.rs.failFile(file, err)
+		n = 0
+	}
+	w.done(file, 1, n)
 }
 
 func (w *writer) giveUp(bp *blobPlan, err error) {
