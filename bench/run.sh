@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# run.sh is `make bench`: prepare the data sets, measure the machine's limits,
+# then time dualkey, restic and borg on the same data. Never run by make test.
+#
+# Usage: bench/run.sh [WORKDIR]   (default $BENCH_WORK or /tmp/dualkey-bench)
+# Environment (see data.sh and vault.sh): BENCH_SCALE=full|small,
+# BENCH_SETS, BENCH_TOOLS, BENCH_RESULTS, BENCH_KEEP_REPOS=1.
+# The full scale needs about 10 GiB free in WORKDIR and an idle machine.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+WORK=${1:-${BENCH_WORK:-/tmp/dualkey-bench}}
+export BENCH_RESULTS=${BENCH_RESULTS:-$PWD/bench/results/$(date +%Y-%m-%d).md}
+mkdir -p "$(dirname "$BENCH_RESULTS")"
+
+((EUID == 0)) || echo "bench: warning: not root; data.sh needs root and caches cannot be dropped" >&2
+if (($(awk '{ printf "%d", $1 }' /proc/loadavg) >= 1)); then
+	echo "bench: warning: load average $(cut -d' ' -f1-3 /proc/loadavg); other work will skew the numbers" >&2
+fi
+
+echo "bench: preparing data sets in $WORK (scale ${BENCH_SCALE:-full})" >&2
+bench/data.sh "$WORK" >&2
+echo "bench: measuring machine limits" >&2
+bench/limits.sh "$WORK" | tee -a "$BENCH_RESULTS"
+echo "bench: timing backup tools" >&2
+bench/vault.sh "$WORK"
+echo "bench: results appended to $BENCH_RESULTS" >&2
