@@ -112,9 +112,10 @@ type archiver struct {
 	opts Options
 	gear *chunker.Gear
 
-	jobs    chan blobJob
-	readers chan struct{}
-	wg      sync.WaitGroup // blob workers
+	jobs     chan blobJob
+	readers  chan struct{}
+	chunkers sync.Pool      // *chunker.Chunker, keyed by this repository's gear
+	wg       sync.WaitGroup // blob workers
 
 	mu     sync.Mutex
 	blobs  map[repo.ID]bool // every blob the snapshot refers to

@@ -239,3 +239,27 @@ func BenchmarkBackup(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkBackupDir backs up the directory in DUALKEY_BENCH_DIR (for
+// profiling on real data such as bench/'s pgbench data directory).
+func BenchmarkBackupDir(b *testing.B) {
+	src := os.Getenv("DUALKEY_BENCH_DIR")
+	if src == "" {
+		b.Skip("set DUALKEY_BENCH_DIR")
+	}
+	for b.Loop() {
+		env := repotest.New(b, 0)
+		env.Repo.Close()
+		opts := repotest.Options()
+		opts.PackSize = 16 << 20
+		r, err := repo.Open(context.Background(), env.Store.Session("admin"), repotest.Password, opts)
+		if err != nil {
+			b.Fatal(err)
+		}
+		res, err := Backup(context.Background(), r, []string{src}, Options{NoParent: true})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.SetBytes(res.Summary.Bytes)
+	}
+}

@@ -194,7 +194,16 @@ func (a *archiver) chunkStream(ctx context.Context, rd io.Reader, pageSize int) 
 	if pageSize > 0 {
 		sp = chunker.NewPages(rd, pageSize)
 	} else {
-		sp = chunker.New(rd, a.gear, chunker.DefaultParams)
+		// A chunker's buffer is twice the maximum chunk size: reuse it
+		// across files, or small files pay for allocating and clearing it.
+		c, _ := a.chunkers.Get().(*chunker.Chunker)
+		if c == nil {
+			c = chunker.New(rd, a.gear, chunker.DefaultParams)
+		} else {
+			c.Reset(rd)
+		}
+		defer a.chunkers.Put(c)
+		sp = c
 	}
 	var (
 		outs    []*repo.ID

@@ -36,7 +36,7 @@ const Unreadable Kind = "unreadable"
 
 // Options tune Check.
 type Options struct {
-	// ReadData reads every pack whole: its SHA-256 against its name, its
+	// ReadData reads every pack whole: its hash against its name, its
 	// header against the index, and every blob decrypted and checked.
 	// Without it only indexes, snapshots and trees are read, and packs are
 	// checked by listing (existence and size).

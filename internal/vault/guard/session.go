@@ -56,7 +56,7 @@ func (s *Session) Config(ctx context.Context) (format.Config, error) {
 //   - snapshots: never; snapshots enter through Commit.
 //   - locks: never; only the vault writes lock records.
 //
-// Every name but the config's must be the SHA-256 of data, checked here.
+// Every name but the config's must be format.Hash of data, checked here.
 // Saving an existing name again with the same bytes succeeds (a retry);
 // with other bytes it fails with backend.ErrExists.
 func (s *Session) Save(ctx context.Context, h backend.Handle, data []byte) error {
@@ -94,7 +94,7 @@ func (s *Session) Save(ctx context.Context, h backend.Handle, data []byte) error
 	}
 	if h.Type != backend.Config {
 		if id := format.Hash(data); id.String() != h.Name {
-			return fmt.Errorf("guard: save %v: name is not the SHA-256 of the content (%s): %w", h, id, ErrInvalid)
+			return fmt.Errorf("guard: save %v: name is not the hash of the content (%s): %w", h, id, ErrInvalid)
 		}
 	}
 	if err := s.st.be.Save(ctx, h, data); err != nil {

@@ -10,7 +10,7 @@
 //	type uint8 | flags uint8 | stored length uint32 | raw length uint32 | id [32]byte
 //
 // where flags bit 0 means the blob was zstd-compressed before sealing. All
-// integers are little-endian. A pack is named by the SHA-256 of its bytes.
+// integers are little-endian. A pack is named by the hash of its bytes (format.Hash).
 package pack
 
 import (

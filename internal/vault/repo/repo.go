@@ -220,7 +220,10 @@ func unlock(ctx context.Context, store Store, password string) (*crypto.Key, err
 }
 
 func newRepository(store Store, key *crypto.Key, cfg format.Config, opts Options) (*Repository, error) {
-	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(opts.Level), zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true))
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(opts.Level), zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true),
+		// No frame checksum: every blob is authenticated by AES-GCM and its
+		// keyed ID is checked after decompression; xxhash only costs time.
+		zstd.WithEncoderCRC(false))
 	if err != nil {
 		return nil, err
 	}

@@ -11,7 +11,7 @@
 // HTTP/1.1 over TLS. Every request carries "Authorization: Bearer <token>".
 // Object types are the folder names of [backend.Types] (config, keys, data,
 // index, snapshots, locks, marks); names are 64 lowercase hex digits (the
-// SHA-256 of the bytes) or "config" for the config.
+// BLAKE3-256 of the bytes, format.Hash) or "config" for the config.
 //
 //	GET    /v1/whoami                    → {"capability":"append","token":"<id>","name":"<name>"}
 //	GET    /v1/config                    → the config object's bytes (JSON)
