@@ -22,8 +22,10 @@ setup:
 setup-bench:
 	@scripts/setup.sh bench
 
+VERSION    := $(shell git describe --always --dirty 2>/dev/null || echo devel)
+
 build:
-	$(GO) build -o $(BIN) ./cmd/dualkey
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/dualkey
 
 run: setup build
 	@scripts/demo.sh
