@@ -49,10 +49,10 @@ type Params struct {
 // Next from memory, best of 12, one core of a shared 2-vCPU Xeon (AVX-512).
 //
 //	min/avg/max      chunks   mean  MB/s scattered clustered   inserts  idx/TiB
-//	64K/256K/1024K    230.0   284K  1090     95.9%     23.6%      2.6%    377MB
-//	128K/512K/2048K   114.5   572K  1039     99.4%     33.2%      4.6%    188MB
-//	256K/1024K/4096K   57.5  1139K  1174    100.0%     47.4%      9.2%     94MB
-//	512K/1024K/8192K   55.5  1180K  1283    100.0%     51.4%     10.1%     91MB (restic)
+//	64K/256K/1024K    230.0   284K  1549     95.9%     23.6%      2.6%    377MB
+//	128K/512K/2048K   114.5   572K  1575     99.4%     33.2%      4.6%    188MB
+//	256K/1024K/4096K   57.5  1139K  1515    100.0%     47.4%      9.2%     94MB
+//	512K/1024K/8192K   55.5  1180K  1827    100.0%     51.4%     10.1%     91MB (restic)
 //
 // scattered: 5% rewritten as 819 4 KiB regions plus five small insertions;
 // clustered: 5% as 32 runs of 100 KiB plus the insertions; inserts: five

@@ -9,6 +9,11 @@ import (
 // FuzzChunker checks, for arbitrary input and small arbitrary Params, that
 // chunks reassemble the input, respect the size bounds, agree with the
 // reference cut rule, and do not depend on the reader's read sizes.
+//
+//	go test -fuzz FuzzChunker -fuzzminimizetime 2s ./internal/vault/chunker/
+//
+// (the default minimization budget of 60s per new input stalls the exec
+// count for long stretches; it is not a hang).
 func FuzzChunker(f *testing.F) {
 	f.Add([]byte(nil), uint16(1), uint8(0), uint16(0), byte(0), uint16(1))
 	f.Add([]byte("hello, world"), uint16(2), uint8(1), uint16(3), byte(1), uint16(5))
