@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/dualkey/dualkey/internal/vault/repo/repotest"
 )
 
 // TestKill9 kills backups at random points and checks that the repository
@@ -24,7 +26,7 @@ func TestKill9(t *testing.T) {
 	src := filepath.Join(t.TempDir(), "src")
 	const files, size = 24, 12 << 20 // 288 MiB, incompressible: 18 packs
 	for i := range files {
-		mustWrite(t, filepath.Join(src, "f"+string(rune('a'+i))), random(size), 0o644)
+		repotest.WriteFile(t, filepath.Join(src, "f"+string(rune('a'+i))), repotest.Random(size), 0o644)
 	}
 
 	kill := func(when func(*exec.Cmd) bool) {
@@ -106,7 +108,7 @@ func TestFullDisk(t *testing.T) {
 
 	big := filepath.Join(t.TempDir(), "big")
 	for i := range 8 {
-		mustWrite(t, filepath.Join(big, "r"+string(rune('0'+i))), random(8<<20), 0o644)
+		repotest.WriteFile(t, filepath.Join(big, "r"+string(rune('0'+i))), repotest.Random(8<<20), 0o644)
 	}
 	errs := c.code(exitError, "backup", big)
 	if !strings.Contains(errs, "no space left on device") {

@@ -1,11 +1,14 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/dualkey/dualkey/internal/vault/repo"
 
 	"github.com/dualkey/dualkey/internal/vault/backend"
 	"github.com/dualkey/dualkey/internal/vault/crypto"
@@ -19,14 +22,11 @@ func (a *app) keyCmd() *cobra.Command {
 		Use:   "add",
 		Short: "Add a password (a new key object wrapping the same master key)",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx := cmd.Context()
-			r, err := a.openRepo(ctx)
-			if err != nil {
-				return err
-			}
-			defer r.Close()
-			var pw string
+		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, _ []string) error {
+			var (
+				pw  string
+				err error
+			)
 			if newPwFile != "" {
 				sub := newApp(a.stdin, a.stdout, a.stderr, a.getenv)
 				sub.passwordFile = newPwFile
@@ -42,7 +42,7 @@ func (a *app) keyCmd() *cobra.Command {
 			}
 			a.say("key added")
 			return nil
-		},
+		}),
 	}
 	add.Flags().StringVar(&newPwFile, "new-password-file", "", "read the new password from this file")
 
@@ -50,13 +50,7 @@ func (a *app) keyCmd() *cobra.Command {
 		Use:   "list",
 		Short: "List key objects",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx := cmd.Context()
-			r, err := a.openRepo(ctx)
-			if err != nil {
-				return err
-			}
-			defer r.Close()
+		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, _ []string) error {
 			type keyJSON struct {
 				ID       string    `json:"id"`
 				Created  time.Time `json:"created"`
@@ -64,7 +58,7 @@ func (a *app) keyCmd() *cobra.Command {
 				Hostname string    `json:"hostname"`
 			}
 			var keys []keyJSON
-			err = r.Store().List(ctx, backend.Key, func(fi backend.Info) error {
+			err := r.Store().List(ctx, backend.Key, func(fi backend.Info) error {
 				data, err := r.Store().Load(ctx, fi.Handle, 0, 0)
 				if err != nil {
 					return err
@@ -89,21 +83,15 @@ func (a *app) keyCmd() *cobra.Command {
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", k.ID[:10], k.Username, k.Hostname, k.Created.Local().Format("2006-01-02 15:04:05"))
 			}
 			return tw.Flush()
-		},
+		}),
 	}
 	remove := &cobra.Command{
 		Use:   "remove ID",
 		Short: "Remove a key object (never the last one)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			r, err := a.openRepo(ctx)
-			if err != nil {
-				return err
-			}
-			defer r.Close()
+		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, args []string) error {
 			var match []string
-			err = r.Store().List(ctx, backend.Key, func(fi backend.Info) error {
+			err := r.Store().List(ctx, backend.Key, func(fi backend.Info) error {
 				if len(args[0]) >= 4 && fi.Name[:min(len(fi.Name), len(args[0]))] == args[0] {
 					match = append(match, fi.Name)
 				}
@@ -123,7 +111,7 @@ func (a *app) keyCmd() *cobra.Command {
 			}
 			a.say("key %s removed", match[0][:10])
 			return nil
-		},
+		}),
 	}
 	c.AddCommand(add, list, remove)
 	return c

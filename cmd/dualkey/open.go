@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/spf13/cobra"
+
 	"github.com/dualkey/dualkey/internal/vault/backend/local"
 	"github.com/dualkey/dualkey/internal/vault/guard"
 	"github.com/dualkey/dualkey/internal/vault/repo"
@@ -64,4 +66,18 @@ func (a *app) openRepo(ctx context.Context) (*repo.Repository, error) {
 		return nil, err
 	}
 	return r, nil
+}
+
+// withRepo makes a cobra RunE that opens the repository, runs fn with it,
+// and closes it.
+func (a *app) withRepo(fn func(ctx context.Context, r *repo.Repository, args []string) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		ctx := cmd.Context()
+		r, err := a.openRepo(ctx)
+		if err != nil {
+			return err
+		}
+		defer r.Close()
+		return fn(ctx, r, args)
+	}
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"path"
 	"strings"
@@ -8,6 +9,8 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/dualkey/dualkey/internal/vault/repo"
 
 	"github.com/dualkey/dualkey/internal/vault/restorer"
 	"github.com/dualkey/dualkey/internal/vault/snapshot"
@@ -78,19 +81,13 @@ func (a *app) dumpCmd() *cobra.Command {
 		Use:   "dump SNAPSHOT PATH",
 		Short: "Write a file's content (or a directory as tar) to standard output",
 		Args:  cobra.ExactArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			r, err := a.openRepo(ctx)
-			if err != nil {
-				return err
-			}
-			defer r.Close()
+		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, args []string) error {
 			si, err := r.FindSnapshot(ctx, args[0])
 			if err != nil {
 				return err
 			}
 			return restorer.Dump(ctx, r, si.Tree, cleanSnapPath(args[1]), a.stdout)
-		},
+		}),
 	}
 }
 
@@ -100,13 +97,7 @@ func (a *app) lsCmd() *cobra.Command {
 		Use:   "ls SNAPSHOT [PATH]",
 		Short: "List the files in a snapshot",
 		Args:  cobra.RangeArgs(1, 2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			r, err := a.openRepo(ctx)
-			if err != nil {
-				return err
-			}
-			defer r.Close()
+		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, args []string) error {
 			si, err := r.FindSnapshot(ctx, args[0])
 			if err != nil {
 				return err
@@ -169,7 +160,7 @@ func (a *app) lsCmd() *cobra.Command {
 			}
 			_ = path.Clean
 			return nil
-		},
+		}),
 	}
 	c.Flags().BoolVarP(&long, "long", "l", false, "long listing: mode, owner, size, time")
 	return c

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"path"
 	"strings"
@@ -47,13 +48,7 @@ func (a *app) snapshotsCmd() *cobra.Command {
 		Use:   "snapshots",
 		Short: "List snapshots with their vault time and retention lock",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx := cmd.Context()
-			r, err := a.openRepo(ctx)
-			if err != nil {
-				return err
-			}
-			defer r.Close()
+		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, _ []string) error {
 			all, bad, err := r.Snapshots(ctx)
 			if err != nil {
 				return err
@@ -93,7 +88,7 @@ func (a *app) snapshotsCmd() *cobra.Command {
 			tw.Flush()
 			a.say("%d snapshots", len(sel))
 			return nil
-		},
+		}),
 	}
 	c.Flags().StringSliceVar(&tags, "tag", nil, "only snapshots with these tags")
 	c.Flags().StringVar(&host, "host", "", "only snapshots of this host")

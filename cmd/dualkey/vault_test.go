@@ -2,41 +2,23 @@ package main
 
 import (
 	"bytes"
-	"crypto/rand"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/dualkey/dualkey/internal/vault/repo/repotest"
 )
-
-func mustWrite(t *testing.T, p string, data []byte, mode os.FileMode) {
-	t.Helper()
-	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(p, data, mode); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(p, mode); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func random(n int) []byte {
-	b := make([]byte, n)
-	rand.Read(b)
-	return b
-}
 
 // makeTree builds a tree with every kind of metadata restore must keep.
 func makeTree(t *testing.T) string {
 	src := filepath.Join(t.TempDir(), "src")
-	mustWrite(t, filepath.Join(src, "plain.txt"), []byte("hello\n"), 0o644)
-	mustWrite(t, filepath.Join(src, "secret"), []byte("s3cr3t"), 0o600)
-	mustWrite(t, filepath.Join(src, "bin", "tool"), random(3<<20), 0o755)
-	mustWrite(t, filepath.Join(src, "deep", "a", "b", "c.log"), bytes.Repeat([]byte("log line\n"), 50000), 0o640)
+	repotest.WriteFile(t, filepath.Join(src, "plain.txt"), []byte("hello\n"), 0o644)
+	repotest.WriteFile(t, filepath.Join(src, "secret"), []byte("s3cr3t"), 0o600)
+	repotest.WriteFile(t, filepath.Join(src, "bin", "tool"), repotest.Random(3<<20), 0o755)
+	repotest.WriteFile(t, filepath.Join(src, "deep", "a", "b", "c.log"), bytes.Repeat([]byte("log line\n"), 50000), 0o640)
 	os.MkdirAll(filepath.Join(src, "empty", "dir"), 0o750)
 	os.Symlink("plain.txt", filepath.Join(src, "link"))
 	os.Symlink("/nonexistent/target", filepath.Join(src, "dangling"))

@@ -1,10 +1,13 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/dualkey/dualkey/internal/vault/repo"
 
 	"github.com/dualkey/dualkey/internal/vault/check"
 )
@@ -20,13 +23,7 @@ snapshot needs is stored. With --read-data also read every pack whole, check its
 hash and decrypt every blob. Names exactly what is damaged and which snapshots
 it affects. Exit code 14 when anything is damaged.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx := cmd.Context()
-			r, err := a.openRepo(ctx)
-			if err != nil {
-				return err
-			}
-			defer r.Close()
+		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, _ []string) error {
 			prog := a.newProgress("verify")
 			start := time.Now()
 			rep, err := check.Check(ctx, r, check.Options{ReadData: readData, Log: a.log,
@@ -83,7 +80,7 @@ it affects. Exit code 14 when anything is damaged.`,
 				return codeError{exitDamaged, fmt.Errorf("dualkey: verify found %d damaged objects affecting %d snapshots", len(rep.Damage), len(rep.Affected()))}
 			}
 			return nil
-		},
+		}),
 	}
 	c.Flags().BoolVar(&readData, "read-data", false, "read and authenticate every pack")
 	return c
@@ -94,13 +91,7 @@ func (a *app) rebuildIndexCmd() *cobra.Command {
 		Use:   "rebuild-index",
 		Short: "Index packs that no readable index covers, from their own headers",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx := cmd.Context()
-			r, err := a.openRepo(ctx)
-			if err != nil {
-				return err
-			}
-			defer r.Close()
+		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, _ []string) error {
 			res, err := check.RebuildIndex(ctx, r)
 			if err != nil {
 				return err
@@ -117,6 +108,6 @@ func (a *app) rebuildIndexCmd() *cobra.Command {
 				return codeError{exitDamaged, fmt.Errorf("dualkey: %d packs could not be read", len(res.Unreadable))}
 			}
 			return nil
-		},
+		}),
 	}
 }

@@ -3,7 +3,6 @@ package archiver
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -17,29 +16,13 @@ import (
 	"github.com/dualkey/dualkey/internal/vault/snapshot"
 )
 
-func writeFile(t *testing.T, p string, data []byte) {
-	t.Helper()
-	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(p, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func randBytes(n int) []byte {
-	b := make([]byte, n)
-	rand.Read(b)
-	return b
-}
-
 // sampleTree makes a directory with a few MiB of mixed content.
 func sampleTree(t *testing.T) string {
 	dir := filepath.Join(t.TempDir(), "src")
-	writeFile(t, filepath.Join(dir, "a.txt"), []byte("hello\n"))
-	writeFile(t, filepath.Join(dir, "big.bin"), randBytes(5<<20))
-	writeFile(t, filepath.Join(dir, "sub", "text.log"), bytes.Repeat([]byte("line of a log file 12345\n"), 100000))
-	writeFile(t, filepath.Join(dir, "sub", "empty"), nil)
+	repotest.WriteFile(t, filepath.Join(dir, "a.txt"), []byte("hello\n"), 0o644)
+	repotest.WriteFile(t, filepath.Join(dir, "big.bin"), repotest.Random(5<<20), 0o644)
+	repotest.WriteFile(t, filepath.Join(dir, "sub", "text.log"), bytes.Repeat([]byte("line of a log file 12345\n"), 100000), 0o644)
+	repotest.WriteFile(t, filepath.Join(dir, "sub", "empty"), nil, 0o644)
 	if err := os.MkdirAll(filepath.Join(dir, "emptydir"), 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -148,7 +131,7 @@ func TestBackupRoundTripAndDedup(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.WriteAt(randBytes(64<<10), 2<<20)
+	f.WriteAt(repotest.Random(64<<10), 2<<20)
 	f.Close()
 	res3, err := Backup(ctx, r2, []string{src}, Options{})
 	if err != nil {
@@ -185,8 +168,8 @@ func TestPageChunking(t *testing.T) {
 	env := repotest.New(t, 0)
 	src := filepath.Join(t.TempDir(), "db")
 	page := 8192
-	data := randBytes(400 * page)
-	writeFile(t, filepath.Join(src, "16384"), data)
+	data := repotest.Random(400 * page)
+	repotest.WriteFile(t, filepath.Join(src, "16384"), data, 0o644)
 	opts := Options{PageSize: func(string, os.FileInfo) int { return page }}
 	if _, err := Backup(ctx, env.Repo, []string{src}, opts); err != nil {
 		t.Fatal(err)
@@ -195,7 +178,7 @@ func TestPageChunking(t *testing.T) {
 	for i := 0; i < 10; i++ {
 		copy(data[(i*37%400)*page+100:], []byte("changed!"))
 	}
-	writeFile(t, filepath.Join(src, "16384"), data)
+	repotest.WriteFile(t, filepath.Join(src, "16384"), data, 0o644)
 	res, err := Backup(ctx, env.Repo, []string{src}, opts)
 	if err != nil {
 		t.Fatal(err)
@@ -218,7 +201,7 @@ func mustSnap(t *testing.T, r *repo.Repository, id repo.ID) repo.SnapshotInfo {
 func BenchmarkBackup(b *testing.B) {
 	src := filepath.Join(b.TempDir(), "src")
 	os.MkdirAll(src, 0o755)
-	os.WriteFile(filepath.Join(src, "random"), randBytes(128<<20), 0o644)
+	os.WriteFile(filepath.Join(src, "random"), repotest.Random(128<<20), 0o644)
 	var text bytes.Buffer
 	for i := 0; text.Len() < 128<<20; i++ {
 		fmt.Fprintf(&text, "%d|account-%d|%d|filler filler filler filler\n", i, i*7919%100000, i%5000)

@@ -3,7 +3,6 @@ package check
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"os"
 	"path/filepath"
 	"slices"
@@ -18,22 +17,6 @@ import (
 	"github.com/dualkey/dualkey/internal/vault/repo/repotest"
 	"github.com/dualkey/dualkey/internal/vault/snapshot"
 )
-
-func writeFile(t *testing.T, p string, data []byte) {
-	t.Helper()
-	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(p, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func randBytes(n int) []byte {
-	b := make([]byte, n)
-	rand.Read(b)
-	return b
-}
 
 // fixture is a vault with two snapshots that share no blobs, so that damage
 // to what one needs must leave the other intact.
@@ -53,12 +36,12 @@ func newFixture(t *testing.T) *fixture {
 	f := &fixture{env: repotest.New(t, time.Hour), wantA: map[string][]byte{}, wantB: map[string][]byte{}}
 	f.srcA = filepath.Join(t.TempDir(), "a")
 	f.srcB = filepath.Join(t.TempDir(), "b")
-	for name, data := range map[string][]byte{"big": randBytes(1500 << 10), "sub/small.txt": []byte("only in a\n")} {
-		writeFile(t, filepath.Join(f.srcA, name), data)
+	for name, data := range map[string][]byte{"big": repotest.Random(1500 << 10), "sub/small.txt": []byte("only in a\n")} {
+		repotest.WriteFile(t, filepath.Join(f.srcA, name), data, 0o644)
 		f.wantA[name] = data
 	}
-	for name, data := range map[string][]byte{"other": randBytes(600 << 10), "x/y/z.txt": bytes.Repeat([]byte("b's log line\n"), 5000)} {
-		writeFile(t, filepath.Join(f.srcB, name), data)
+	for name, data := range map[string][]byte{"other": repotest.Random(600 << 10), "x/y/z.txt": bytes.Repeat([]byte("b's log line\n"), 5000)} {
+		repotest.WriteFile(t, filepath.Join(f.srcB, name), data, 0o644)
 		f.wantB[name] = data
 	}
 	before := indexNames(t, f.env.Dir)

@@ -3,8 +3,10 @@ package repo_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -132,5 +134,39 @@ func TestCommitRefusesUnknownBlob(t *testing.T) {
 	_, _, err := env.Repo.Commit(context.Background(), nil, []repo.ID{{1}}, 0)
 	if err == nil {
 		t.Fatal("commit naming an unstored blob succeeded")
+	}
+}
+
+// BenchmarkEncodeBlob measures compress+seal of 1 MiB chunks taken from the
+// file in DUALKEY_BENCH_FILE (for the limits in docs/benchmarks.md), or of
+// random data.
+func BenchmarkEncodeBlob(b *testing.B) {
+	data := make([]byte, 64<<20)
+	if f := os.Getenv("DUALKEY_BENCH_FILE"); f != "" {
+		fh, err := os.Open(f)
+		if err != nil {
+			b.Fatal(err)
+		}
+		n, _ := io.ReadFull(fh, data)
+		data = data[:n]
+		fh.Close()
+	} else {
+		data = repotest.Random(len(data))
+	}
+	env := repotest.New(b, 0)
+	chunk := make([]byte, 1<<20)
+	b.SetBytes(1 << 20)
+	i := 0
+	for b.Loop() {
+		off := (i % (len(data) >> 20)) << 20
+		copy(chunk, data[off:])
+		binary.LittleEndian.PutUint64(chunk, uint64(i)) // every blob new: no dedup hits
+		i++
+		if _, isNew, err := env.Repo.SaveBlob(context.Background(), pack.Data, chunk); err != nil || !isNew {
+			b.Fatal(err, isNew)
+		}
+	}
+	if err := env.Repo.Flush(context.Background()); err != nil {
+		b.Fatal(err)
 	}
 }
