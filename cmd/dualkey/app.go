@@ -108,7 +108,7 @@ DUALKEY_PASSWORD or a prompt.`,
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 
 	root.AddCommand(a.vaultCmd(), a.backupCmd(), a.snapshotsCmd(), a.lsCmd(), a.restoreCmd(), a.dumpCmd(),
-		a.verifyCmd(), a.forgetCmd(), a.pruneCmd(), a.keyCmd(), a.rebuildIndexCmd(), a.versionCmd())
+		a.verifyCmd(), a.forgetCmd(), a.pruneCmd(), a.keyCmd(), a.rebuildIndexCmd(), a.lockCmd(), a.versionCmd())
 	return root
 }
 

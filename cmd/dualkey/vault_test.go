@@ -216,6 +216,19 @@ func TestExitCodes(t *testing.T) {
 		t.Errorf("%d snapshots after forget, want 1", len(snaps))
 	}
 
+	// Locks are extended, never shortened.
+	c.ok("lock", "latest", "--for", "48h")
+	if errs := c.code(exitRefused, "lock", "latest", "--for", "2h"); !strings.Contains(errs, "never shortened") {
+		t.Errorf("shortening a lock: %s", errs)
+	}
+	var locked []struct {
+		LockUntil time.Time `json:"lock_until"`
+	}
+	c.json(&locked, "snapshots")
+	if d := time.Until(locked[0].LockUntil); d < 47*time.Hour {
+		t.Errorf("lock until %v after extending to 48h", locked[0].LockUntil)
+	}
+
 	// An unreadable file: the snapshot is committed, exit code 3.
 	os.Chmod(filepath.Join(src, "secret"), 0)
 	if os.Geteuid() != 0 {

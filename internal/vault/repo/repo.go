@@ -34,6 +34,7 @@ type Store interface {
 	List(ctx context.Context, t backend.Type, fn func(backend.Info) error) error
 	Remove(ctx context.Context, h backend.Handle) error
 	Commit(ctx context.Context, req format.CommitRequest) (format.LockRecord, format.ID, error)
+	ExtendLock(ctx context.Context, snapshot format.ID, until time.Time) (format.LockRecord, error)
 	Locks(ctx context.Context) ([]format.LockRecord, error)
 	Config(ctx context.Context) (format.Config, error)
 }
