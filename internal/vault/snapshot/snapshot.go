@@ -26,7 +26,14 @@ type Snapshot struct {
 	Parent   *format.ID `json:"parent,omitempty"`
 	Program  string     `json:"program,omitempty"`
 	Summary  *Summary   `json:"summary,omitempty"`
+	// Kind says what the snapshot holds: empty for a file tree, KindPGBase
+	// for a PostgreSQL base backup. Meta is kind-specific JSON.
+	Kind string          `json:"kind,omitempty"`
+	Meta json.RawMessage `json:"meta,omitempty"`
 }
+
+// KindPGBase marks a PostgreSQL base backup; its Meta is pgagent's.
+const KindPGBase = "pg-base"
 
 // Summary counts what a backup did.
 type Summary struct {
