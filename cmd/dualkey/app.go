@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"regexp"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -108,7 +109,7 @@ DUALKEY_PASSWORD or a prompt.`,
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 
 	root.AddCommand(a.vaultCmd(), a.backupCmd(), a.snapshotsCmd(), a.lsCmd(), a.restoreCmd(), a.dumpCmd(),
-		a.verifyCmd(), a.forgetCmd(), a.pruneCmd(), a.keyCmd(), a.rebuildIndexCmd(), a.lockCmd(), a.versionCmd())
+		a.verifyCmd(), a.forgetCmd(), a.pruneCmd(), a.keyCmd(), a.rebuildIndexCmd(), a.lockCmd(), a.pgCmd(), a.versionCmd())
 	return root
 }
 
@@ -239,3 +240,5 @@ func handle(t backend.Type, name string) backend.Handle { return backend.Handle{
 func newInfoLogger(w io.Writer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
+
+var passwordRE = regexp.MustCompile(`(//[^:/@]+):[^@/]*@`)

@@ -10,6 +10,7 @@ package archiver
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -54,6 +55,16 @@ type Options struct {
 	Progress func(Progress)
 	Interval time.Duration
 	Log      *slog.Logger
+	// Kind and Meta are copied into the snapshot (see snapshot.Snapshot):
+	// empty for a file tree.
+	Kind string
+	Meta json.RawMessage
+	// BeforeCommit, if set, sees the finished snapshot document after all
+	// content is stored and before it is committed. It may fill in what is
+	// known only at the end (Meta); an error abandons the backup and
+	// nothing is committed (the uploaded blobs stay unreferenced until
+	// prune removes them).
+	BeforeCommit func(*snapshot.Snapshot) error
 	// now is the clock for the snapshot's client time (tests).
 	now func() time.Time
 }
@@ -227,7 +238,7 @@ func Backup(ctx context.Context, r *repo.Repository, paths []string, opts Option
 	sort.Strings(abs)
 	a := newArchiver(r, opts)
 	parent := a.findParent(ctx, abs)
-	return a.run(ctx, abs, parent, func(ctx context.Context, root *snapshot.Tree, ptree *snapshot.Tree) {
+	return a.run(ctx, abs, parent, func(ctx context.Context, root *snapshot.Tree, ptree *snapshot.Tree) error {
 		var wg sync.WaitGroup
 		nodes := make([]*snapshot.Node, len(abs))
 		for i, p := range abs {
@@ -256,6 +267,7 @@ func Backup(ctx context.Context, r *repo.Repository, paths []string, opts Option
 				root.Nodes = append(root.Nodes, n)
 			}
 		}
+		return nil
 	})
 }
 
@@ -266,18 +278,19 @@ func BackupReader(ctx context.Context, r *repo.Repository, rd io.Reader, name st
 	}
 	a := newArchiver(r, opts)
 	a.scanDone.Store(true)
-	return a.run(ctx, []string{"/" + name}, nil, func(ctx context.Context, root *snapshot.Tree, _ *snapshot.Tree) {
+	return a.run(ctx, []string{"/" + name}, nil, func(ctx context.Context, root *snapshot.Tree, _ *snapshot.Tree) error {
 		now := a.opts.now()
 		n := &snapshot.Node{Name: name, Type: snapshot.File, Mode: 0o644, ModTime: now, AccessTime: now, ChangeTime: now,
 			UID: uint32(os.Getuid()), GID: uint32(os.Getgid())}
 		content, size, err := a.chunkStream(ctx, rd, 0)
 		if err != nil {
 			a.fail(fmt.Errorf("archiver: stdin: %w", err))
-			return
+			return nil
 		}
 		n.Content, n.Size, n.Chunking = content, uint64(size), "cdc"
 		a.files.Add(1)
 		root.Nodes = append(root.Nodes, n)
+		return nil
 	})
 }
 
@@ -313,8 +326,11 @@ func equalStrings(a, b []string) bool {
 	return true
 }
 
+// run starts the blob workers, lets fill add the root's nodes, and commits
+// the snapshot. An error from fill abandons the backup: nothing is
+// committed.
 func (a *archiver) run(ctx context.Context, paths []string, parent *repo.SnapshotInfo,
-	fill func(context.Context, *snapshot.Tree, *snapshot.Tree)) (*Result, error) {
+	fill func(context.Context, *snapshot.Tree, *snapshot.Tree) error) (*Result, error) {
 	start := time.Now()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -345,11 +361,14 @@ func (a *archiver) run(ctx context.Context, paths []string, parent *repo.Snapsho
 		}
 	}
 	root := &snapshot.Tree{}
-	fill(ctx, root, ptree)
+	fillErr := fill(ctx, root, ptree)
 	close(a.jobs)
 	a.wg.Wait()
 	tick.Stop()
 	close(stopTick)
+	if fillErr != nil {
+		return nil, fillErr
+	}
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("archiver: %w", err)
 	}
@@ -367,13 +386,18 @@ func (a *archiver) run(ctx context.Context, paths []string, parent *repo.Snapsho
 	a.sum.BlobsAdded, a.sum.BytesAdded = a.nblobs.Load(), a.added.Load()
 	a.sum.Start, a.sum.End = start.UTC(), time.Now().UTC()
 	sn := &snapshot.Snapshot{Time: a.opts.now().UTC(), Tree: rootID, Paths: paths, Hostname: a.opts.Hostname,
-		Tags: a.opts.Tags, Program: "dualkey", Summary: &a.sum}
+		Tags: a.opts.Tags, Program: "dualkey", Summary: &a.sum, Kind: a.opts.Kind, Meta: a.opts.Meta}
 	if u := os.Getenv("USER"); u != "" {
 		sn.Username = u
 	}
 	if parent != nil {
 		pid := parent.ID
 		sn.Parent = &pid
+	}
+	if a.opts.BeforeCommit != nil {
+		if err := a.opts.BeforeCommit(sn); err != nil {
+			return nil, fmt.Errorf("archiver: not committed: %w", err)
+		}
 	}
 	blobs := make([]repo.ID, 0, len(a.blobs))
 	for id := range a.blobs {

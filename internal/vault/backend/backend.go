@@ -27,10 +27,11 @@ const (
 	Snapshot Type = "snapshots" // an encrypted snapshot document
 	Lock     Type = "locks"     // a retention lock record, written only by the vault itself
 	Mark     Type = "marks"     // garbage-collection candidates found by a prune run
+	WAL      Type = "wal"       // a run of PostgreSQL WAL (or a timeline history file), see format.WALHeader
 )
 
 // Types lists every object type in a stable order.
-var Types = []Type{Config, Key, Pack, Index, Snapshot, Lock, Mark}
+var Types = []Type{Config, Key, Pack, Index, Snapshot, Lock, Mark, WAL}
 
 // Valid reports whether t is one of the known object types.
 func (t Type) Valid() bool {

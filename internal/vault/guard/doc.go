@@ -4,8 +4,9 @@
 // Terms used throughout:
 //
 //   - capability: what a token may do. [Read] loads and lists; [Append] also
-//     saves packs and indexes and commits snapshots; [Admin] also writes the
-//     config, keys and marks and may remove objects, within the rules below.
+//     saves packs, indexes and WAL pieces and commits snapshots; [Admin] also
+//     writes the config, keys and marks and may remove objects, within the
+//     rules below.
 //     Each capability includes the ones before it.
 //   - commit: the only way a snapshot enters the vault. The vault checks the
 //     declared packs exist, then writes a lock record on its own clock and
@@ -25,7 +26,8 @@
 //
 // What an admin cannot do here: remove the config, a lock record that is
 // still live, a snapshot or pack a live lock protects, the index that is the
-// last to cover a protected pack, or the last key. Shortening retention
+// last to cover a protected pack, the last key, or a WAL piece the vault
+// has held for less than MinRetention. Shortening retention
 // (threat T4) is impossible: MinRetention lives in the write-once config and
 // records are only ever added.
 package guard

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -38,6 +40,7 @@ func (c *fakeClock) Set(t time.Time) {
 // p2 covered by index idx and committed in snapshot snap, and a pack p3 that
 // no snapshot uses, covered by index idx3.
 type fixture struct {
+	dir               string // the directory vault
 	be                backend.Backend
 	st                *Store
 	clock             *fakeClock
@@ -99,7 +102,12 @@ func newBackend(t testing.TB) backend.Backend {
 func newFixture(t testing.TB) *fixture {
 	t.Helper()
 	ctx := context.Background()
-	f := &fixture{be: newBackend(t), clock: &fakeClock{now: t0}}
+	dir := t.TempDir()
+	be, err := local.Create(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{dir: dir, be: be, clock: &fakeClock{now: t0}}
 	f.st = New(f.be, Options{Now: f.clock.Now})
 	f.admin, f.app, f.rd = f.st.Session(Admin), f.st.Session(Append), f.st.Session(Read)
 	f.cfg = configBytes(t, minRetention)
@@ -121,7 +129,6 @@ func newFixture(t testing.TB) *fixture {
 	}
 	must(f.app.Save(ctx, h(backend.Index, f.idx), f.idx))
 	must(f.app.Save(ctx, h(backend.Index, f.idx3), f.idx3))
-	var err error
 	f.lock, f.snap, err = f.app.Commit(ctx, format.CommitRequest{Snapshot: f.snapDoc, Packs: ids(f.p2, f.p1, f.p1)})
 	must(err)
 	b, _ := json.Marshal(f.lock)
@@ -575,5 +582,119 @@ func TestCapability(t *testing.T) {
 	}
 	if _, err := ParseCapability("superuser"); !errors.Is(err, ErrInvalid) {
 		t.Errorf("ParseCapability(superuser) = %v", err)
+	}
+}
+
+// walPiece returns a WAL object: a valid header and a body as long as a seal.
+func walPiece(hd format.WALHeader) []byte {
+	return append(format.AppendWALHeader(nil, hd), strings.Repeat("s", format.WALSealOverhead)...)
+}
+
+func TestWALRules(t *testing.T) {
+	ctx := context.Background()
+	piece := walPiece(format.WALHeader{Timeline: 1, Start: 0x1000000, End: 0x1000000 + 8192})
+	tests := []struct {
+		name string
+		run  func(f *fixture, received time.Time) error // received: the stored piece's vault time
+		want error
+	}{
+		// Save.
+		{"append saves wal", func(f *fixture, _ time.Time) error {
+			p := walPiece(format.WALHeader{Timeline: 2, Start: 5, End: 9})
+			return f.app.Save(ctx, h(backend.WAL, p), p)
+		}, nil},
+		{"append saves history", func(f *fixture, _ time.Time) error {
+			p := walPiece(format.WALHeader{Timeline: 2, End: 40, History: true})
+			return f.app.Save(ctx, h(backend.WAL, p), p)
+		}, nil},
+		{"append retries identical wal", func(f *fixture, _ time.Time) error { return f.app.Save(ctx, h(backend.WAL, piece), piece) }, nil},
+		{"read cannot save wal", func(f *fixture, _ time.Time) error {
+			p := walPiece(format.WALHeader{Timeline: 2, Start: 5, End: 9})
+			return f.rd.Save(ctx, h(backend.WAL, p), p)
+		}, ErrForbidden},
+		{"wal under wrong hash", func(f *fixture, _ time.Time) error {
+			p := walPiece(format.WALHeader{Timeline: 2, Start: 5, End: 9})
+			return f.app.Save(ctx, h(backend.WAL, piece), p)
+		}, ErrInvalid},
+		{"wal with index magic", func(f *fixture, _ time.Time) error { i := index(f.p1); return f.app.Save(ctx, h(backend.WAL, i), i) }, ErrInvalid},
+		{"wal ending before its start", func(f *fixture, _ time.Time) error {
+			p := walPiece(format.WALHeader{Timeline: 1, Start: 9, End: 5})
+			return f.app.Save(ctx, h(backend.WAL, p), p)
+		}, ErrInvalid},
+		{"wal of timeline 0", func(f *fixture, _ time.Time) error {
+			p := walPiece(format.WALHeader{Timeline: 0, Start: 5, End: 9})
+			return f.app.Save(ctx, h(backend.WAL, p), p)
+		}, ErrInvalid},
+		{"wal without sealed body", func(f *fixture, _ time.Time) error {
+			p := format.AppendWALHeader(nil, format.WALHeader{Timeline: 1, Start: 5, End: 9})
+			return f.app.Save(ctx, h(backend.WAL, p), p)
+		}, ErrInvalid},
+
+		// Remove.
+		{"append cannot remove old wal", func(f *fixture, rcv time.Time) error {
+			f.clock.Set(rcv.Add(100 * minRetention))
+			return f.app.Remove(ctx, h(backend.WAL, piece))
+		}, ErrForbidden},
+		{"read cannot remove old wal", func(f *fixture, rcv time.Time) error {
+			f.clock.Set(rcv.Add(100 * minRetention))
+			return f.rd.Remove(ctx, h(backend.WAL, piece))
+		}, ErrForbidden},
+		{"admin cannot remove young wal", func(f *fixture, rcv time.Time) error {
+			f.clock.Set(rcv.Add(minRetention - time.Second))
+			return f.admin.Remove(ctx, h(backend.WAL, piece))
+		}, ErrLocked},
+		{"admin removes wal at MinRetention", func(f *fixture, rcv time.Time) error {
+			f.clock.Set(rcv.Add(minRetention))
+			return f.admin.Remove(ctx, h(backend.WAL, piece))
+		}, nil},
+		{"admin cannot remove wal received in the future", func(f *fixture, rcv time.Time) error {
+			f.clock.Set(rcv.Add(100 * minRetention))
+			future := rcv.Add(101 * minRetention)
+			if err := os.Chtimes(filepath.Join(f.dir, "wal", format.Hash(piece).String()), future, future); err != nil {
+				return err
+			}
+			return f.admin.Remove(ctx, h(backend.WAL, piece))
+		}, ErrLocked},
+		{"the backend's mtime is the receive time", func(f *fixture, rcv time.Time) error {
+			f.clock.Set(rcv)
+			old := rcv.Add(-minRetention)
+			if err := os.Chtimes(filepath.Join(f.dir, "wal", format.Hash(piece).String()), old, old); err != nil {
+				return err
+			}
+			return f.admin.Remove(ctx, h(backend.WAL, piece))
+		}, nil},
+		{"an identical retry keeps the first receive time", func(f *fixture, rcv time.Time) error {
+			f.clock.Set(rcv.Add(minRetention))
+			time.Sleep(20 * time.Millisecond)
+			if err := f.app.Save(ctx, h(backend.WAL, piece), piece); err != nil {
+				return err
+			}
+			return f.admin.Remove(ctx, h(backend.WAL, piece))
+		}, nil},
+		{"remove missing wal", func(f *fixture, rcv time.Time) error {
+			f.clock.Set(rcv.Add(100 * minRetention))
+			return f.admin.Remove(ctx, h(backend.WAL, walPiece(format.WALHeader{Timeline: 1, Start: 1, End: 2})))
+		}, backend.ErrNotExist},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFixture(t)
+			if err := f.app.Save(ctx, h(backend.WAL, piece), piece); err != nil {
+				t.Fatal(err)
+			}
+			fi, err := f.rd.Stat(ctx, h(backend.WAL, piece))
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = tt.run(f, fi.ModTime.UTC())
+			switch {
+			case tt.want == nil && err != nil:
+				t.Fatalf("got %v, want success", err)
+			case tt.want != nil && !errors.Is(err, tt.want):
+				t.Fatalf("got %v, want %v", err, tt.want)
+			case err != nil && !strings.HasPrefix(err.Error(), "guard: "):
+				t.Errorf("error %q lacks the guard: prefix", err)
+			}
+		})
 	}
 }

@@ -53,6 +53,8 @@ func (s *Session) Config(ctx context.Context) (format.Config, error) {
 //   - keys, marks: admin.
 //   - data (packs): append.
 //   - index: append; must start with a valid plaintext index header.
+//   - wal: append; must start with a valid WAL header (format.WALHeader)
+//     followed by at least a seal's worth of bytes.
 //   - snapshots: never; snapshots enter through Commit.
 //   - locks: never; only the vault writes lock records.
 //
@@ -67,7 +69,7 @@ func (s *Session) Save(ctx context.Context, h backend.Handle, data []byte) error
 	switch h.Type {
 	case backend.Config, backend.Key, backend.Mark:
 		need = Admin
-	case backend.Pack, backend.Index:
+	case backend.Pack, backend.Index, backend.WAL:
 		need = Append
 	case backend.Snapshot:
 		return fmt.Errorf("guard: save %v: snapshots are stored only by commit: %w", h, ErrForbidden)
@@ -90,6 +92,14 @@ func (s *Session) Save(ctx context.Context, h backend.Handle, data []byte) error
 	case backend.Index:
 		if _, _, err := format.ParseIndexHeader(data); err != nil {
 			return fmt.Errorf("guard: save %v: %w: %w", h, ErrInvalid, err)
+		}
+	case backend.WAL:
+		_, body, err := format.ParseWALHeader(data)
+		if err != nil {
+			return fmt.Errorf("guard: save %v: %w: %w", h, ErrInvalid, err)
+		}
+		if len(body) < format.WALSealOverhead {
+			return fmt.Errorf("guard: save %v: sealed body of %d bytes is shorter than a seal: %w", h, len(body), ErrInvalid)
 		}
 	}
 	if h.Type != backend.Config {
@@ -354,6 +364,8 @@ func (s *Session) SnapshotLock(ctx context.Context, id format.ID) (until time.Ti
 //   - an index only if every pack it covers that a live record lists is
 //     also covered by another existing index;
 //   - a key only if it is not the last one;
+//   - a WAL piece only once the vault has held it for the repository's
+//     MinRetention, on the vault clock from the time it was stored;
 //   - marks freely.
 //
 // Refusals for locks unwrap to ErrLocked, others to ErrForbidden.
@@ -418,6 +430,9 @@ func (s *Store) mayRemove(ctx context.Context, h backend.Handle) error {
 			return fmt.Errorf("lock for snapshot %s is live until %s: %w", r.Snapshot, r.Until.Format(time.RFC3339), ErrLocked)
 		}
 		return nil
+
+	case backend.WAL:
+		return s.mayRemoveWAL(ctx, h, now)
 	}
 
 	all, err := s.allLocks(ctx)
@@ -507,4 +522,34 @@ func values(m map[string]format.LockRecord) []format.LockRecord {
 		out = append(out, r)
 	}
 	return out
+}
+
+// mayRemoveWAL allows removing a WAL piece only once the vault has held it
+// for the repository's MinRetention, counted on the vault's clock from the
+// object's modification time in the backend. WAL carries no lock
+// record: it arrives every fraction of a second, and a record per piece
+// would double the objects written on the agent's critical path.
+//
+// The modification time is the vault's receive time because the vault wrote
+// the file itself (a temp file then a link; an identical retry leaves the
+// first time in place), and no client can set it. Whoever could change it
+// (root on the vault host) could delete the folder anyway; object storage
+// will lock each piece with Object Lock instead. A time in the future (a
+// clock step, a touched file) keeps the piece: the rule fails closed.
+func (s *Store) mayRemoveWAL(ctx context.Context, h backend.Handle, now time.Time) error {
+	cfg, err := s.config(ctx)
+	if err != nil {
+		return err
+	}
+	fi, err := s.be.Stat(ctx, h)
+	if err != nil {
+		return err
+	}
+	received := fi.ModTime.UTC()
+	until := received.Add(time.Duration(cfg.MinRetention))
+	if now.Before(until) {
+		return fmt.Errorf("WAL received %s is kept until %s (minimum retention %v): %w",
+			received.Format(time.RFC3339), until.Format(time.RFC3339), time.Duration(cfg.MinRetention), ErrLocked)
+	}
+	return nil
 }

@@ -1,0 +1,71 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/dualkey/dualkey/internal/pgagent"
+	"github.com/dualkey/dualkey/internal/vault/repo"
+)
+
+func (a *app) pgCmd() *cobra.Command {
+	c := &cobra.Command{Use: "pg", Short: "Protect PostgreSQL: stream WAL, take base backups, restore to any second"}
+	c.AddCommand(a.pgAgentCmd())
+	for _, f := range pgSubcommands {
+		c.AddCommand(f(a))
+	}
+	return c
+}
+
+// pgSubcommands are added by the files that define them.
+var pgSubcommands []func(*app) *cobra.Command
+
+func (a *app) pgAgentCmd() *cobra.Command {
+	var opts pgagent.AgentOptions
+	c := &cobra.Command{
+		Use:   "agent --pg URL",
+		Short: "Stream a server's WAL into the vault continuously (and take base backups on a schedule)",
+		Long: `Stream WAL over the replication protocol from a physical replication slot
+(created when missing) into the vault. The server is told a position is flushed
+only once the vault holds it, so the slot keeps every byte that is not yet safe.
+With --synchronous the agent is a synchronous standby: commits wait for the vault
+(RPO zero). Survives its own kill -9, server restarts, broken connections and vault
+restarts: it resumes at the end of what the vault holds. Stop with Ctrl-C.`,
+		Args: cobra.NoArgs,
+		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, _ []string) error {
+			if opts.URL == "" {
+				opts.URL = a.getenv("DUALKEY_PG")
+			}
+			if opts.URL == "" {
+				return usagef("--pg URL is required (or DUALKEY_PG)")
+			}
+			log := a.log
+			if a.verbose == 0 {
+				log = newInfoLogger(a.stderr)
+			}
+			opts.Log = log
+			ag := pgagent.NewAgent(r, opts)
+			fmt.Fprintf(a.stdout, "streaming WAL from %s into the vault (slot %q, synchronous %v)\n", redactURL(opts.URL), opts.Slot, opts.Synchronous)
+			err := ag.Run(ctx)
+			st := ag.Status()
+			fmt.Fprintf(a.stdout, "agent stopped; vault holds WAL up to %s on timeline %d\n", st.Durable, st.Timeline)
+			return err
+		}),
+	}
+	f := c.Flags()
+	f.StringVar(&opts.URL, "pg", "", "PostgreSQL connection URL (a superuser or a role with REPLICATION)")
+	f.StringVar(&opts.Slot, "slot", "dualkey", "physical replication slot (and application_name)")
+	f.BoolVar(&opts.Synchronous, "synchronous", false, "be a synchronous standby: commits wait until the vault holds them")
+	f.DurationVar(&opts.FlushEvery, "flush-every", 200*time.Millisecond, "store received WAL at least this often (the RPO when not synchronous)")
+	f.Int64Var(&opts.RetainWarn, "retain-warn", 1<<30, "warn when the slot holds more WAL than this many bytes")
+	f.DurationVar(&opts.BaseEvery, "base-every", 0, "take a base backup this often (e.g. 24h; 0: never)")
+	return c
+}
+
+// redactURL hides a password in a connection URL for printing.
+func redactURL(u string) string {
+	return passwordRE.ReplaceAllString(u, "$1:***@")
+}

@@ -1,0 +1,276 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/dualkey/dualkey/internal/pgagent"
+	"github.com/dualkey/dualkey/internal/pgwal"
+	"github.com/dualkey/dualkey/internal/vault/repo"
+	"github.com/dualkey/dualkey/internal/vault/restorer"
+)
+
+func init() {
+	pgSubcommands = append(pgSubcommands, (*app).pgRestoreCmd, (*app).pgBackupsCmd, (*app).pgWalFetchCmd)
+}
+
+func (a *app) pgBackupsCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "backups",
+		Short: "List base backups and the recoverable window (earliest and latest restorable time)",
+		Long: `List the base backups in the vault, oldest first, with how far the WAL in the
+vault reaches from each, and the recoverable window: from the end of the oldest
+usable base backup to the last WAL the vault holds. The latest time is when the
+vault received that WAL (an upper bound of the last commit); a restore with
+--latest replays every byte regardless.`,
+		Args: cobra.NoArgs,
+		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, _ []string) error {
+			bs, w, err := pgagent.Backups(ctx, r)
+			if err != nil {
+				return err
+			}
+			if a.jsonOut {
+				if bs == nil {
+					bs = []pgagent.BaseBackupInfo{}
+				}
+				return a.printJSON(map[string]any{"backups": bs, "window": w})
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tVault time\tTimeline\tStart LSN\tEnd LSN\tEnd time\tSize\tWAL reaches\tUsable")
+			for _, b := range bs {
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%v\n", b.ID.String()[:10], b.VaultTime.Local().Format("2006-01-02 15:04:05"),
+					b.Meta.Timeline, b.Meta.StartLSN, b.Meta.EndLSN, b.Meta.EndTime.Local().Format("2006-01-02 15:04:05"),
+					humanBytes(b.Meta.Size), b.WALReach, b.Usable)
+			}
+			tw.Flush()
+			if w.IsZero() {
+				a.say("nothing restorable: no base backup has its WAL in the vault")
+				return nil
+			}
+			a.say("recoverable window: %s to %s (timeline %d, WAL to %s)", w.Earliest.Local().Format(time.RFC3339),
+				w.Latest.Local().Format(time.RFC3339), w.Timeline, w.LatestLSN)
+			return nil
+		}),
+	}
+}
+
+func (a *app) pgRestoreCmd() *cobra.Command {
+	var (
+		opts      pgagent.RestoreOptions
+		timeFlag  string
+		lsnFlag   string
+		xidFlag   string
+		incident  string
+		fetchCmd  string
+		serverSet []string
+	)
+	c := &cobra.Command{
+		Use:   "restore --target DIR (--time T | --lsn L | --before-xid X | --latest)",
+		Short: "Restore a PostgreSQL cluster to a point in time from base backups and WAL in the vault",
+		Long: `Restore the newest base backup that can reach the target into --target (missing
+or empty unless --delta), in parallel, and prepare it to recover from the vault:
+pg_wal emptied, recovery.signal created, and postgresql.auto.conf given
+restore_command (dualkey pg wal-fetch), the recovery target, timeline 'latest'
+and recovery_target_action 'promote'. Exactly one target:
+
+  --time T         every transaction committed at or before T (RFC 3339, or
+                   "2006-01-02 15:04:05[.ffffff][+00]"; no zone: local time)
+  --lsn L          WAL up to L (16/B374D848)
+  --before-xid X   the state just before transaction X committed (txid_current())
+  --latest         every byte of WAL the vault holds
+
+The server's restore_command needs the password: give it as a file
+(--password-file or DUALKEY_PASSWORD_FILE), which restore_command names; the
+password itself is never written. With --start the server is started on --port
+and the command waits until recovery has finished and it accepts connections.`,
+		Args: cobra.NoArgs,
+		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, _ []string) error {
+			if opts.Target == "" {
+				return usagef("--target is required")
+			}
+			if incident != "" {
+				// TODO(issue 7): resolve the incident's LSN and transaction from
+				// the tripwire's alerts and restore to just before it.
+				return usagef("--before-incident: incidents come with the tripwire (issue 7); use --before-xid or --lsn from the alert")
+			}
+			n := 0
+			if timeFlag != "" {
+				n++
+				t, err := pgagent.ParseTargetTime(timeFlag)
+				if err != nil {
+					return usageError{err}
+				}
+				opts.Time = t
+			}
+			if lsnFlag != "" {
+				n++
+				l, err := pgwal.ParseLSN(lsnFlag)
+				if err != nil {
+					return usageError{err}
+				}
+				opts.LSN = l
+			}
+			if xidFlag != "" {
+				n++
+				x, err := parseXID(xidFlag)
+				if err != nil {
+					return usageError{err}
+				}
+				opts.BeforeXID = x
+			}
+			if opts.Latest {
+				n++
+			}
+			if n != 1 {
+				return usagef("give exactly one of --time, --lsn, --before-xid, --latest")
+			}
+			if opts.Start && opts.Port == 0 {
+				return usagef("--start needs --port")
+			}
+			loc, err := a.repoLocation()
+			if err != nil {
+				return err
+			}
+			opts.Repo = loc
+			if !strings.Contains(loc, "://") {
+				if abs, err := filepath.Abs(strings.TrimPrefix(loc, "local:")); err == nil {
+					opts.Repo = abs
+				}
+			}
+			if pf := a.env("DUALKEY_PASSWORD_FILE", a.passwordFile); pf != "" {
+				abs, err := filepath.Abs(pf)
+				if err != nil {
+					return err
+				}
+				opts.PasswordFile = abs
+			} else if fetchCmd == "" {
+				return usagef("the restored server's restore_command must read the vault: give the password as a file (--password-file or DUALKEY_PASSWORD_FILE); it is named in postgresql.auto.conf, never copied")
+			}
+			if tf := a.env("DUALKEY_TOKEN_FILE", a.tokenFlag); tf != "" {
+				abs, err := filepath.Abs(tf)
+				if err != nil {
+					return err
+				}
+				opts.Env = append(opts.Env, "DUALKEY_TOKEN_FILE="+abs)
+			}
+			if fp := a.env("DUALKEY_TLS_FINGERPRINT", a.fingerprint); fp != "" {
+				opts.Env = append(opts.Env, "DUALKEY_TLS_FINGERPRINT="+fp)
+			}
+			opts.WalFetchCommand = fetchCmd
+			opts.ServerSettings = serverSet
+			opts.Log = a.log
+			prog := a.newProgress("restore")
+			opts.Progress = func(s restorer.Stats) { prog.update(s.BytesDone, s.Bytes, false) }
+			res, err := pgagent.Restore(ctx, r, opts)
+			prog.done()
+			if a.jsonOut && res != nil {
+				if jerr := a.printJSON(map[string]any{"result": res, "restore_seconds": res.RestoreTook.Seconds(),
+					"replay_seconds": res.ReplayTook.Seconds(), "error": errString(err)}); jerr != nil {
+					return jerr
+				}
+			}
+			if err != nil {
+				if errors.Is(err, pgagent.ErrTargetNotEmpty) {
+					return usageError{err}
+				}
+				return err
+			}
+			b := res.Backup
+			a.say("restored base backup %s (ended %s, %s) to %s in %s", b.ID.String()[:10],
+				b.Meta.EndTime.Local().Format(time.RFC3339), b.Meta.EndLSN, res.Target, res.RestoreTook.Round(time.Millisecond))
+			if opts.Delta {
+				a.say("delta: %d files rewritten, %d unchanged, %d removed", res.Rewritten, res.Unchanged, res.Removed)
+			}
+			if opts.Start {
+				a.say("server recovered and running on port %d after %s of replay (log: %s)", opts.Port, res.ReplayTook.Round(time.Millisecond), res.LogFile)
+			} else {
+				a.say("recovery settings appended to postgresql.auto.conf; start the server to replay WAL from the vault")
+			}
+			return nil
+		}),
+	}
+	f := c.Flags()
+	f.StringVarP(&opts.Target, "target", "t", "", "data directory to restore into (missing or empty unless --delta)")
+	f.StringVar(&timeFlag, "time", "", "restore every transaction committed at or before this time")
+	f.StringVar(&lsnFlag, "lsn", "", "restore up to this WAL position")
+	f.StringVar(&xidFlag, "before-xid", "", "restore the state just before this transaction committed")
+	f.BoolVar(&opts.Latest, "latest", false, "restore everything the vault holds")
+	f.StringVar(&incident, "before-incident", "", "restore to just before a tripwire incident (not yet available)")
+	f.BoolVar(&opts.Delta, "delta", false, "restore into a non-empty target, rewriting only files that differ")
+	f.BoolVar(&opts.Start, "start", false, "start the server and wait until recovery has finished")
+	f.IntVar(&opts.Port, "port", 0, "port to start the restored server on (with --start)")
+	f.StringArrayVar(&serverSet, "set", nil, "with --start, a server setting name=value (repeatable)")
+	f.StringVar(&opts.LogFile, "log-file", "", "with --start, the server's log (default: TARGET.log)")
+	f.StringVar(&fetchCmd, "restore-command", "", "instead of 'dualkey pg wal-fetch --repo …', this command (%f %p appended)")
+	return c
+}
+
+// parseXID accepts a transaction ID as txid_current() prints it: a 64-bit
+// value whose high half is the epoch, or a plain 32-bit xid.
+func parseXID(s string) (uint32, error) {
+	v, err := strconv.ParseUint(strings.TrimSpace(s), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("transaction ID %q: %w", s, err)
+	}
+	x := uint32(v & math.MaxUint32)
+	if x < 3 {
+		return 0, fmt.Errorf("transaction ID %q is not a user transaction", s)
+	}
+	return x, nil
+}
+
+func (a *app) pgWalFetchCmd() *cobra.Command {
+	var (
+		spool    string
+		noSpool  bool
+		prefetch int
+	)
+	c := &cobra.Command{
+		Use:   "wal-fetch NAME DEST",
+		Short: "Write WAL segment or history file NAME from the vault to DEST (PostgreSQL's restore_command)",
+		Long: `Write the WAL segment or timeline history file NAME to DEST atomically. This is
+the restore_command 'dualkey pg restore' writes. Exit code 1 when the vault has no
+such file, which PostgreSQL expects for files that do not exist. Following
+segments are fetched ahead into DEST's directory (pg_wal/dualkey-prefetch), so
+the vault is opened once per --prefetch segments, not once per segment.`,
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			var r *repo.Repository
+			defer func() {
+				if r != nil {
+					r.Close()
+				}
+			}()
+			open := func(ctx context.Context) (*repo.Repository, error) {
+				var err error
+				r, err = a.openRepo(ctx)
+				return r, err
+			}
+			if spool == "" && !noSpool {
+				spool = pgagent.DefaultSpool(args[1])
+			}
+			if noSpool {
+				spool = ""
+			}
+			err := pgagent.FetchWAL(ctx, args[0], args[1], open, pgagent.FetchOptions{Spool: spool, Prefetch: prefetch, Log: a.log})
+			if errors.Is(err, pgagent.ErrWALNotFound) {
+				return codeError{exitError, fmt.Errorf("dualkey: %s: not in the vault", args[0])}
+			}
+			return err
+		},
+	}
+	c.Flags().StringVar(&spool, "spool", "", "directory for segments fetched ahead (default: DEST's dir/dualkey-prefetch inside pg_wal)")
+	c.Flags().BoolVar(&noSpool, "no-prefetch", false, "fetch only NAME")
+	c.Flags().IntVar(&prefetch, "prefetch", 0, "segments to fetch ahead (default 32)")
+	return c
+}

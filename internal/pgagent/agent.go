@@ -1,0 +1,515 @@
+package pgagent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/dualkey/dualkey/internal/pgwal"
+	"github.com/dualkey/dualkey/internal/vault/repo"
+)
+
+// AgentOptions tune the streaming agent.
+type AgentOptions struct {
+	// URL is a connection string to the server to protect; the agent adds
+	// replication=true itself for the stream.
+	URL string
+	// Slot is the physical replication slot, created when missing. It is
+	// also the application_name, which is what synchronous_standby_names
+	// lists.
+	Slot string
+	// Synchronous makes the agent a synchronous standby: it acknowledges
+	// each flush as soon as the vault holds it, and (if the server does not
+	// list it yet) adds itself to synchronous_standby_names. Commits then
+	// wait for the vault: RPO zero.
+	Synchronous bool
+	// FlushEvery bounds how long received WAL waits before it is stored:
+	// the RPO when not synchronous. 200 ms keeps it well under a second
+	// while making at most five vault writes a second.
+	FlushEvery time.Duration
+	// FlushBytes stores WAL early once this much is buffered.
+	FlushBytes int
+	// RetainWarn logs a warning when the slot holds more WAL than this on
+	// the server: the vault is not keeping up, or is unreachable.
+	RetainWarn int64
+	// CheckEvery is how often the slot's retained WAL is checked.
+	CheckEvery time.Duration
+	// BaseEvery takes a base backup on this schedule (0: never).
+	BaseEvery time.Duration
+	// Retry is the first delay before reconnecting after a failure; it
+	// doubles up to a minute.
+	Retry time.Duration
+	Log   *slog.Logger
+	// OnFlush, if set, is called after each acknowledged flush (tests).
+	OnFlush func(Status)
+}
+
+func (o *AgentOptions) applyDefaults() {
+	if o.Slot == "" {
+		o.Slot = "dualkey"
+	}
+	if o.FlushEvery <= 0 {
+		o.FlushEvery = 200 * time.Millisecond
+	}
+	if o.FlushBytes <= 0 {
+		o.FlushBytes = 4 << 20
+	}
+	if o.RetainWarn <= 0 {
+		o.RetainWarn = 1 << 30
+	}
+	if o.CheckEvery <= 0 {
+		o.CheckEvery = 30 * time.Second
+	}
+	if o.Retry <= 0 {
+		o.Retry = time.Second
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+}
+
+// Status is the agent's position.
+type Status struct {
+	Timeline uint32
+	Received pgwal.LSN // end of WAL received from the server
+	Durable  pgwal.LSN // end of WAL stored in the vault and acknowledged
+	At       time.Time
+}
+
+// Agent streams a server's WAL into the vault.
+type Agent struct {
+	r    *repo.Repository
+	opts AgentOptions
+
+	mu     sync.Mutex
+	status Status
+}
+
+// NewAgent returns an agent for r.
+func NewAgent(r *repo.Repository, opts AgentOptions) *Agent {
+	opts.applyDefaults()
+	return &Agent{r: r, opts: opts}
+}
+
+// Status returns the latest position.
+func (a *Agent) Status() Status {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.status
+}
+
+// Run streams until ctx ends, reconnecting after any failure: a restart of
+// PostgreSQL, a broken connection, or a vault that cannot store. It resumes
+// exactly at the end of what the vault holds, so nothing is skipped and
+// nothing stored twice; the slot keeps the server from recycling WAL the
+// vault does not hold yet.
+func (a *Agent) Run(ctx context.Context) error {
+	delay := a.opts.Retry
+	if a.opts.BaseEvery > 0 {
+		go a.baseSchedule(ctx)
+	}
+	for {
+		start := time.Now()
+		err := a.stream(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if time.Since(start) > time.Minute {
+			delay = a.opts.Retry
+		}
+		a.opts.Log.Warn("WAL stream interrupted; reconnecting", "err", err, "in", delay)
+		select {
+		case <-time.After(delay):
+		case <-ctx.Done():
+			return nil
+		}
+		delay = min(delay*2, time.Minute)
+	}
+}
+
+// ReplicationURL returns u with replication=true, for a walsender connection.
+func ReplicationURL(u string) (string, error) {
+	return withParam(u, "replication", "true")
+}
+
+func withParam(u, k, v string) (string, error) {
+	if !strings.Contains(u, "://") {
+		return u + " " + k + "=" + v, nil // keyword/value form
+	}
+	pu, err := url.Parse(u)
+	if err != nil {
+		return "", fmt.Errorf("pgagent: connection URL: %w", err)
+	}
+	q := pu.Query()
+	q.Set(k, v)
+	pu.RawQuery = q.Encode()
+	return pu.String(), nil
+}
+
+func (a *Agent) setStatus(f func(*Status)) Status {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	f(&a.status)
+	a.status.At = time.Now()
+	return a.status
+}
+
+// stream runs one replication connection until it fails.
+func (a *Agent) stream(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	repURL, err := ReplicationURL(a.opts.URL)
+	if err != nil {
+		return err
+	}
+	repURL, _ = withParam(repURL, "application_name", a.opts.Slot)
+	conn, err := pgconn.Connect(ctx, repURL)
+	if err != nil {
+		return fmt.Errorf("pgagent: connect: %w", err)
+	}
+	defer conn.Close(context.Background())
+	sys, err := pglogrepl.IdentifySystem(ctx, conn)
+	if err != nil {
+		return fmt.Errorf("pgagent: identify system: %w", err)
+	}
+	if err := a.ensureSlot(ctx, conn); err != nil {
+		return err
+	}
+	if a.opts.Synchronous {
+		if err := a.ensureSynchronous(ctx); err != nil {
+			return err
+		}
+	}
+	go a.watchSlot(ctx)
+
+	cat, err := pgwal.Load(ctx, a.r)
+	if err != nil {
+		return fmt.Errorf("pgagent: read the vault's WAL catalog: %w", err)
+	}
+	tli := uint32(sys.Timeline)
+	if err := a.saveHistories(ctx, conn, cat, tli); err != nil {
+		return err
+	}
+	start, err := a.resumePoint(ctx, conn, cat, tli)
+	if err != nil {
+		return err
+	}
+	a.opts.Log.Info("streaming WAL", "system", sys.SystemID, "timeline", tli, "from", start.String(), "slot", a.opts.Slot)
+	for {
+		next, nextStart, err := a.streamTimeline(ctx, conn, tli, start)
+		if err != nil {
+			return err
+		}
+		// The server ended the timeline (it was promoted, or we streamed an
+		// old timeline up to its switch point): store the next timeline's
+		// history and follow it.
+		a.opts.Log.Info("timeline switch", "from", tli, "to", next, "at", nextStart.String())
+		if err := a.saveHistory(ctx, conn, next); err != nil {
+			return err
+		}
+		tli, start = next, nextStart
+	}
+}
+
+// resumePoint is where streaming starts on tli: the end of what the vault
+// holds for it, or the start of the segment the slot still keeps.
+func (a *Agent) resumePoint(ctx context.Context, conn *pgconn.PgConn, cat *pgwal.Catalog, tli uint32) (pgwal.LSN, error) {
+	if end := cat.End(tli); end > 0 {
+		return end, nil
+	}
+	restart, err := a.slotRestartLSN(ctx)
+	if err != nil {
+		return 0, err
+	}
+	// Whole segments only: restore replays segment files, and a first
+	// segment missing its head could never be used.
+	const seg = 16 << 20
+	return pgwal.LSN(uint64(restart) / seg * seg), nil
+}
+
+func (a *Agent) ensureSlot(ctx context.Context, conn *pgconn.PgConn) error {
+	if _, err := a.slotRestartLSN(ctx); err == nil {
+		return nil
+	}
+	// RESERVE_WAL makes the slot hold WAL from now on, before the first
+	// START_REPLICATION.
+	_, err := conn.Exec(ctx, fmt.Sprintf("CREATE_REPLICATION_SLOT %s PHYSICAL RESERVE_WAL", pgx.Identifier{a.opts.Slot}.Sanitize())).ReadAll()
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "42710" { // created meanwhile
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("pgagent: create replication slot %s: %w", a.opts.Slot, err)
+	}
+	a.opts.Log.Info("created physical replication slot", "slot", a.opts.Slot)
+	return nil
+}
+
+var errNoSlot = errors.New("pgagent: no such replication slot")
+
+func (a *Agent) query(ctx context.Context, fn func(*pgx.Conn) error) error {
+	c, err := pgx.Connect(ctx, a.opts.URL)
+	if err != nil {
+		return fmt.Errorf("pgagent: connect: %w", err)
+	}
+	defer c.Close(context.Background())
+	return fn(c)
+}
+
+func (a *Agent) slotRestartLSN(ctx context.Context) (pgwal.LSN, error) {
+	var lsn *string
+	err := a.query(ctx, func(c *pgx.Conn) error {
+		return c.QueryRow(ctx, "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1 AND slot_type = 'physical'", a.opts.Slot).Scan(&lsn)
+	})
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, errNoSlot
+	}
+	if err != nil {
+		return 0, err
+	}
+	if lsn == nil {
+		return 0, fmt.Errorf("pgagent: slot %s reserves no WAL", a.opts.Slot)
+	}
+	v, err := pglogrepl.ParseLSN(*lsn)
+	return pgwal.LSN(v), err
+}
+
+// ensureSynchronous adds the agent to synchronous_standby_names when it is
+// not there, loudly: from then on commits wait for the vault.
+func (a *Agent) ensureSynchronous(ctx context.Context) error {
+	return a.query(ctx, func(c *pgx.Conn) error {
+		var cur string
+		if err := c.QueryRow(ctx, "SHOW synchronous_standby_names").Scan(&cur); err != nil {
+			return err
+		}
+		if strings.Contains(cur, a.opts.Slot) {
+			return nil
+		}
+		val := a.opts.Slot
+		if cur != "" {
+			val = cur + ", " + a.opts.Slot
+			if !strings.Contains(strings.ToUpper(cur), "ANY") && !strings.Contains(strings.ToUpper(cur), "FIRST") {
+				val = "FIRST 1 (" + a.opts.Slot + ", " + cur + ")"
+			}
+		}
+		if _, err := c.Exec(ctx, "ALTER SYSTEM SET synchronous_standby_names = "+quoteLiteral(val)); err != nil {
+			return fmt.Errorf("pgagent: set synchronous_standby_names: %w", err)
+		}
+		if _, err := c.Exec(ctx, "SELECT pg_reload_conf()"); err != nil {
+			return err
+		}
+		a.opts.Log.Warn("synchronous mode: commits on this server now wait until the vault holds their WAL",
+			"synchronous_standby_names", val)
+		return nil
+	})
+}
+
+func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
+
+// watchSlot warns when the slot holds more WAL than RetainWarn.
+func (a *Agent) watchSlot(ctx context.Context) {
+	t := time.NewTicker(a.opts.CheckEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var retained *int64
+		err := a.query(ctx, func(c *pgx.Conn) error {
+			return c.QueryRow(ctx, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1", a.opts.Slot).Scan(&retained)
+		})
+		if err != nil || retained == nil {
+			continue
+		}
+		if *retained > a.opts.RetainWarn {
+			st := a.Status()
+			a.opts.Log.Warn("the replication slot holds more WAL than the threshold: the server cannot recycle it until the vault stores it; if this grows, the vault is unreachable or slower than the server's WAL rate, and the server's disk may fill",
+				"slot", a.opts.Slot, "retained_bytes", *retained, "threshold", a.opts.RetainWarn, "durable", st.Durable.String())
+		}
+	}
+}
+
+func (a *Agent) saveHistories(ctx context.Context, conn *pgconn.PgConn, cat *pgwal.Catalog, tli uint32) error {
+	for t := uint32(2); t <= tli; t++ {
+		if _, err := cat.History(ctx, t); err == nil {
+			continue
+		}
+		if err := a.saveHistory(ctx, conn, t); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (a *Agent) saveHistory(ctx context.Context, conn *pgconn.PgConn, tli uint32) error {
+	if tli < 2 {
+		return nil
+	}
+	h, err := pglogrepl.TimelineHistory(ctx, conn, int32(tli))
+	if err != nil {
+		return fmt.Errorf("pgagent: timeline %d history: %w", tli, err)
+	}
+	w := pgwal.NewWriter(a.r, pgwal.WriterOptions{Log: a.opts.Log})
+	if err := w.SaveHistory(ctx, tli, h.Content); err != nil {
+		return fmt.Errorf("pgagent: store timeline %d history: %w", tli, err)
+	}
+	return nil
+}
+
+// streamTimeline streams tli from start until the server ends the timeline
+// (returning the next one) or something fails.
+func (a *Agent) streamTimeline(ctx context.Context, conn *pgconn.PgConn, tli uint32, start pgwal.LSN) (uint32, pgwal.LSN, error) {
+	err := pglogrepl.StartReplication(ctx, conn, a.opts.Slot, pglogrepl.LSN(start),
+		pglogrepl.StartReplicationOptions{Timeline: int32(tli), Mode: pglogrepl.PhysicalReplication})
+	if next, pos, ok := pglogrepl.IsErrEndTimeline(err); ok {
+		return uint32(next), pgwal.LSN(pos), nil
+	}
+	if err != nil {
+		return 0, 0, fmt.Errorf("pgagent: start replication at %s on timeline %d: %w", start, tli, err)
+	}
+	w := pgwal.NewWriter(a.r, pgwal.WriterOptions{Log: a.opts.Log})
+	received, durable := start, start
+	a.setStatus(func(s *Status) { s.Timeline, s.Received, s.Durable = tli, start, start })
+	lastFlush := time.Now()
+	lastStatus := time.Now()
+
+	ack := func(force bool) error {
+		if err := pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{
+			WALWritePosition: pglogrepl.LSN(received),
+			// Flush and apply say "safe": only what the vault holds.
+			// Zero would make pglogrepl report the write position.
+			WALFlushPosition: pglogrepl.LSN(max(durable, 1)),
+			WALApplyPosition: pglogrepl.LSN(max(durable, 1)),
+			ReplyRequested:   force,
+		}); err != nil {
+			return fmt.Errorf("pgagent: status update: %w", err)
+		}
+		lastStatus = time.Now()
+		return nil
+	}
+	flush := func() error {
+		if w.Buffered() > 0 {
+			// Ack the LSN only after the vault has fsynced the piece: the
+			// server drops WAL behind the slot once acked, so an early ack
+			// turns an outage into data loss.
+			d, err := w.Flush(ctx)
+			if err != nil {
+				return fmt.Errorf("pgagent: store WAL: %w", err)
+			}
+			durable = d
+			st := a.setStatus(func(s *Status) { s.Durable = d })
+			if a.opts.OnFlush != nil {
+				a.opts.OnFlush(st)
+			}
+		}
+		lastFlush = time.Now()
+		return ack(false)
+	}
+
+	for {
+		wait := a.opts.FlushEvery - time.Since(lastFlush)
+		if a.opts.Synchronous && w.Buffered() > 0 {
+			// A committing transaction waits for this: store what has
+			// arrived as soon as the socket has nothing more queued.
+			wait = time.Millisecond
+		}
+		if w.Buffered() == 0 {
+			wait = max(wait, 10*time.Second-time.Since(lastStatus))
+		}
+		rctx, rcancel := context.WithTimeout(ctx, max(wait, time.Millisecond))
+		msg, err := conn.ReceiveMessage(rctx)
+		rcancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				_ = flush()
+				return 0, 0, ctx.Err()
+			}
+			if pgconn.Timeout(err) {
+				if err := flush(); err != nil {
+					return 0, 0, err
+				}
+				continue
+			}
+			return 0, 0, fmt.Errorf("pgagent: receive: %w", err)
+		}
+		switch m := msg.(type) {
+		case *pgproto3.CopyData:
+			switch m.Data[0] {
+			case pglogrepl.XLogDataByteID:
+				x, err := pglogrepl.ParseXLogData(m.Data[1:])
+				if err != nil {
+					return 0, 0, fmt.Errorf("pgagent: %w", err)
+				}
+				if err := w.Write(tli, pgwal.LSN(x.WALStart), x.WALData); err != nil {
+					return 0, 0, fmt.Errorf("pgagent: %w", err)
+				}
+				received = pgwal.LSN(x.WALStart) + pgwal.LSN(len(x.WALData))
+				a.setStatus(func(s *Status) { s.Received = received })
+				if w.Buffered() >= a.opts.FlushBytes || time.Since(lastFlush) >= a.opts.FlushEvery {
+					if err := flush(); err != nil {
+						return 0, 0, err
+					}
+				}
+			case pglogrepl.PrimaryKeepaliveMessageByteID:
+				k, err := pglogrepl.ParsePrimaryKeepaliveMessage(m.Data[1:])
+				if err != nil {
+					return 0, 0, fmt.Errorf("pgagent: %w", err)
+				}
+				if k.ReplyRequested {
+					if err := flush(); err != nil {
+						return 0, 0, err
+					}
+				}
+			}
+		case *pgproto3.CopyDone:
+			// End of timeline: store what we have, then learn the next.
+			if err := flush(); err != nil {
+				return 0, 0, err
+			}
+			res, err := pglogrepl.SendStandbyCopyDone(ctx, conn)
+			if err != nil {
+				return 0, 0, fmt.Errorf("pgagent: end of timeline %d: %w", tli, err)
+			}
+			if res == nil {
+				return 0, 0, fmt.Errorf("pgagent: timeline %d ended without a next timeline", tli)
+			}
+			return uint32(res.Timeline), pgwal.LSN(res.LSN), nil
+		case *pgproto3.ErrorResponse:
+			return 0, 0, fmt.Errorf("pgagent: server: %w", pgconn.ErrorResponseToPgError(m))
+		}
+	}
+}
+
+func (a *Agent) baseSchedule(ctx context.Context) {
+	t := time.NewTicker(a.opts.BaseEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		repURL, err := ReplicationURL(a.opts.URL)
+		if err != nil {
+			return
+		}
+		res, err := BaseBackup(ctx, a.r, repURL, BaseBackupOptions{Log: a.opts.Log})
+		if err != nil {
+			a.opts.Log.Error("scheduled base backup failed", "err", err)
+			continue
+		}
+		a.opts.Log.Info("scheduled base backup stored", "snapshot", res.ID.String()[:10])
+	}
+}
