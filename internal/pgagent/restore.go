@@ -24,12 +24,10 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/dualkey/dualkey/internal/pgwal"
 	"github.com/dualkey/dualkey/internal/vault/backend"
-	"github.com/dualkey/dualkey/internal/vault/format"
 	"github.com/dualkey/dualkey/internal/vault/repo"
 	"github.com/dualkey/dualkey/internal/vault/restorer"
 	"github.com/dualkey/dualkey/internal/vault/snapshot"
@@ -1050,136 +1048,15 @@ func FetchWAL(ctx context.Context, name, dest string, open func(context.Context)
 // segment returns segment segno of tli, whole (full) or, for the last one
 // the vault holds, its contiguous head padded with zeros.
 func segment(ctx context.Context, r *repo.Repository, cat *pgwal.Catalog, tli uint32, segno uint64, segSize int) ([]byte, bool, error) {
-	data, err := pgwal.Segment(ctx, r, cat, tli, segno, segSize)
-	if err == nil {
-		return data, true, nil
-	}
-	if !errors.Is(err, pgwal.ErrIncomplete) {
-		return nil, false, err
-	}
-	data, err = segmentHead(ctx, r, cat, tli, segno, segSize)
-	if err != nil {
-		return nil, false, err
-	}
-	if data == nil {
+	data, end, err := pgwal.SegmentHead(ctx, r, cat, tli, segno, segSize)
+	if errors.Is(err, pgwal.ErrIncomplete) {
 		return nil, false, fmt.Errorf("%w: %s", ErrWALNotFound, pgwal.SegmentName(tli, segno, segSize))
 	}
-	return data, false, nil
+	if err != nil {
+		return nil, false, err
+	}
+	return data, end == pgwal.SegmentStart(segno+1, segSize), nil
 }
-
-// segmentHead assembles the contiguous head of a segment that the vault
-// holds only in part, zero-padded; nil if not even its first byte is
-// there. The head may begin on an ancestor timeline (before tli branched
-// off), as in pgwal.Segment.
-//
-// TODO(pgwal): this belongs in pgwal (a SegmentHead beside Segment,
-// with its overlap checks); it reads pieces by the documented object format
-// until then.
-func segmentHead(ctx context.Context, r *repo.Repository, cat *pgwal.Catalog, tli uint32, segno uint64, segSize int) ([]byte, error) {
-	lo := pgwal.SegmentStart(segno, segSize)
-	hi := lo + pgwal.LSN(segSize)
-	type span struct {
-		tli      uint32
-		from, to pgwal.LSN
-	}
-	var spans []span
-	begin := pgwal.LSN(0)
-	if tli > 1 {
-		if h, err := cat.History(ctx, tli); err == nil {
-			sw, err := pgwal.ParseHistory(h)
-			if err != nil {
-				return nil, err
-			}
-			for _, s := range sw {
-				spans = append(spans, span{s.Timeline, max(begin, lo), min(s.End, hi)})
-				begin = s.End
-			}
-		}
-	}
-	spans = append(spans, span{tli, max(begin, lo), hi})
-	out := make([]byte, segSize)
-	pos := lo
-	pieces := cat.Pieces()
-	for _, sp := range spans {
-		if sp.from >= sp.to {
-			continue
-		}
-		if pos != sp.from {
-			break
-		}
-		for pos < sp.to {
-			var best *pgwal.Piece
-			for i := range pieces {
-				p := &pieces[i]
-				if !p.History && p.Timeline == sp.tli && p.Start <= pos && pos < p.End && (best == nil || p.End > best.End) {
-					best = p
-				}
-			}
-			if best == nil {
-				break
-			}
-			data, err := readPiece(ctx, r, *best)
-			if err != nil {
-				return nil, err
-			}
-			end := min(best.End, sp.to)
-			copy(out[pos-lo:], data[pos-best.Start:end-best.Start])
-			pos = end
-		}
-		if pos < sp.to {
-			break
-		}
-	}
-	if pos == lo {
-		return nil, nil
-	}
-	return out, nil
-}
-
-// readPiece loads and opens one WAL object: header || Seal(header ||
-// zstd(bytes)), named by its hash (docs/vault-format.md, format.WALHeader).
-func readPiece(ctx context.Context, r *repo.Repository, p pgwal.Piece) ([]byte, error) {
-	obj, err := r.Store().Load(ctx, backend.Handle{Type: backend.WAL, Name: p.Name.String()}, 0, 0)
-	if err != nil {
-		return nil, fmt.Errorf("pgagent: load %v: %w", p, err)
-	}
-	damaged := func(why string, args ...any) error {
-		return fmt.Errorf("pgagent: %v: %w: %s", p, repo.ErrDamaged, fmt.Sprintf(why, args...))
-	}
-	if format.Hash(obj) != p.Name {
-		return nil, damaged("content does not match its name")
-	}
-	hd, body, err := format.ParseWALHeader(obj)
-	if err != nil {
-		return nil, damaged("%v", err)
-	}
-	if hd.Timeline != p.Timeline || hd.Start != uint64(p.Start) || hd.End != uint64(p.End) || hd.History != p.History {
-		return nil, damaged("header differs from the catalog's")
-	}
-	plain, err := r.Key().Open(nil, body)
-	if err != nil {
-		return nil, damaged("%v", err)
-	}
-	if len(plain) < format.WALHeaderSize || !bytes.Equal(plain[:format.WALHeaderSize], obj[:format.WALHeaderSize]) {
-		return nil, damaged("sealed header differs from the plaintext one")
-	}
-	data, err := zstdDecoder().DecodeAll(plain[format.WALHeaderSize:], make([]byte, 0, hd.Len()))
-	if err != nil {
-		return nil, damaged("decompress: %v", err)
-	}
-	if int64(len(data)) != hd.Len() {
-		return nil, damaged("holds %d bytes, header says %d", len(data), hd.Len())
-	}
-	return data, nil
-}
-
-var zstdDecoder = sync.OnceValue(func() *zstd.Decoder {
-	d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(format.MaxWALPiece))
-	if err != nil {
-		panic(err)
-	}
-	return d
-})
 
 // prefetch fetches the whole segments after segno of tli into the spool.
 func prefetch(ctx context.Context, r *repo.Repository, cat *pgwal.Catalog, tli uint32, segno uint64, o *FetchOptions) error {

@@ -336,6 +336,39 @@ func TestSegment(t *testing.T) {
 	}
 }
 
+// TestSegmentHead: the last segment is partial after a disaster; its head
+// is served zero-padded, a whole segment is served whole, and a segment
+// the vault holds nothing of is ErrIncomplete.
+func TestSegmentHead(t *testing.T) {
+	ctx := context.Background()
+	env := repotest.New(t, 0)
+	w := NewWriter(env.Repo, WriterOptions{MaxPiece: 300_000})
+	write(t, w, 1, 1, 2*seg, seg+seg/2) // segment 2 whole, 3 up to half
+	flush(t, w)
+	c := load(t, env.Repo)
+	tests := []struct {
+		segno   uint64
+		wantEnd LSN
+	}{
+		{2, 3 * seg},
+		{3, 3*seg + seg/2},
+	}
+	for _, tt := range tests {
+		got, end, err := SegmentHead(ctx, env.Repo, c, 1, tt.segno, seg)
+		if err != nil || end != tt.wantEnd || len(got) != seg {
+			t.Fatalf("SegmentHead(%d) = %d bytes, end %v, %v; want end %v", tt.segno, len(got), end, err, tt.wantEnd)
+		}
+		lo := SegmentStart(tt.segno, seg)
+		want := append(stream(1, lo, int(end-lo)), make([]byte, seg-int(end-lo))...)
+		if !bytes.Equal(got, want) {
+			t.Errorf("segment %d head differs from what was written (or is not zero-padded)", tt.segno)
+		}
+	}
+	if _, _, err := SegmentHead(ctx, env.Repo, c, 1, 4, seg); !errors.Is(err, ErrIncomplete) {
+		t.Errorf("SegmentHead of a segment not held: %v, want ErrIncomplete", err)
+	}
+}
+
 func TestSegmentMissingPiece(t *testing.T) {
 	ctx := context.Background()
 	env := repotest.New(t, 0)

@@ -50,16 +50,30 @@ type use struct {
 // otherwise its error (wrapping repo.ErrDamaged) is returned. A byte
 // missing from every piece gives ErrIncomplete naming the gap.
 func Segment(ctx context.Context, r *repo.Repository, c *Catalog, tli uint32, segno uint64, segSize int) ([]byte, error) {
+	data, _, err := segment(ctx, r, c, tli, segno, segSize, false)
+	return data, err
+}
+
+// SegmentHead is Segment for the last segment the vault holds, which is
+// usually partial (after a disaster it holds the final commits): it returns
+// the segment's contiguous head, from its first byte up to end, zero-padded
+// to segSize — PostgreSQL reads the zeros as the end of WAL. A segment held
+// whole gives end = its end. ErrIncomplete if not even its first byte is held.
+func SegmentHead(ctx context.Context, r *repo.Repository, c *Catalog, tli uint32, segno uint64, segSize int) (data []byte, end LSN, err error) {
+	return segment(ctx, r, c, tli, segno, segSize, true)
+}
+
+func segment(ctx context.Context, r *repo.Repository, c *Catalog, tli uint32, segno uint64, segSize int, head bool) ([]byte, LSN, error) {
 	if err := CheckSegmentSize(segSize); err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	if segno > (1<<64-1)/uint64(segSize)-1 {
-		return nil, fmt.Errorf("pgwal: segment %d lies beyond the LSN space", segno)
+		return nil, 0, fmt.Errorf("pgwal: segment %d lies beyond the LSN space", segno)
 	}
 	name := SegmentName(tli, segno, segSize)
 	lo := SegmentStart(segno, segSize)
 	hi := lo + LSN(segSize)
-	fail := func(err error) ([]byte, error) { return nil, fmt.Errorf("pgwal: segment %s: %w", name, err) }
+	fail := func(err error) ([]byte, LSN, error) { return nil, 0, fmt.Errorf("pgwal: segment %s: %w", name, err) }
 
 	uses := clip(c.of(tli), lo, hi, lo, hi)
 	ancestors := false
@@ -76,7 +90,12 @@ func Segment(ctx context.Context, r *repo.Repository, c *Catalog, tli uint32, se
 			uses = append(uses, more...)
 			continue
 		}
-		if gap != nil {
+		end := hi
+		if gap != nil && head && gap.Start > lo && len(damaged) == 0 {
+			// The head up to the gap; pieces past it do not matter.
+			end = gap.Start
+			uses = clipUses(uses, end)
+		} else if gap != nil {
 			err := fmt.Errorf("WAL %v missing on timeline %d: %w", gap, tli, ErrIncomplete)
 			for _, d := range damaged { // the damage is why; name it first
 				return fail(errors.Join(d, err))
@@ -99,7 +118,7 @@ func Segment(ctx context.Context, r *repo.Repository, c *Catalog, tli uint32, se
 		if err != nil {
 			return fail(err)
 		}
-		return out, nil
+		return out, end, nil
 	}
 }
 
@@ -169,7 +188,7 @@ func (c *Catalog) ancestorUses(ctx context.Context, tli uint32, lo, hi LSN) ([]u
 
 // cover picks uses covering [lo, hi) greedily (at each position the usable
 // piece reaching furthest), skipping damaged pieces. It returns the first
-// uncovered range if there is one.
+// uncovered range if there is one, with the plan up to it.
 func cover(uses []use, damaged map[format.ID]error, lo, hi LSN) ([]use, *Range) {
 	var plan []use
 	for pos := lo; pos < hi; {
@@ -188,7 +207,7 @@ func cover(uses []use, damaged map[format.ID]error, lo, hi LSN) ([]use, *Range) 
 			}
 		}
 		if best < 0 {
-			return nil, &Range{pos, next}
+			return plan, &Range{pos, next}
 		}
 		plan = append(plan, uses[best])
 		pos = uses[best].to
@@ -251,4 +270,16 @@ func assemble(plan []use, loaded map[format.ID][]byte, lo, hi LSN) ([]byte, erro
 		prev = u.p
 	}
 	return out, nil
+}
+
+// clipUses cuts uses at end.
+func clipUses(uses []use, end LSN) []use {
+	var out []use
+	for _, u := range uses {
+		u.to = min(u.to, end)
+		if u.from < u.to {
+			out = append(out, u)
+		}
+	}
+	return out
 }
