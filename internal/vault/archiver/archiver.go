@@ -123,10 +123,13 @@ type archiver struct {
 	opts Options
 	gear *chunker.Gear
 
-	jobs     chan blobJob
-	readers  chan struct{}
-	chunkers sync.Pool      // *chunker.Chunker, keyed by this repository's gear
-	wg       sync.WaitGroup // blob workers
+	jobs    chan blobJob
+	readers chan struct{}
+	// smallReaders bound files under smallFile: 4 per worker keep the
+	// workers fed while each file waits on open, read and its blob.
+	smallReaders chan struct{}
+	chunkers     sync.Pool      // *chunker.Chunker, keyed by this repository's gear
+	wg           sync.WaitGroup // blob workers
 
 	mu     sync.Mutex
 	blobs  map[repo.ID]bool // every blob the snapshot refers to
@@ -157,7 +160,8 @@ func newArchiver(r *repo.Repository, opts Options) *archiver {
 	opts.applyDefaults()
 	a := &archiver{r: r, opts: opts, gear: chunker.NewGear(r.Key().Chunker),
 		jobs: make(chan blobJob, opts.Workers*2), readers: make(chan struct{}, opts.Readers),
-		blobs: map[repo.ID]bool{}}
+		smallReaders: make(chan struct{}, 4*opts.Workers),
+		blobs:        map[repo.ID]bool{}}
 	return a
 }
 

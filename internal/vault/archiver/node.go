@@ -18,6 +18,9 @@ import (
 	"github.com/dualkey/dualkey/internal/vault/snapshot"
 )
 
+// smallFile is the size under which a file is read in a smallReaders slot.
+const smallFile = 1 << 20
+
 // saveNode stores the entry at path (and, for a directory, everything
 // below it) and returns its node. pn is the same entry in the parent
 // snapshot, or nil.
@@ -79,14 +82,21 @@ func (a *archiver) saveDir(ctx context.Context, path string, n, pn *snapshot.Nod
 			children[i] = c
 			continue
 		}
+		// Large files share Readers slots (more would only seek the disk);
+		// small ones, whose cost is mostly per-file latency, run more at
+		// once so a source tree keeps both cores busy.
+		sem := a.readers
+		if fi, err := e.Info(); err == nil && fi.Size() < smallFile {
+			sem = a.smallReaders
+		}
 		select {
-		case a.readers <- struct{}{}:
+		case sem <- struct{}{}:
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 		wg.Add(1)
 		go func() {
-			defer func() { <-a.readers; wg.Done() }()
+			defer func() { <-sem; wg.Done() }()
 			c, err := a.saveNode(ctx, cpath, e.Name(), pc)
 			if err != nil {
 				if ctx.Err() == nil {
