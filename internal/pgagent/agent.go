@@ -91,8 +91,14 @@ type Agent struct {
 	r    *repo.Repository
 	opts AgentOptions
 
-	mu     sync.Mutex
-	status Status
+	mu      sync.Mutex
+	status  Status
+	lastErr error // why the last stream ended; nil once a flush succeeds again
+
+	// noCatchUp is set when the server no longer has the WAL to fill in
+	// the end of the parent timeline: the next stream starts on the
+	// server's timeline. Used by Run's goroutine only.
+	noCatchUp bool
 }
 
 // NewAgent returns an agent for r.
@@ -118,12 +124,19 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.opts.BaseEvery > 0 {
 		go a.baseSchedule(ctx)
 	}
+	// The slot is watched for the agent's whole run, not per connection:
+	// when the vault is unreachable every stream fails within moments,
+	// and that is exactly when the slot grows.
+	go a.watchSlot(ctx)
 	for {
 		start := time.Now()
 		err := a.stream(ctx)
 		if ctx.Err() != nil {
 			return nil
 		}
+		a.mu.Lock()
+		a.lastErr = err
+		a.mu.Unlock()
 		if time.Since(start) > time.Minute {
 			delay = a.opts.Retry
 		}
@@ -190,8 +203,6 @@ func (a *Agent) stream(ctx context.Context) error {
 			return err
 		}
 	}
-	go a.watchSlot(ctx)
-
 	cat, err := pgwal.Load(ctx, a.r)
 	if err != nil {
 		return fmt.Errorf("pgagent: read the vault's WAL catalog: %w", err)
@@ -200,13 +211,19 @@ func (a *Agent) stream(ctx context.Context) error {
 	if err := a.saveHistories(ctx, conn, cat, tli); err != nil {
 		return err
 	}
-	start, err := a.resumePoint(ctx, conn, cat, tli)
+	stli, start, err := a.resumePoint(ctx, conn, cat, tli)
 	if err != nil {
 		return err
 	}
-	a.opts.Log.Info("streaming WAL", "system", sys.SystemID, "timeline", tli, "from", start.String(), "slot", a.opts.Slot)
+	a.opts.Log.Info("streaming WAL", "system", sys.SystemID, "timeline", stli, "from", start.String(), "slot", a.opts.Slot)
 	for {
-		next, nextStart, err := a.streamTimeline(ctx, conn, tli, start)
+		next, nextStart, err := a.streamTimeline(ctx, conn, stli, start)
+		var pgErr *pgconn.PgError
+		if stli < tli && errors.As(err, &pgErr) && pgErr.Code == "58P01" { // undefined_file
+			a.noCatchUp = true
+			a.opts.Log.Error("the server no longer has the end of the parent timeline: the vault keeps a gap there; streaming the server's timeline",
+				"timeline", stli, "from", start.String(), "err", err)
+		}
 		if err != nil {
 			return err
 		}
@@ -217,24 +234,50 @@ func (a *Agent) stream(ctx context.Context) error {
 		if err := a.saveHistory(ctx, conn, next); err != nil {
 			return err
 		}
-		tli, start = next, nextStart
+		stli, start = next, nextStart
 	}
 }
 
-// resumePoint is where streaming starts on tli: the end of what the vault
-// holds for it, or the start of the segment the slot still keeps.
-func (a *Agent) resumePoint(ctx context.Context, conn *pgconn.PgConn, cat *pgwal.Catalog, tli uint32) (pgwal.LSN, error) {
+// resumePoint is where streaming starts, on the server's timeline tli or
+// one it descends from:
+//   - the end of what the vault holds of tli;
+//   - if the vault holds none of tli but stops short of the point where tli
+//     branched off its parent, the end of the parent's WAL in the vault: the
+//     server streams the rest of the parent, then switches to tli. That is a
+//     promoted standby which had received more than the agent stored;
+//   - else the start of the segment holding the later of the branch point
+//     and the slot's restart LSN. Not earlier than the branch point's
+//     segment: tli has no segment files before it on the server.
+func (a *Agent) resumePoint(ctx context.Context, conn *pgconn.PgConn, cat *pgwal.Catalog, tli uint32) (uint32, pgwal.LSN, error) {
 	if end := cat.End(tli); end > 0 {
-		return end, nil
+		return tli, end, nil
 	}
 	restart, err := a.slotRestartLSN(ctx)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
+	}
+	from := restart
+	if tli > 1 {
+		h, err := pglogrepl.TimelineHistory(ctx, conn, int32(tli))
+		if err != nil {
+			return 0, 0, fmt.Errorf("pgagent: timeline %d history: %w", tli, err)
+		}
+		sw, err := pgwal.ParseHistory(h.Content)
+		if err != nil {
+			return 0, 0, fmt.Errorf("pgagent: timeline %d history: %w", tli, err)
+		}
+		if n := len(sw); n > 0 {
+			parent := sw[n-1]
+			if end := cat.End(parent.Timeline); end > 0 && end < parent.End && !a.noCatchUp {
+				return parent.Timeline, end, nil
+			}
+			from = max(from, parent.End)
+		}
 	}
 	// Whole segments only: restore replays segment files, and a first
 	// segment missing its head could never be used.
 	const seg = 16 << 20
-	return pgwal.LSN(uint64(restart) / seg * seg), nil
+	return tli, pgwal.LSN(uint64(from) / seg * seg), nil
 }
 
 func (a *Agent) ensureSlot(ctx context.Context, conn *pgconn.PgConn) error {
@@ -335,8 +378,14 @@ func (a *Agent) watchSlot(ctx context.Context) {
 		}
 		if *retained > a.opts.RetainWarn {
 			st := a.Status()
+			a.mu.Lock()
+			why := "the vault stores WAL more slowly than the server writes it"
+			if a.lastErr != nil {
+				why = a.lastErr.Error()
+			}
+			a.mu.Unlock()
 			a.opts.Log.Warn("the replication slot holds more WAL than the threshold: the server cannot recycle it until the vault stores it; if this grows, the vault is unreachable or slower than the server's WAL rate, and the server's disk may fill",
-				"slot", a.opts.Slot, "retained_bytes", *retained, "threshold", a.opts.RetainWarn, "durable", st.Durable.String())
+				"slot", a.opts.Slot, "retained_bytes", *retained, "threshold", a.opts.RetainWarn, "durable", st.Durable.String(), "reason", why)
 		}
 	}
 }
@@ -385,7 +434,7 @@ func (a *Agent) streamTimeline(ctx context.Context, conn *pgconn.PgConn, tli uin
 	lastFlush := time.Now()
 	lastStatus := time.Now()
 
-	ack := func(force bool) error {
+	ack := func(ctx context.Context, force bool) error {
 		if err := pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{
 			WALWritePosition: pglogrepl.LSN(received),
 			// Flush and apply say "safe": only what the vault holds.
@@ -399,23 +448,35 @@ func (a *Agent) streamTimeline(ctx context.Context, conn *pgconn.PgConn, tli uin
 		lastStatus = time.Now()
 		return nil
 	}
-	flush := func() error {
-		if w.Buffered() > 0 {
-			// Ack the LSN only after the vault has fsynced the piece: the
-			// server drops WAL behind the slot once acked, so an early ack
-			// turns an outage into data loss.
-			d, err := w.Flush(ctx)
-			if err != nil {
-				return fmt.Errorf("pgagent: store WAL: %w", err)
-			}
-			durable = d
-			st := a.setStatus(func(s *Status) { s.Durable = d })
-			if a.opts.OnFlush != nil {
-				a.opts.OnFlush(st)
-			}
+	// store saves what is buffered in the vault; it tells the server
+	// nothing, so it may run after the connection broke.
+	store := func(ctx context.Context) error {
+		if w.Buffered() == 0 {
+			return nil
+		}
+		d, err := w.Flush(ctx)
+		if err != nil {
+			return fmt.Errorf("pgagent: store WAL: %w", err)
+		}
+		durable = d
+		st := a.setStatus(func(s *Status) { s.Durable = d })
+		a.mu.Lock()
+		a.lastErr = nil
+		a.mu.Unlock()
+		if a.opts.OnFlush != nil {
+			a.opts.OnFlush(st)
+		}
+		return nil
+	}
+	flush := func(ctx context.Context) error {
+		// Ack the LSN only after the vault has fsynced the piece: the
+		// server drops WAL behind the slot once acked, so an early ack
+		// turns an outage into data loss.
+		if err := store(ctx); err != nil {
+			return err
 		}
 		lastFlush = time.Now()
-		return ack(false)
+		return ack(ctx, false)
 	}
 
 	for {
@@ -433,15 +494,25 @@ func (a *Agent) streamTimeline(ctx context.Context, conn *pgconn.PgConn, tli uin
 		rcancel()
 		if err != nil {
 			if ctx.Err() != nil {
-				_ = flush()
+				// Stopping: store what has arrived, in bounded time (ctx
+				// has ended), and tell the server if it still listens.
+				fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+				_ = flush(fctx)
+				cancel()
 				return 0, 0, ctx.Err()
 			}
 			if pgconn.Timeout(err) {
-				if err := flush(); err != nil {
+				if err := flush(ctx); err != nil {
 					return 0, 0, err
 				}
 				continue
 			}
+			// The server went away (stopped, crashed, promoted elsewhere)
+			// or the connection broke: store what has arrived before
+			// reconnecting. If the server never comes back, this is the
+			// last WAL there is. No ack: pgconn is closing the connection
+			// in the background.
+			_ = store(ctx)
 			return 0, 0, fmt.Errorf("pgagent: receive: %w", err)
 		}
 		switch m := msg.(type) {
@@ -458,7 +529,7 @@ func (a *Agent) streamTimeline(ctx context.Context, conn *pgconn.PgConn, tli uin
 				received = pgwal.LSN(x.WALStart) + pgwal.LSN(len(x.WALData))
 				a.setStatus(func(s *Status) { s.Received = received })
 				if w.Buffered() >= a.opts.FlushBytes || time.Since(lastFlush) >= a.opts.FlushEvery {
-					if err := flush(); err != nil {
+					if err := flush(ctx); err != nil {
 						return 0, 0, err
 					}
 				}
@@ -468,14 +539,14 @@ func (a *Agent) streamTimeline(ctx context.Context, conn *pgconn.PgConn, tli uin
 					return 0, 0, fmt.Errorf("pgagent: %w", err)
 				}
 				if k.ReplyRequested {
-					if err := flush(); err != nil {
+					if err := flush(ctx); err != nil {
 						return 0, 0, err
 					}
 				}
 			}
 		case *pgproto3.CopyDone:
 			// End of timeline: store what we have, then learn the next.
-			if err := flush(); err != nil {
+			if err := flush(ctx); err != nil {
 				return 0, 0, err
 			}
 			res, err := pglogrepl.SendStandbyCopyDone(ctx, conn)
@@ -487,6 +558,7 @@ func (a *Agent) streamTimeline(ctx context.Context, conn *pgconn.PgConn, tli uin
 			}
 			return uint32(res.Timeline), pgwal.LSN(res.LSN), nil
 		case *pgproto3.ErrorResponse:
+			_ = store(ctx) // what arrived before the error is WAL all the same
 			return 0, 0, fmt.Errorf("pgagent: server: %w", pgconn.ErrorResponseToPgError(m))
 		}
 	}
