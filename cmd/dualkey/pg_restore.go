@@ -184,6 +184,9 @@ and the command waits until recovery has finished and it accepts connections.`,
 				}
 				return err
 			}
+			for _, w := range res.Warnings {
+				fmt.Fprintln(a.stderr, "dualkey: warning:", w)
+			}
 			b := res.Backup
 			a.say("restored base backup %s (ended %s, %s) to %s in %s", b.ID.String()[:10],
 				b.Meta.EndTime.Local().Format(time.RFC3339), b.Meta.EndLSN, res.Target, res.RestoreTook.Round(time.Millisecond))

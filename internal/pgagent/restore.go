@@ -118,6 +118,9 @@ type RestoreResult struct {
 	RestoreTook time.Duration `json:"restore_ns"`
 	ReplayTook  time.Duration `json:"replay_ns"`
 	LogFile     string        `json:"log_file,omitempty"`
+	// Warnings say where the restored state may fall short of what the
+	// vault holds, such as a gap in its WAL that replay cannot cross.
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 var (
@@ -213,6 +216,12 @@ func Restore(ctx context.Context, r *repo.Repository, opts RestoreOptions) (*Res
 		"end_lsn", b.Meta.EndLSN, "wal_reach", b.WALReach.String(), "timeline", ws.path.target())
 
 	res := &RestoreResult{Backup: *b, Target: target}
+	if w := walBeyondGap(ws, b); w != "" {
+		// Replay stops at the gap: say so rather than restore an earlier
+		// state than the caller may believe.
+		res.Warnings = append(res.Warnings, w)
+		opts.Log.Warn(w)
+	}
 	start := time.Now()
 	ropts := restorer.Options{Workers: opts.Workers, Progress: opts.Progress, Log: opts.Log}
 	if opts.Delta {
@@ -1176,4 +1185,21 @@ func readSummary(spool string, ttl time.Duration) (*walSummary, bool) {
 		return nil, false
 	}
 	return &s, true
+}
+
+// walBeyondGap describes WAL the vault holds past a gap that replay from b
+// cannot cross, or returns "".
+func walBeyondGap(ws *walState, b *BaseBackupInfo) string {
+	tli := ws.path.target()
+	var last pgwal.LSN
+	for _, p := range ws.cat.Pieces() {
+		if !p.History && p.Timeline == tli && p.End > last {
+			last = p.End
+		}
+	}
+	if last <= b.WALReach {
+		return ""
+	}
+	return fmt.Sprintf("the vault's WAL has a gap at %s (timeline %d): replay stops there, though WAL up to %s is stored",
+		b.WALReach, tli, last)
 }
