@@ -369,15 +369,20 @@ func (a *Agent) watchSlot(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		var retained *int64
+		var current, restart *int64
 		err := a.query(ctx, func(c *pgx.Conn) error {
-			return c.QueryRow(ctx, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1", a.opts.Slot).Scan(&retained)
+			return c.QueryRow(ctx, "SELECT (pg_current_wal_lsn() - '0/0')::bigint, (restart_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1", a.opts.Slot).Scan(&current, &restart)
 		})
-		if err != nil || retained == nil {
+		if err != nil || current == nil || restart == nil {
 			continue
 		}
-		if *retained > a.opts.RetainWarn {
-			st := a.Status()
+		// The slot's restart_lsn moves only when the server reads the
+		// agent's next status update; WAL the vault already holds is
+		// released then, so it does not count as held back.
+		st := a.Status()
+		from := max(*restart, int64(st.Durable))
+		retained := *current - from
+		if retained > a.opts.RetainWarn {
 			a.mu.Lock()
 			why := "the vault stores WAL more slowly than the server writes it"
 			if a.lastErr != nil {
@@ -385,7 +390,7 @@ func (a *Agent) watchSlot(ctx context.Context) {
 			}
 			a.mu.Unlock()
 			a.opts.Log.Warn("the replication slot holds more WAL than the threshold: the server cannot recycle it until the vault stores it; if this grows, the vault is unreachable or slower than the server's WAL rate, and the server's disk may fill",
-				"slot", a.opts.Slot, "retained_bytes", *retained, "threshold", a.opts.RetainWarn, "durable", st.Durable.String(), "reason", why)
+				"slot", a.opts.Slot, "retained_bytes", retained, "threshold", a.opts.RetainWarn, "durable", st.Durable.String(), "reason", why)
 		}
 	}
 }
