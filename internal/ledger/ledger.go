@@ -95,7 +95,7 @@ type Ledger struct {
 	hash         Hash   // the tip's hash
 	lastCP       uint64 // seq of the newest checkpoint at or below the tip (a lower bound after Open)
 	closed       bool
-	mirrorMu     sync.Mutex // guards the mirror state below; never taken before mu
+	mirrorMu     sync.Mutex // guards the mirror state below; taken before mu (Tip), never while holding mu
 	mirrored     uint64     // highest seq known to be mirrored; valid when known
 	mirroredHash Hash       // the hash of record mirrored
 	known        bool       // mirrored was learned from Mirror.List

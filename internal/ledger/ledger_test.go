@@ -355,3 +355,28 @@ func TestRead(t *testing.T) {
 		t.Errorf("Read over junk: %v", err)
 	}
 }
+
+// Junk planted in the vault under a ledger name does not stop mirroring;
+// Verify reports it.
+func TestMirrorSkipsPlantedObject(t *testing.T) {
+	ctx := context.Background()
+	st, mir := newMemStore(), newMemMirror()
+	build(t, st, mir, 10, 15) // spans 1-11, 12-16
+	mir.objs[ObjectName(17, 999)] = []byte("junk\n")
+	l, err := Open(ctx, st, mir, testKey(1), testOptions(10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries(5) {
+		if _, err := l.Append(ctx, e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := l.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rep := verify(t, st, mir)
+	if rep.MirroredSeq != rep.LastSeq || len(rep.Problems) != 1 || rep.Problems[0].Kind != ProblemMirrorBad || rep.Problems[0].Seq != 17 {
+		t.Fatalf("report %+v", rep)
+	}
+}

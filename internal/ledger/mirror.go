@@ -2,9 +2,12 @@ package ledger
 
 import (
 	"bytes"
+	"cmp"
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -145,35 +148,54 @@ func (l *Ledger) mirrorNow(ctx context.Context) error {
 	}
 }
 
-// learnMirrored finds the newest mirror object and the hash it ends with,
-// so that mirroring continues from the mirror's copy, not the store's.
+// learnMirrored finds the newest valid mirror object (well-formed, ending
+// in a checkpoint signed by our key) and the hash it ends with, so that
+// mirroring continues from the mirror's copy, not the store's. Invalid
+// objects are logged and skipped: junk planted in the vault must not stop
+// the ledger from mirroring (Verify reports it).
 func (l *Ledger) learnMirrored(ctx context.Context) error {
-	var best string
-	var bestTo uint64
+	type obj struct {
+		name string
+		to   uint64
+	}
+	var objs []obj
 	err := l.mirror.List(ctx, func(name string) error {
 		if !strings.HasPrefix(name, ObjectPrefix) {
 			return nil
 		}
-		if _, to, err := ParseObjectName(name); err == nil && to > bestTo {
-			best, bestTo = name, to
+		if _, to, err := ParseObjectName(name); err == nil {
+			objs = append(objs, obj{name, to})
+		} else {
+			l.log.Error("ledger mirror holds a malformed object name", "name", name)
 		}
 		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("ledger: list mirror: %w", err)
 	}
-	if bestTo > 0 {
-		data, err := l.mirror.Get(ctx, best)
+	slices.SortFunc(objs, func(a, b obj) int { return cmp.Compare(b.to, a.to) })
+	pub := l.key.Public().(ed25519.PublicKey)
+	l.mirrored, l.mirroredHash = 0, Hash{}
+	for _, o := range objs {
+		data, err := l.mirror.Get(ctx, o.name)
 		if err != nil {
-			return fmt.Errorf("ledger: read mirror %s: %w", best, err)
+			return fmt.Errorf("ledger: read mirror %s: %w", o.name, err)
 		}
-		recs, _, err := ParseObject(best, data)
+		recs, _, err := ParseObject(o.name, data)
+		if err == nil {
+			_, err = ParseCheckpoint(&recs[len(recs)-1], pub)
+		}
 		if err != nil {
-			return fmt.Errorf("ledger: mirror: %w", err)
+			l.log.Error("ledger mirror holds an invalid object; run dualkey audit verify", "name", o.name, "err", err)
+			continue
 		}
-		l.mirroredHash = recs[len(recs)-1].Hash
+		l.mirrored, l.mirroredHash = o.to, recs[len(recs)-1].Hash
+		break
 	}
-	l.mirrored, l.known = bestTo, true
+	if tip, _ := l.Tip(); l.mirrored > tip {
+		l.log.Error("ledger store ends before its mirror: truncated, or restored from an older backup; run dualkey audit verify", "store", tip, "mirror", l.mirrored)
+	}
+	l.known = true
 	return nil
 }
 
