@@ -1,0 +1,95 @@
+package state
+
+import (
+	"context"
+	"fmt"
+	"math"
+)
+
+// LedgerStore keeps the audit ledger's records by sequence number. It
+// knows nothing of their hash chain: internal/ledger builds and verifies
+// that, and uses LedgerStore through its own interface.
+type LedgerStore struct{ db *DB }
+
+// Ledger returns the store of ledger records on db.
+func (db *DB) Ledger() *LedgerStore { return &LedgerStore{db: db} }
+
+// Append stores rec as record seq if no record seq exists yet; it returns
+// false (and no error) when seq already exists: another writer won the
+// race. The primary key decides, so this holds across processes and
+// gateways sharing one database. seq counts from 1.
+func (l *LedgerStore) Append(ctx context.Context, seq uint64, rec []byte) (bool, error) {
+	s, err := seqArg("ledger seq", seq)
+	if err != nil {
+		return false, err
+	}
+	if len(rec) == 0 {
+		return false, fmt.Errorf("%w: ledger record %d is empty", ErrInvalid, seq)
+	}
+	n, err := l.db.exec(ctx, "INSERT INTO ledger (seq, rec) VALUES ($1, $2) ON CONFLICT DO NOTHING", s, rec)
+	if err != nil {
+		return false, l.db.wrap(err, "ledger append %d", seq)
+	}
+	return n == 1, nil
+}
+
+// ledgerPage is how many records Read fetches per query. Read holds no
+// query open while fn runs (fn may Append, and SQLite would otherwise keep
+// a read snapshot alive), and a page of 512 small records costs one round
+// trip instead of 512.
+const ledgerPage = 512
+
+type ledgerRow struct {
+	seq uint64
+	rec []byte
+}
+
+func scanLedgerRow(sc scanner) (ledgerRow, error) {
+	var r ledgerRow
+	var s int64
+	if err := sc.Scan(&s, &r.rec); err != nil {
+		return ledgerRow{}, err
+	}
+	r.seq = uint64(s)
+	return r, nil
+}
+
+// Read calls fn for every record from seq from on, in seq order. It stops
+// at fn's first error and returns it unwrapped, and stops when ctx ends.
+// Records appended while Read runs may or may not be seen.
+func (l *LedgerStore) Read(ctx context.Context, from uint64, fn func(seq uint64, rec []byte) error) error {
+	if from > math.MaxInt64 {
+		return nil
+	}
+	next := int64(from)
+	for {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("state: ledger read from %d: %w", next, err)
+		}
+		rows, err := queryAll(ctx, l.db, scanLedgerRow, "SELECT seq, rec FROM ledger WHERE seq >= $1 ORDER BY seq LIMIT $2", next, ledgerPage)
+		if err != nil {
+			return l.db.wrap(err, "ledger read from %d", next)
+		}
+		for _, r := range rows {
+			if err := fn(r.seq, r.rec); err != nil {
+				return err
+			}
+		}
+		if len(rows) < ledgerPage {
+			return nil
+		}
+		next = int64(rows[len(rows)-1].seq) + 1
+	}
+}
+
+// Last returns the highest seq and its record; 0 and nil when empty.
+func (l *LedgerStore) Last(ctx context.Context) (uint64, []byte, error) {
+	rows, err := queryAll(ctx, l.db, scanLedgerRow, "SELECT seq, rec FROM ledger ORDER BY seq DESC LIMIT 1")
+	if err != nil {
+		return 0, nil, l.db.wrap(err, "ledger last")
+	}
+	if len(rows) == 0 {
+		return 0, nil, nil
+	}
+	return rows[0].seq, rows[0].rec, nil
+}
