@@ -34,4 +34,20 @@ func TestPostgres(t *testing.T) {
 		}
 	})
 	runSuite(t, newDSN)
+
+	// A server whose default isolation is serializable makes a losing
+	// UPDATE fail with 40001 instead of seeing the winner's row: the
+	// store retries, so the losers still get ErrConsumed, and the ledger
+	// race still has one winner per seq.
+	serializable := func(t *testing.T) string {
+		dsn := newDSN(t)
+		name := dsn[strings.LastIndex(dsn, "/")+1 : strings.Index(dsn, "?")]
+		srv.Exec("postgres", "ALTER DATABASE "+name+" SET default_transaction_isolation = 'serializable'")
+		return dsn
+	}
+	t.Run("Serializable", func(t *testing.T) {
+		t.Run("ConsumeRace", func(t *testing.T) { testConsumeRace(t, serializable(t)) })
+		t.Run("LedgerAppendRace", func(t *testing.T) { testLedgerRace(t, serializable(t)) })
+		t.Run("PolicyRace", func(t *testing.T) { testPolicyRace(t, serializable(t)) })
+	})
 }

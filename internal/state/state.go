@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" database/sql driver
 	"modernc.org/sqlite"
 	sqlite3 "modernc.org/sqlite/lib"
@@ -226,25 +227,32 @@ func (db *DB) wrap(err error, format string, args ...any) error {
 	return fmt.Errorf("state: %s: %w", what, err)
 }
 
-// isBusy reports a SQLite lock timeout, after which the statement did not
-// run and is safe to retry.
-func isBusy(err error) bool {
+// retryable reports an error after which the statement or transaction did
+// not take effect and is safe to run again: a SQLite lock timeout, or a
+// PostgreSQL serialization failure or deadlock (possible when the server's
+// default isolation is above read committed).
+func retryable(err error) bool {
 	var se *sqlite.Error
 	if errors.As(err, &se) {
 		c := se.Code() & 0xff
 		return c == sqlite3.SQLITE_BUSY || c == sqlite3.SQLITE_LOCKED
 	}
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		return pe.Code == "40001" || pe.Code == "40P01"
+	}
 	return false
 }
 
-// retry runs fn again while SQLite reports the file busy, until ctx ends.
+// retry runs fn again while SQLite reports the file busy (or PostgreSQL a
+// serialization failure), until ctx ends.
 // The busy timeout already waits; this is the backstop for a writer that
 // holds the lock longer, so a busy error never escapes while ctx lives.
 func (db *DB) retry(ctx context.Context, fn func() error) error {
 	delay := 5 * time.Millisecond
 	for {
 		err := fn()
-		if err == nil || db.dialect != SQLite || !isBusy(err) {
+		if err == nil || !retryable(err) {
 			return err
 		}
 		t := time.NewTimer(delay)
@@ -259,7 +267,7 @@ func (db *DB) retry(ctx context.Context, fn func() error) error {
 }
 
 // tx runs fn in one transaction (BEGIN IMMEDIATE on SQLite), retried
-// whole while SQLite is busy.
+// whole while retryable fails it.
 func (db *DB) tx(ctx context.Context, fn func(tx *sql.Tx) error) error {
 	return db.retry(ctx, func() error {
 		tx, err := db.sql.BeginTx(ctx, nil)
