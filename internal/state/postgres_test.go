@@ -45,6 +45,7 @@ func TestPostgres(t *testing.T) {
 		srv.Exec("postgres", "ALTER DATABASE "+name+" SET default_transaction_isolation = 'serializable'")
 		return dsn
 	}
+	t.Run("Processes", func(t *testing.T) { runProcesses(t, newDSN(t)) })
 	t.Run("Serializable", func(t *testing.T) {
 		t.Run("ConsumeRace", func(t *testing.T) { testConsumeRace(t, serializable(t)) })
 		t.Run("LedgerAppendRace", func(t *testing.T) { testLedgerRace(t, serializable(t)) })
