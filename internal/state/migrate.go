@@ -102,7 +102,9 @@ const createSchemaVersion = `CREATE TABLE IF NOT EXISTS schema_version (
 func (db *DB) migrate(ctx context.Context) error {
 	for {
 		var done bool
+		var applied migration
 		err := db.tx(ctx, func(tx *sql.Tx) error {
+			done, applied = false, migration{}
 			if db.dialect == Postgres {
 				if _, err := tx.ExecContext(ctx, "SELECT pg_advisory_xact_lock($1)", int64(pgMigrationLock)); err != nil {
 					return err
@@ -131,7 +133,7 @@ func (db *DB) migrate(ctx context.Context) error {
 				m.version, m.name, db.now().UnixMicro()); err != nil {
 				return fmt.Errorf("migration %d: record version: %w", m.version, err)
 			}
-			db.log.Info("state migrated", "where", db.where, "version", m.version, "name", m.name)
+			applied = m
 			return nil
 		})
 		if err != nil {
@@ -140,6 +142,7 @@ func (db *DB) migrate(ctx context.Context) error {
 		if done {
 			return nil
 		}
+		db.log.Info("state migrated", "where", db.where, "version", applied.version, "name", applied.name)
 	}
 }
 
