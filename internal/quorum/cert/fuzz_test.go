@@ -51,6 +51,8 @@ func FuzzParsePolicy(f *testing.F) {
 	p := testPolicy()
 	p.Rules = append(p.Rules, Rule{"default", []string{"*", "breakglass:review"}, 4})
 	f.Add(p.Encode())
+	p.BreakGlass = []Grant{{"bob", []string{"dba"}}, {"eve", []string{"admin", "dba"}}}
+	f.Add(p.Encode())
 	f.Add([]byte(`{"version":1,"serial":1,"approvers":[],"rules":[]}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		p, err := ParsePolicy(data)

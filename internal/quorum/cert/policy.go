@@ -53,6 +53,31 @@ type Policy struct {
 	Serial    uint64
 	Approvers []Approver
 	Rules     []Rule
+	// BreakGlass lists who may start a break-glass session (acting without
+	// a quorum for a short, logged, always-reviewed time) and in which
+	// roles. Nil means nobody may. It is part of the policy, so widening it
+	// needs a policy:change under the current rules like everything else.
+	// Encoded only when non-empty: policies without it keep their bytes.
+	BreakGlass []Grant
+}
+
+// Grant lets Person start break-glass sessions in any of Roles.
+type Grant struct {
+	Person string
+	Roles  []string
+}
+
+// MaxGrants bounds the break-glass allow-list.
+const MaxGrants = 256
+
+// AllowsBreakGlass reports whether person may break glass in role.
+func (p *Policy) AllowsBreakGlass(person, role string) bool {
+	for _, g := range p.BreakGlass {
+		if g.Person == person && slices.Contains(g.Roles, role) {
+			return true
+		}
+	}
+	return false
 }
 
 const publicKeyPrefix = "ed25519:"
@@ -201,6 +226,32 @@ func (p *Policy) Validate() error {
 	if _, err := p.RuleFor(ActionPolicyChange); err != nil {
 		return fmt.Errorf("%w: no rule matches %q, so the policy could never change", ErrPolicy, ActionPolicyChange)
 	}
+	if len(p.BreakGlass) > MaxGrants {
+		return fmt.Errorf("%w: %d break-glass grants, at most %d", ErrPolicy, len(p.BreakGlass), MaxGrants)
+	}
+	people := map[string]bool{}
+	for _, g := range p.BreakGlass {
+		if err := ValidName(g.Person); err != nil {
+			return fmt.Errorf("%w: break-glass grant: %w", ErrPolicy, err)
+		}
+		if people[g.Person] {
+			return fmt.Errorf("%w: break-glass grant for %q listed twice", ErrPolicy, g.Person)
+		}
+		people[g.Person] = true
+		if len(g.Roles) == 0 || len(g.Roles) > MaxRuleActions {
+			return fmt.Errorf("%w: break-glass grant for %q: %d roles, want 1 to %d", ErrPolicy, g.Person, len(g.Roles), MaxRuleActions)
+		}
+		roles := map[string]bool{}
+		for _, r := range g.Roles {
+			if err := ValidName(r); err != nil {
+				return fmt.Errorf("%w: break-glass grant for %q: role: %w", ErrPolicy, g.Person, err)
+			}
+			if roles[r] {
+				return fmt.Errorf("%w: break-glass grant for %q: role %q listed twice", ErrPolicy, g.Person, r)
+			}
+			roles[r] = true
+		}
+	}
 	return nil
 }
 
@@ -241,11 +292,17 @@ type ruleWire struct {
 	Threshold int      `json:"threshold"`
 }
 
+type grantWire struct {
+	Person string   `json:"person"`
+	Roles  []string `json:"roles"`
+}
+
 type policyWire struct {
-	Version   int            `json:"version"`
-	Serial    uint64         `json:"serial"`
-	Approvers []approverWire `json:"approvers"`
-	Rules     []ruleWire     `json:"rules"`
+	Version    int            `json:"version"`
+	Serial     uint64         `json:"serial"`
+	Approvers  []approverWire `json:"approvers"`
+	Rules      []ruleWire     `json:"rules"`
+	BreakGlass []grantWire    `json:"breakglass,omitempty"` // absent when empty
 }
 
 // wire returns p's canonical wire form: approvers and rules sorted by name,
@@ -260,8 +317,14 @@ func (p *Policy) wire() *policyWire {
 		slices.Sort(acts)
 		w.Rules = append(w.Rules, ruleWire{r.Name, acts, r.Threshold})
 	}
+	for _, g := range p.BreakGlass {
+		roles := append([]string{}, g.Roles...)
+		slices.Sort(roles)
+		w.BreakGlass = append(w.BreakGlass, grantWire{g.Person, roles})
+	}
 	slices.SortStableFunc(w.Approvers, func(a, b approverWire) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortStableFunc(w.Rules, func(a, b ruleWire) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortStableFunc(w.BreakGlass, func(a, b grantWire) int { return strings.Compare(a.Person, b.Person) })
 	return w
 }
 
@@ -276,6 +339,9 @@ func (w *policyWire) policy() (*Policy, error) {
 	}
 	for _, r := range w.Rules {
 		p.Rules = append(p.Rules, Rule(r))
+	}
+	for _, g := range w.BreakGlass {
+		p.BreakGlass = append(p.BreakGlass, Grant(g))
 	}
 	return p, nil
 }
