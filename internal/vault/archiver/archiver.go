@@ -149,6 +149,7 @@ type archiver struct {
 
 type blobJob struct {
 	data []byte
+	page bool // a fixed-size database page: repo.SavePage
 	out  *repo.ID
 	done func(err error)
 }
@@ -171,7 +172,14 @@ func (a *archiver) startWorkers(ctx context.Context) {
 		go func() {
 			defer a.wg.Done()
 			for j := range a.jobs {
-				id, isNew, err := a.r.SaveBlob(ctx, pack.Data, j.data)
+				var id repo.ID
+				var isNew bool
+				var err error
+				if j.page {
+					id, isNew, err = a.r.SavePage(ctx, j.data)
+				} else {
+					id, isNew, err = a.r.SaveBlob(ctx, pack.Data, j.data)
+				}
 				if err == nil {
 					*j.out = id
 					if isNew {

@@ -243,7 +243,7 @@ func (a *archiver) chunkStream(ctx context.Context, rd io.Reader, pageSize int) 
 		out := new(repo.ID)
 		outs = append(outs, out)
 		wg.Add(1)
-		job := blobJob{data: chunk, out: out, done: func(err error) {
+		job := blobJob{data: chunk, page: pageSize > 0, out: out, done: func(err error) {
 			if err != nil {
 				errOnce.Do(func() { jobErr = err })
 			}

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"os/user"
+	"runtime"
 	"sync"
 	"time"
 
@@ -94,13 +95,14 @@ func (o *Options) ApplyDefaults() {
 
 // Repository is an open vault. It is safe for concurrent use.
 type Repository struct {
-	store Store
-	key   *crypto.Key
-	cfg   format.Config
-	opts  Options
-	idx   *Index
-	enc   *zstd.Encoder
-	dec   *zstd.Decoder
+	store   Store
+	key     *crypto.Key
+	cfg     format.Config
+	opts    Options
+	idx     *Index
+	enc     *zstd.Encoder
+	pageEnc *zstd.Encoder // SavePage's: no entropy coding of literals
+	dec     *zstd.Decoder
 
 	// IndexErrors lists index objects that could not be read at Open.
 	// Their packs are found again by verify and rebuild-index.
@@ -221,10 +223,18 @@ func unlock(ctx context.Context, store Store, password string) (*crypto.Key, err
 }
 
 func newRepository(store Store, key *crypto.Key, cfg format.Config, opts Options) (*Repository, error) {
-	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(opts.Level), zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true),
-		// No frame checksum: every blob is authenticated by AES-GCM and its
-		// keyed ID is checked after decompression; xxhash only costs time.
-		zstd.WithEncoderCRC(false))
+	// EncodeAll takes one of `concurrency` encoders and waits when none is
+	// free: with 1, every blob worker compressed in turn (a base backup of
+	// 8 KiB pages ran at 104% CPU on 2 cores).
+	// No frame checksum: every blob is authenticated by AES-GCM and its
+	// keyed ID is checked after decompression; xxhash only costs time.
+	encOpts := []zstd.EOption{zstd.WithEncoderLevel(opts.Level), zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)),
+		zstd.WithLowerEncoderMem(true), zstd.WithEncoderCRC(false)}
+	enc, err := zstd.NewWriter(nil, encOpts...)
+	if err != nil {
+		return nil, err
+	}
+	pageEnc, err := zstd.NewWriter(nil, append(encOpts, zstd.WithNoEntropyCompression(true))...)
 	if err != nil {
 		return nil, err
 	}
@@ -232,7 +242,7 @@ func newRepository(store Store, key *crypto.Key, cfg format.Config, opts Options
 	if err != nil {
 		return nil, err
 	}
-	r := &Repository{store: store, key: key, cfg: cfg, opts: opts, idx: newIndex(), enc: enc, dec: dec,
+	r := &Repository{store: store, key: key, cfg: cfg, opts: opts, idx: newIndex(), enc: enc, pageEnc: pageEnc, dec: dec,
 		packers: map[pack.BlobType]*pack.Writer{}, pending: map[ID]bool{}}
 	r.resetUploads()
 	return r, nil
@@ -263,6 +273,7 @@ func (r *Repository) AddKey(ctx context.Context, password string) error {
 // Close releases the compressor's memory.
 func (r *Repository) Close() error {
 	r.enc.Close()
+	r.pageEnc.Close()
 	r.dec.Close()
 	return nil
 }
