@@ -50,7 +50,8 @@ type app struct {
 	fingerprint  string
 	log          *slog.Logger
 
-	exitCode int // set by a command that succeeds with a non-zero code
+	exitCode int      // set by a command that succeeds with a non-zero code
+	args     []string // this invocation's arguments, for a command that starts itself again
 }
 
 func newApp(stdin io.Reader, stdout, stderr io.Writer, getenv func(string) string) *app {
@@ -114,6 +115,7 @@ DUALKEY_PASSWORD or a prompt.`,
 }
 
 func (a *app) run(ctx context.Context, args []string) int {
+	a.args = args
 	root := a.root()
 	root.SetArgs(args)
 	err := root.ExecuteContext(ctx)

@@ -5,9 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -233,9 +237,10 @@ func parseXID(s string) (uint32, error) {
 
 func (a *app) pgWalFetchCmd() *cobra.Command {
 	var (
-		spool    string
-		noSpool  bool
-		prefetch int
+		spool      string
+		noSpool    bool
+		prefetch   int
+		prefetcher bool
 	)
 	c := &cobra.Command{
 		Use:   "wal-fetch NAME DEST",
@@ -243,8 +248,11 @@ func (a *app) pgWalFetchCmd() *cobra.Command {
 		Long: `Write the WAL segment or timeline history file NAME to DEST atomically. This is
 the restore_command 'dualkey pg restore' writes. Exit code 1 when the vault has no
 such file, which PostgreSQL expects for files that do not exist. Following
-segments are fetched ahead into DEST's directory (pg_wal/dualkey-prefetch), so
-the vault is opened once per --prefetch segments, not once per segment.`,
+segments are fetched ahead into DEST's directory (pg_wal/dualkey-prefetch) by a
+process of its own that keeps --prefetch segments ahead of replay while
+PostgreSQL replays, so the vault is opened once, not once per segment, and
+replay does not wait for it. The prefetcher stops after a minute without
+requests.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
@@ -265,7 +273,14 @@ the vault is opened once per --prefetch segments, not once per segment.`,
 			if noSpool {
 				spool = ""
 			}
-			err := pgagent.FetchWAL(ctx, args[0], args[1], open, pgagent.FetchOptions{Spool: spool, Prefetch: prefetch, Log: a.log})
+			opts := pgagent.FetchOptions{Spool: spool, Prefetch: prefetch, Log: a.log}
+			if prefetcher {
+				return pgagent.RunPrefetcher(ctx, open, opts)
+			}
+			if spool != "" {
+				opts.Background = func() error { return a.startPrefetcher(spool) }
+			}
+			err := pgagent.FetchWAL(ctx, args[0], args[1], open, opts)
 			if errors.Is(err, pgagent.ErrWALNotFound) {
 				return codeError{exitError, fmt.Errorf("dualkey: %s: not in the vault", args[0])}
 			}
@@ -274,6 +289,30 @@ the vault is opened once per --prefetch segments, not once per segment.`,
 	}
 	c.Flags().StringVar(&spool, "spool", "", "directory for segments fetched ahead (default: DEST's dir/dualkey-prefetch inside pg_wal)")
 	c.Flags().BoolVar(&noSpool, "no-prefetch", false, "fetch only NAME")
-	c.Flags().IntVar(&prefetch, "prefetch", 0, "segments to fetch ahead (default 32)")
+	c.Flags().IntVar(&prefetch, "prefetch", 0, "segments to keep fetched ahead (default 16)")
+	c.Flags().BoolVar(&prefetcher, "prefetcher", false, "run as the background prefetcher for DEST's spool (started by wal-fetch itself)")
+	c.Flags().MarkHidden("prefetcher")
 	return c
+}
+
+// startPrefetcher runs this same wal-fetch command again with --prefetcher,
+// detached (its own session, no terminal, stdio to a log in the spool), so
+// it outlives the restore_command that started it.
+func (a *app) startPrefetcher(spool string) error {
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	logf, err := os.OpenFile(filepath.Join(spool, "prefetch.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	cmd := exec.Command(exe, append(slices.Clone(a.args), "--prefetcher")...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	return cmd.Process.Release()
 }

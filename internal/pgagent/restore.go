@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -27,7 +26,6 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/dualkey/dualkey/internal/pgwal"
-	"github.com/dualkey/dualkey/internal/vault/backend"
 	"github.com/dualkey/dualkey/internal/vault/repo"
 	"github.com/dualkey/dualkey/internal/vault/restorer"
 	"github.com/dualkey/dualkey/internal/vault/snapshot"
@@ -479,7 +477,7 @@ func prepareRecovery(target string, o *RestoreOptions, b *BaseBackupInfo, res *R
 	for _, l := range res.Settings {
 		buf.WriteString(l + "\n")
 	}
-	if err := writeFileSync(auto, buf.Bytes(), 0o600); err != nil {
+	if err := writeFileAtomic(auto, buf.Bytes(), 0o600, true); err != nil {
 		return err
 	}
 	if err := os.Chmod(target, 0o700); err != nil {
@@ -532,14 +530,19 @@ func emptyWALDir(dir string) error {
 	return nil
 }
 
-func writeFileSync(p string, data []byte, mode os.FileMode) error {
-	tmp := p + ".dualkey-tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_NOFOLLOW, mode)
+// writeFileAtomic writes p through a temporary file renamed into place,
+// fsynced first when sync is set.
+func writeFileAtomic(p string, data []byte, mode os.FileMode, sync bool) error {
+	f, err := os.CreateTemp(filepath.Dir(p), "."+filepath.Base(p)+".dualkey-tmp*")
 	if err != nil {
 		return fmt.Errorf("pgagent: %w", err)
 	}
-	_, err = f.Write(data)
+	tmp := f.Name()
+	err = f.Chmod(mode)
 	if err == nil {
+		_, err = f.Write(data)
+	}
+	if err == nil && sync {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
@@ -928,263 +931,6 @@ func sameContent(ctx context.Context, r *repo.Repository, abs string, n *snapsho
 		_ = os.Chtimes(abs, at, n.ModTime)
 	}
 	return true, nil
-}
-
-// ErrWALNotFound means the vault holds no WAL file of the requested name:
-// PostgreSQL asks for files that may not exist (the next timeline's
-// history, the segment after the last), and expects a quick refusal.
-var ErrWALNotFound = errors.New("pgagent: WAL file not in the vault")
-
-// FetchOptions tune FetchWAL.
-type FetchOptions struct {
-	// Spool is where following segments are fetched ahead; "" fetches only
-	// the file asked for. restore_command runs once per segment, and
-	// opening the vault costs a key derivation (~0.3 s): fetching ahead
-	// pays it once per Prefetch segments.
-	Spool string
-	// Prefetch is how many following segments are fetched into Spool on a
-	// miss. 32 segments (512 MiB of spool) make the key derivation ~1% of
-	// the fetch time.
-	Prefetch int
-	// SegmentSize is the cluster's WAL segment size; 0 means 16 MiB.
-	SegmentSize int
-	// Workers fetch and assemble segments in parallel; 0 means the cores.
-	Workers int
-	// NegativeTTL is how long the spool's record of what the vault holds
-	// answers "not there" without opening the vault. A minute covers the
-	// requests PostgreSQL makes at the end of recovery.
-	NegativeTTL time.Duration
-	Log         *slog.Logger
-}
-
-func (o *FetchOptions) applyDefaults() {
-	if o.Prefetch <= 0 {
-		o.Prefetch = 32
-	}
-	if o.SegmentSize == 0 {
-		o.SegmentSize = pgwal.DefaultSegmentSize
-	}
-	if o.Workers <= 0 {
-		o.Workers = runtime.NumCPU()
-	}
-	if o.NegativeTTL == 0 {
-		o.NegativeTTL = time.Minute
-	}
-	if o.Log == nil {
-		o.Log = slog.New(slog.DiscardHandler)
-	}
-}
-
-// DefaultSpool is the spool wal-fetch uses for a destination inside a
-// data directory's pg_wal: a subdirectory PostgreSQL ignores and base
-// backups leave out.
-func DefaultSpool(dest string) string {
-	dir := filepath.Dir(dest)
-	if filepath.Base(dir) != "pg_wal" {
-		return ""
-	}
-	return filepath.Join(dir, "dualkey-prefetch")
-}
-
-// FetchWAL writes the WAL segment or timeline history file name to dest,
-// atomically (a temporary file, fsync, rename). It serves from
-// opts.Spool when the file was fetched ahead, and calls open for the vault
-// only otherwise. A missing file gives ErrWALNotFound. The last segment the
-// vault holds is usually partial (the server was writing it): it is served
-// with what the vault holds and zeros after, which PostgreSQL reads as the
-// end of the WAL, as it does a pg_receivewal .partial file.
-func FetchWAL(ctx context.Context, name, dest string, open func(context.Context) (*repo.Repository, error), opts FetchOptions) error {
-	opts.applyDefaults()
-	isHist := false
-	var tli uint32
-	var segno uint64
-	if t, err := pgwal.ParseHistoryName(name); err == nil {
-		isHist, tli = true, t
-	} else if t, s, err := pgwal.ParseSegmentName(name, opts.SegmentSize); err == nil {
-		tli, segno = t, s
-	} else {
-		return fmt.Errorf("%w: %q is not a segment or history file name", ErrWALNotFound, name)
-	}
-	if opts.Spool != "" {
-		if ok, err := fromSpool(opts.Spool, name, dest); ok || err != nil {
-			if ok && !isHist {
-				cleanSpool(opts.Spool, tli, segno, opts.SegmentSize)
-			}
-			return err
-		}
-		if sum, ok := readSummary(opts.Spool, opts.NegativeTTL); ok && !sum.has(isHist, tli, segno, opts.SegmentSize) {
-			return fmt.Errorf("%w: %s", ErrWALNotFound, name)
-		}
-	}
-	r, err := open(ctx)
-	if err != nil {
-		return err
-	}
-	cat, err := pgwal.Load(ctx, r)
-	if err != nil {
-		return err
-	}
-	if opts.Spool != "" {
-		if err := os.MkdirAll(opts.Spool, 0o700); err == nil {
-			writeSummary(opts.Spool, cat, opts.SegmentSize)
-		}
-	}
-	if isHist {
-		data, err := cat.History(ctx, tli)
-		if errors.Is(err, backend.ErrNotExist) {
-			return fmt.Errorf("%w: %s", ErrWALNotFound, name)
-		}
-		if err != nil {
-			return err
-		}
-		return writeFileSync(dest, data, 0o600)
-	}
-	data, full, err := segment(ctx, r, cat, tli, segno, opts.SegmentSize)
-	if err != nil {
-		return err
-	}
-	if err := writeFileSync(dest, data, 0o600); err != nil {
-		return err
-	}
-	if opts.Spool != "" && full {
-		if err := prefetch(ctx, r, cat, tli, segno, &opts); err != nil {
-			opts.Log.Warn("prefetching WAL failed; fetching segment by segment", "err", err)
-		}
-	}
-	return nil
-}
-
-// segment returns segment segno of tli, whole (full) or, for the last one
-// the vault holds, its contiguous head padded with zeros.
-func segment(ctx context.Context, r *repo.Repository, cat *pgwal.Catalog, tli uint32, segno uint64, segSize int) ([]byte, bool, error) {
-	data, end, err := pgwal.SegmentHead(ctx, r, cat, tli, segno, segSize)
-	if errors.Is(err, pgwal.ErrIncomplete) {
-		return nil, false, fmt.Errorf("%w: %s", ErrWALNotFound, pgwal.SegmentName(tli, segno, segSize))
-	}
-	if err != nil {
-		return nil, false, err
-	}
-	return data, end == pgwal.SegmentStart(segno+1, segSize), nil
-}
-
-// prefetch fetches the whole segments after segno of tli into the spool.
-func prefetch(ctx context.Context, r *repo.Repository, cat *pgwal.Catalog, tli uint32, segno uint64, o *FetchOptions) error {
-	var todo []uint64
-	for s := segno + 1; s <= segno+uint64(o.Prefetch); s++ {
-		lo := pgwal.SegmentStart(s, o.SegmentSize)
-		if cat.Contiguous(tli, lo) < lo+pgwal.LSN(o.SegmentSize) {
-			break
-		}
-		if _, err := os.Stat(filepath.Join(o.Spool, pgwal.SegmentName(tli, s, o.SegmentSize))); err == nil {
-			continue
-		}
-		todo = append(todo, s)
-	}
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(o.Workers)
-	for _, s := range todo {
-		g.Go(func() error {
-			data, err := pgwal.Segment(gctx, r, cat, tli, s, o.SegmentSize)
-			if err != nil {
-				return err
-			}
-			return writeFileSync(filepath.Join(o.Spool, pgwal.SegmentName(tli, s, o.SegmentSize)), data, 0o600)
-		})
-	}
-	return g.Wait()
-}
-
-// fromSpool moves a prefetched file to dest.
-func fromSpool(spool, name, dest string) (bool, error) {
-	src := filepath.Join(spool, name)
-	if _, err := os.Stat(src); err != nil {
-		return false, nil
-	}
-	if err := os.Rename(src, dest); err != nil {
-		return false, nil // another file system, or gone: fetch it
-	}
-	if d, err := os.Open(filepath.Dir(dest)); err == nil {
-		d.Sync()
-		d.Close()
-	}
-	return true, nil
-}
-
-// cleanSpool removes spooled segments of tli before segno: recovery has
-// moved past them.
-func cleanSpool(spool string, tli uint32, segno uint64, segSize int) {
-	ents, err := os.ReadDir(spool)
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		t, s, err := pgwal.ParseSegmentName(e.Name(), segSize)
-		if err == nil && t == tli && s < segno {
-			os.Remove(filepath.Join(spool, e.Name()))
-		}
-	}
-}
-
-// summaryName is the spool's record of what the vault held when last
-// opened, so that requests for files it did not hold are refused without
-// opening it again.
-const summaryName = "vault-summary.json"
-
-type walSummary struct {
-	Time      time.Time              `json:"time"`
-	Histories []uint32               `json:"histories"`
-	Segments  map[uint32][][2]uint64 `json:"segments"` // per timeline: [first, last] segment ranges with WAL
-}
-
-func (s *walSummary) has(isHist bool, tli uint32, segno uint64, segSize int) bool {
-	if isHist {
-		return slicesContains(s.Histories, tli)
-	}
-	for _, rg := range s.Segments[tli] {
-		if rg[0] <= segno && segno <= rg[1] {
-			return true
-		}
-	}
-	// A segment of a timeline's first segment may come from its ancestor.
-	return false
-}
-
-func slicesContains(s []uint32, v uint32) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
-}
-
-func writeSummary(spool string, cat *pgwal.Catalog, segSize int) {
-	sum := walSummary{Time: time.Now(), Segments: map[uint32][][2]uint64{}}
-	for _, p := range cat.Pieces() {
-		if p.History {
-			sum.Histories = append(sum.Histories, p.Timeline)
-		}
-	}
-	for _, tli := range cat.Timelines() {
-		for _, rg := range cat.Runs(tli) {
-			sum.Segments[tli] = append(sum.Segments[tli], [2]uint64{pgwal.SegmentOf(rg.Start, segSize), pgwal.SegmentOf(rg.End-1, segSize)})
-		}
-	}
-	if b, err := json.Marshal(sum); err == nil {
-		_ = writeFileSync(filepath.Join(spool, summaryName), b, 0o600)
-	}
-}
-
-func readSummary(spool string, ttl time.Duration) (*walSummary, bool) {
-	b, err := os.ReadFile(filepath.Join(spool, summaryName))
-	if err != nil {
-		return nil, false
-	}
-	var s walSummary
-	if json.Unmarshal(b, &s) != nil || time.Since(s.Time) > ttl || time.Since(s.Time) < 0 {
-		return nil, false
-	}
-	return &s, true
 }
 
 // walBeyondGap describes WAL the vault holds past a gap that replay from b
