@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net/url"
 	"strings"
 	"sync"
@@ -363,6 +364,9 @@ func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''
 func (a *Agent) watchSlot(ctx context.Context) {
 	t := time.NewTicker(a.opts.CheckEvery)
 	defer t.Stop()
+	// Only WAL held back and not shrinking is worth a warning: an agent
+	// catching up after a start or an outage is draining the slot.
+	prev := int64(math.MaxInt64)
 	for {
 		select {
 		case <-ctx.Done():
@@ -382,7 +386,9 @@ func (a *Agent) watchSlot(ctx context.Context) {
 		st := a.Status()
 		from := max(*restart, int64(st.Durable))
 		retained := *current - from
-		if retained > a.opts.RetainWarn {
+		shrinking := retained < prev
+		prev = retained
+		if retained > a.opts.RetainWarn && !shrinking {
 			a.mu.Lock()
 			why := "the vault stores WAL more slowly than the server writes it"
 			if a.lastErr != nil {
