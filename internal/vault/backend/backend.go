@@ -28,10 +28,14 @@ const (
 	Lock     Type = "locks"     // a retention lock record, written only by the vault itself
 	Mark     Type = "marks"     // garbage-collection candidates found by a prune run
 	WAL      Type = "wal"       // a run of PostgreSQL WAL (or a timeline history file), see format.WALHeader
+	Policy   Type = "policies"  // an approver policy replacing the previous one, with its quorum certificate; vault-written
+	Change   Type = "changes"   // a repository setting changed under a quorum certificate; vault-written
+	Consumed Type = "consumed"  // a used quorum certificate, named by its request ID; vault-written
+	Ledger   Type = "ledger"    // one ledger mirror object, named by a keyed hash of its logical name
 )
 
 // Types lists every object type in a stable order.
-var Types = []Type{Config, Key, Pack, Index, Snapshot, Lock, Mark, WAL}
+var Types = []Type{Config, Key, Pack, Index, Snapshot, Lock, Mark, WAL, Policy, Change, Consumed, Ledger}
 
 // Valid reports whether t is one of the known object types.
 func (t Type) Valid() bool {

@@ -79,6 +79,14 @@ type Config struct {
 	// vault's clock from the moment the snapshot is committed. It can never
 	// be lowered.
 	MinRetention Duration `json:"min_retention"`
+	// QuorumPolicy, when set, is the canonical encoding of the approver
+	// policy (a quorum/cert Policy) fixed at init: the first link of the
+	// vault's policy chain (see PolicyRecord). With it, the vault performs
+	// guarded actions (shortening a lock, lowering MinRetention, forgetting a
+	// locked snapshot, removing a key, rotating approvers) on a valid quorum
+	// certificate; without it, never. The vault server parses it when the
+	// config is saved.
+	QuorumPolicy []byte `json:"quorum_policy,omitempty"`
 	// MAC binds the fields above to the master key (keyed BLAKE3 with the
 	// repository's MAC key over CanonicalBytes), so a client notices a swapped
 	// config. The server cannot check it and does not need to.
@@ -151,12 +159,19 @@ type LockRecord struct {
 	// Packs the snapshot needs, as declared by the client at commit and
 	// checked by the vault to exist then.
 	Packs []ID `json:"packs,omitempty"`
+	// Supersedes, in a record with reason "shorten", names the lock records
+	// (by object name) whose Until this record replaces. The vault honours it
+	// only while Certificate verifies; see docs/vault-format.md.
+	Supersedes []ID `json:"supersedes,omitempty"`
+	// Certificate is the quorum certificate that authorized a shortening.
+	Certificate []byte `json:"certificate,omitempty"`
 }
 
 // Lock reasons.
 const (
-	ReasonCommit = "commit"
-	ReasonExtend = "extend"
+	ReasonCommit  = "commit"
+	ReasonExtend  = "extend"
+	ReasonShorten = "shorten" // under a quorum certificate
 )
 
 // Live reports whether the record still protects at time now.

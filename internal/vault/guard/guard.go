@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/dualkey/dualkey/internal/quorum/cert"
 	"github.com/dualkey/dualkey/internal/vault/backend"
 	"github.com/dualkey/dualkey/internal/vault/format"
 )
@@ -121,17 +122,21 @@ type Store struct {
 	cfg     *format.Config
 	locks   map[string]format.LockRecord // lock object name → record
 	indexes map[string][]format.ID       // index object name → packs in its header
+	// verified remembers records whose certificate verified ("type/name" →
+	// request ID); see Store.verifiedAt.
+	verified map[string]cert.ID
 }
 
 // New returns a Store enforcing the vault rules on be.
 func New(be backend.Backend, opts Options) *Store {
 	opts.ApplyDefaults()
 	return &Store{
-		be:      be,
-		opts:    opts,
-		sem:     make(chan struct{}, 1),
-		locks:   make(map[string]format.LockRecord),
-		indexes: make(map[string][]format.ID),
+		be:       be,
+		opts:     opts,
+		sem:      make(chan struct{}, 1),
+		locks:    make(map[string]format.LockRecord),
+		indexes:  make(map[string][]format.ID),
+		verified: make(map[string]cert.ID),
 	}
 }
 
@@ -182,6 +187,16 @@ func (s *Store) config(ctx context.Context) (format.Config, error) {
 // maxLock is the furthest past now a client may ask a lock to reach.
 func (s *Store) maxLock(cfg format.Config) time.Duration {
 	return max(s.opts.MaxLock, time.Duration(cfg.MinRetention))
+}
+
+// liveLocks returns the lock records in force: all of them but those a
+// valid certified shortening superseded.
+func (s *Store) liveLocks(ctx context.Context) (map[string]format.LockRecord, error) {
+	all, err := s.allLocks(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return s.effectiveLocks(ctx, all)
 }
 
 // allLocks lists the lock objects and returns their records, loading only

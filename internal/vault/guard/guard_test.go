@@ -101,6 +101,12 @@ func newBackend(t testing.TB) backend.Backend {
 
 func newFixture(t testing.TB) *fixture {
 	t.Helper()
+	return newFixtureWith(t, configBytes(t, minRetention))
+}
+
+// newFixtureWith is newFixture with the given config object.
+func newFixtureWith(t testing.TB, cfg []byte) *fixture {
+	t.Helper()
 	ctx := context.Background()
 	dir := t.TempDir()
 	be, err := local.Create(ctx, dir)
@@ -110,7 +116,7 @@ func newFixture(t testing.TB) *fixture {
 	f := &fixture{dir: dir, be: be, clock: &fakeClock{now: t0}}
 	f.st = New(f.be, Options{Now: f.clock.Now})
 	f.admin, f.app, f.rd = f.st.Session(Admin), f.st.Session(Append), f.st.Session(Read)
-	f.cfg = configBytes(t, minRetention)
+	f.cfg = cfg
 	f.p1, f.p2, f.p3 = []byte("pack one"), []byte("pack two"), []byte("pack three")
 	f.idx, f.idx3 = index(f.p1, f.p2), index(f.p3)
 	f.snapDoc = []byte("encrypted snapshot")

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/dualkey/dualkey/internal/quorum/cert"
 	"github.com/dualkey/dualkey/internal/vault/backend"
 	"github.com/dualkey/dualkey/internal/vault/format"
 )
@@ -69,12 +70,12 @@ func (s *Session) Save(ctx context.Context, h backend.Handle, data []byte) error
 	switch h.Type {
 	case backend.Config, backend.Key, backend.Mark:
 		need = Admin
-	case backend.Pack, backend.Index, backend.WAL:
+	case backend.Pack, backend.Index, backend.WAL, backend.Ledger:
 		need = Append
 	case backend.Snapshot:
 		return fmt.Errorf("guard: save %v: snapshots are stored only by commit: %w", h, ErrForbidden)
-	case backend.Lock:
-		return fmt.Errorf("guard: save %v: only the vault writes lock records: %w", h, ErrForbidden)
+	case backend.Lock, backend.Policy, backend.Change, backend.Consumed:
+		return fmt.Errorf("guard: save %v: only the vault writes %s records, under a quorum certificate: %w", h, h.Type, ErrForbidden)
 	default:
 		panic("guard: unhandled type " + string(h.Type)) // Validate accepted it: a bug
 	}
@@ -87,6 +88,11 @@ func (s *Session) Save(ctx context.Context, h backend.Handle, data []byte) error
 		c, err := format.ParseConfig(data)
 		if err != nil {
 			return fmt.Errorf("guard: save config: %w: %w", ErrInvalid, err)
+		}
+		if len(c.QuorumPolicy) > 0 {
+			if _, err := cert.ParsePolicy(c.QuorumPolicy); err != nil {
+				return fmt.Errorf("guard: save config: quorum policy: %w: %w", ErrInvalid, err)
+			}
 		}
 		cfg = &c
 	case backend.Index:
@@ -101,8 +107,14 @@ func (s *Session) Save(ctx context.Context, h backend.Handle, data []byte) error
 		if len(body) < format.WALSealOverhead {
 			return fmt.Errorf("guard: save %v: sealed body of %d bytes is shorter than a seal: %w", h, len(body), ErrInvalid)
 		}
+	case backend.Ledger:
+		if _, err := format.ParseLedgerObject(data); err != nil {
+			return fmt.Errorf("guard: save %v: %w: %w", h, ErrInvalid, err)
+		}
 	}
-	if h.Type != backend.Config {
+	// A ledger object is named by a keyed hash of its logical name, which
+	// the vault cannot check; the backend still never replaces it.
+	if h.Type != backend.Config && h.Type != backend.Ledger {
 		if id := format.Hash(data); id.String() != h.Name {
 			return fmt.Errorf("guard: save %v: name is not the hash of the content (%s): %w", h, id, ErrInvalid)
 		}
@@ -196,7 +208,11 @@ func (s *Session) Commit(ctx context.Context, req format.CommitRequest) (format.
 	if err != nil {
 		return fail(err)
 	}
-	lockFor := max(time.Duration(req.LockFor), time.Duration(cfg.MinRetention))
+	minRet, err := s.st.minRetention(ctx)
+	if err != nil {
+		return fail(err)
+	}
+	lockFor := max(time.Duration(req.LockFor), minRet)
 	if limit := s.st.maxLock(cfg); lockFor > limit {
 		return fail(fmt.Errorf("lock_for %v exceeds the vault's limit %v: %w", lockFor, limit, ErrInvalid))
 	}
@@ -282,7 +298,7 @@ func (s *Session) ExtendLock(ctx context.Context, snapshot format.ID, until time
 	}
 	defer s.st.release()
 
-	all, err := s.st.allLocks(ctx)
+	all, err := s.st.liveLocks(ctx)
 	if err != nil {
 		return fail(err)
 	}
@@ -335,7 +351,7 @@ func (s *Session) Locks(ctx context.Context) ([]format.LockRecord, error) {
 	if err := s.need(Read, "list", "locks"); err != nil {
 		return nil, err
 	}
-	all, err := s.st.allLocks(ctx)
+	all, err := s.st.liveLocks(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -376,8 +392,13 @@ func (s *Session) Remove(ctx context.Context, h backend.Handle) error {
 	if err := s.need(Admin, "remove", h); err != nil {
 		return err
 	}
-	if h.Type == backend.Config {
+	switch h.Type {
+	case backend.Config:
 		return fmt.Errorf("guard: remove %v: the config is never removed: %w", h, ErrForbidden)
+	case backend.Policy, backend.Change, backend.Consumed:
+		return fmt.Errorf("guard: remove %v: %s records are never removed: %w", h, h.Type, ErrForbidden)
+	case backend.Ledger:
+		return fmt.Errorf("guard: remove %v: ledger objects are never removed: %w", h, ErrForbidden)
 	}
 	if err := s.st.acquire(ctx); err != nil {
 		return fmt.Errorf("guard: remove %v: %w", h, err)
@@ -408,18 +429,14 @@ func (s *Store) mayRemove(ctx context.Context, h backend.Handle) error {
 		return nil
 
 	case backend.Key:
-		// Stat first so removing a missing key reports ErrNotExist.
-		if _, err := s.be.Stat(ctx, h); err != nil {
+		cfg, err := s.config(ctx)
+		if err != nil {
 			return err
 		}
-		n := 0
-		if err := s.be.List(ctx, backend.Key, func(backend.Info) error { n++; return nil }); err != nil {
-			return fmt.Errorf("list keys: %w", err)
+		if len(cfg.QuorumPolicy) > 0 {
+			return fmt.Errorf("this vault holds an approver policy: removing a key needs a quorum certificate (vault:%s): %w", OpRemoveKey, ErrForbidden)
 		}
-		if n <= 1 {
-			return fmt.Errorf("it is the last key: %w", ErrForbidden)
-		}
-		return nil
+		return s.mayRemoveKey(ctx, h)
 
 	case backend.Lock:
 		r, err := s.loadLock(ctx, h.Name)
@@ -429,13 +446,20 @@ func (s *Store) mayRemove(ctx context.Context, h backend.Handle) error {
 		if r.Live(now) {
 			return fmt.Errorf("lock for snapshot %s is live until %s: %w", r.Snapshot, r.Until.Format(time.RFC3339), ErrLocked)
 		}
+		// A shortening stays while a record it supersedes exists, or that
+		// record's longer Until would come back into force.
+		for _, sup := range r.Supersedes {
+			if _, err := s.be.Stat(ctx, backend.Handle{Type: backend.Lock, Name: sup.String()}); err == nil {
+				return fmt.Errorf("it supersedes lock record %s, which still exists: %w", sup, ErrLocked)
+			}
+		}
 		return nil
 
 	case backend.WAL:
 		return s.mayRemoveWAL(ctx, h, now)
 	}
 
-	all, err := s.allLocks(ctx)
+	all, err := s.liveLocks(ctx)
 	if err != nil {
 		return err
 	}
@@ -537,7 +561,7 @@ func values(m map[string]format.LockRecord) []format.LockRecord {
 // will lock each piece with Object Lock instead. A time in the future (a
 // clock step, a touched file) keeps the piece: the rule fails closed.
 func (s *Store) mayRemoveWAL(ctx context.Context, h backend.Handle, now time.Time) error {
-	cfg, err := s.config(ctx)
+	minRet, err := s.minRetention(ctx)
 	if err != nil {
 		return err
 	}
@@ -546,10 +570,26 @@ func (s *Store) mayRemoveWAL(ctx context.Context, h backend.Handle, now time.Tim
 		return err
 	}
 	received := fi.ModTime.UTC()
-	until := received.Add(time.Duration(cfg.MinRetention))
+	until := received.Add(minRet)
 	if now.Before(until) {
 		return fmt.Errorf("WAL received %s is kept until %s (minimum retention %v): %w",
-			received.Format(time.RFC3339), until.Format(time.RFC3339), time.Duration(cfg.MinRetention), ErrLocked)
+			received.Format(time.RFC3339), until.Format(time.RFC3339), minRet, ErrLocked)
+	}
+	return nil
+}
+
+// mayRemoveKey allows removing an existing key that is not the last one.
+func (s *Store) mayRemoveKey(ctx context.Context, h backend.Handle) error {
+	// Stat first so removing a missing key reports ErrNotExist.
+	if _, err := s.be.Stat(ctx, h); err != nil {
+		return err
+	}
+	n := 0
+	if err := s.be.List(ctx, backend.Key, func(backend.Info) error { n++; return nil }); err != nil {
+		return fmt.Errorf("list keys: %w", err)
+	}
+	if n <= 1 {
+		return fmt.Errorf("it is the last key: %w", ErrForbidden)
 	}
 	return nil
 }
