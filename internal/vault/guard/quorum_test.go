@@ -399,7 +399,7 @@ func TestForgedPolicyRejected(t *testing.T) {
 
 	// A planted shortening record without a valid certificate shortens nothing.
 	fake := format.LockRecord{Snapshot: q.snap, Time: t0, Until: t0.Add(time.Second), Reason: format.ReasonShorten,
-		Supersedes: []format.ID{format.ID(mustID(t, q.lockName))},
+		Supersedes:  []format.ID{format.ID(mustID(t, q.lockName))},
 		Certificate: q.pp.cert(t, certReq{requester: "mallory", act: ShortenLockAction(q.snap, t0.Add(time.Second)), signers: []string{"alice"}})}
 	data, _ := json.Marshal(fake)
 	os.WriteFile(filepath.Join(q.dir, string(backend.Lock), format.Hash(data).String()), data, 0o600)

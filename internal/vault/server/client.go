@@ -491,3 +491,35 @@ func (c *Client) SnapshotLock(ctx context.Context, id format.ID) (until time.Tim
 	until, records = guard.LockUntil(rs, id)
 	return until, records, nil
 }
+
+// Quorum returns the vault's verified approver policy; see
+// [guard.Session.Quorum].
+func (c *Client) Quorum(ctx context.Context) (guard.QuorumState, error) {
+	var st guard.QuorumState
+	if err := c.getJSON(ctx, "/v1/quorum", &st); err != nil {
+		return guard.QuorumState{}, err
+	}
+	return st, nil
+}
+
+// Certified asks the server to perform act under certificate, which the
+// server verifies itself; see [guard.Session.Certified]. It is not retried:
+// a certificate is used once, so a repeat after a lost answer would be
+// refused as consumed.
+func (c *Client) Certified(ctx context.Context, act guard.Action, certificate []byte) (guard.Outcome, error) {
+	b, err := json.Marshal(certifiedRequest{Action: act, Certificate: certificate})
+	if err != nil {
+		return guard.Outcome{}, fmt.Errorf("server: POST /v1/certified: %w", err)
+	}
+	resp, err := c.do(ctx, request{method: http.MethodPost, path: "/v1/certified", body: b,
+		header: http.Header{"Content-Type": {"application/json"}}})
+	if err != nil {
+		return guard.Outcome{}, err
+	}
+	defer resp.Body.Close()
+	var out guard.Outcome
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(&out); err != nil {
+		return guard.Outcome{}, fmt.Errorf("server: POST /v1/certified: decode: %w", err)
+	}
+	return out, nil
+}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/dualkey/dualkey/internal/vault/backend"
 	"github.com/dualkey/dualkey/internal/vault/format"
+	"github.com/dualkey/dualkey/internal/vault/guard"
 )
 
 // routeKind is what a request path names.
@@ -23,7 +24,9 @@ const (
 	routeList   // /v1/objects/{type}/
 	routeCommit
 	routeLocks
-	routeExtend // /v1/locks/{snapshot}/extend
+	routeExtend    // /v1/locks/{snapshot}/extend
+	routeQuorum    // /v1/quorum: the verified approver policy
+	routeCertified // /v1/certified: a guarded action under a quorum certificate
 )
 
 // route is a parsed request path.
@@ -66,6 +69,10 @@ func parsePath(p string) (route, error) {
 		return route{kind: routeCommit}, nil
 	case "locks":
 		return route{kind: routeLocks}, nil
+	case "quorum":
+		return route{kind: routeQuorum}, nil
+	case "certified":
+		return route{kind: routeCertified}, nil
 	}
 	parts := strings.Split(rest, "/")
 	switch {
@@ -149,6 +156,24 @@ func decodeJSON(r io.Reader, v any) error {
 		return errors.New("trailing data after JSON value")
 	}
 	return nil
+}
+
+// certifiedRequest is the body of POST /v1/certified.
+type certifiedRequest struct {
+	Action      guard.Action `json:"action"`
+	Certificate []byte       `json:"certificate"`
+}
+
+// decodeCertified decodes a certified-action request.
+func decodeCertified(data []byte) (certifiedRequest, error) {
+	var req certifiedRequest
+	if err := decodeJSON(bytes.NewReader(data), &req); err != nil {
+		return certifiedRequest{}, fmt.Errorf("certified request: %w", err)
+	}
+	if req.Action.Op == "" || len(req.Certificate) == 0 {
+		return certifiedRequest{}, errors.New("certified request: no op or no certificate")
+	}
+	return req, nil
 }
 
 // decodeCommit decodes a commit request with at most maxPacks packs.

@@ -351,6 +351,39 @@ func (s *Server) serveHTTP(rw http.ResponseWriter, r *http.Request) {
 		}
 		s.log.Info("lock extended", "snapshot", rt.snap.String(), "until", rec.Until, "token", tok.ID)
 		s.json(w, http.StatusOK, extendResponse{Lock: rec})
+	case routeQuorum:
+		if s.method(w, r, http.MethodGet) {
+			st, err := sess.Quorum(ctx)
+			if err != nil {
+				s.fail(w, r, err)
+				return
+			}
+			s.json(w, http.StatusOK, st)
+		}
+	case routeCertified:
+		if !s.method(w, r, http.MethodPost) {
+			return
+		}
+		data, err := s.readBody(w, r, 2*format.MaxCertificate)
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		req, err := decodeCertified(data)
+		if err != nil {
+			s.fail(w, r, fmt.Errorf("%w: %w", err, guard.ErrInvalid))
+			return
+		}
+		// The vault checks the certificate itself: the client's word decides
+		// nothing here.
+		out, err := sess.Certified(ctx, req.Action, req.Certificate)
+		if err != nil {
+			s.log.Warn("guarded action refused", "op", req.Action.Op, "token", tok.ID, "err", err)
+			s.fail(w, r, err)
+			return
+		}
+		s.log.Info("guarded action done", "op", out.Op, "request", out.Request, "token", tok.ID)
+		s.json(w, http.StatusOK, out)
 	default:
 		panic("server: unhandled route") // parsePath returned a kind we forgot
 	}

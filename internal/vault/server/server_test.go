@@ -88,6 +88,13 @@ type env struct {
 
 func newEnv(t *testing.T, opts Options) *env {
 	t.Helper()
+	cfg, _ := json.Marshal(format.Config{Version: 1, ID: strings.Repeat("cd", 32), Created: t0, MinRetention: format.Duration(24 * time.Hour)})
+	return newEnvConfig(t, opts, cfg)
+}
+
+// newEnvConfig is newEnv with the given config object.
+func newEnvConfig(t *testing.T, opts Options, cfg []byte) *env {
+	t.Helper()
 	ctx := context.Background()
 	be, err := local.Create(ctx, t.TempDir())
 	if err != nil {
@@ -125,7 +132,7 @@ func newEnv(t *testing.T, opts Options) *env {
 	}
 	e.admin, e.app, e.rd = e.client(t, e.secret[guard.Admin]), e.client(t, e.secret[guard.Append]), e.client(t, e.secret[guard.Read])
 
-	e.cfgBytes, _ = json.Marshal(format.Config{Version: 1, ID: strings.Repeat("cd", 32), Created: t0, MinRetention: format.Duration(24 * time.Hour)})
+	e.cfgBytes = cfg
 	if err := e.admin.Save(ctx, backend.Handle{Type: backend.Config, Name: backend.ConfigName}, e.cfgBytes); err != nil {
 		t.Fatal(err)
 	}
