@@ -171,13 +171,11 @@ func testWAL(start pgwal.LSN, n int) []byte {
 	return b
 }
 
-func TestFetchWAL(t *testing.T) {
-	ctx := context.Background()
-	env := repotest.New(t, 0)
-	const seg = pgwal.DefaultSegmentSize
-	// Timeline 1 from segment 1 to the middle of segment 4, in 3 MiB pieces.
-	w := pgwal.NewWriter(env.Repo, pgwal.WriterOptions{MaxPiece: 3 << 20})
-	start, end := pgwal.LSN(seg), pgwal.LSN(4*seg+seg/2+100)
+// storeTestWAL stores testWAL from start to end on timeline 1, in 3 MiB
+// pieces, and returns the writer.
+func storeTestWAL(t *testing.T, r *repo.Repository, start, end pgwal.LSN) *pgwal.Writer {
+	t.Helper()
+	w := pgwal.NewWriter(r, pgwal.WriterOptions{MaxPiece: 3 << 20})
 	for pos := start; pos < end; {
 		n := min(1<<20, int(end-pos))
 		if err := w.Write(1, pos, testWAL(pos, n)); err != nil {
@@ -185,9 +183,18 @@ func TestFetchWAL(t *testing.T) {
 		}
 		pos += pgwal.LSN(n)
 	}
-	if _, err := w.Flush(ctx); err != nil {
+	if _, err := w.Flush(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+	return w
+}
+
+func TestFetchWAL(t *testing.T) {
+	ctx := context.Background()
+	env := repotest.New(t, 0)
+	const seg = pgwal.DefaultSegmentSize
+	// Timeline 1 from segment 1 to the middle of segment 4.
+	w := storeTestWAL(t, env.Repo, pgwal.LSN(seg), pgwal.LSN(4*seg+seg/2+100))
 
 	dir := t.TempDir()
 	spool := filepath.Join(dir, "pg_wal", "dualkey-prefetch")
@@ -273,18 +280,7 @@ func TestFetchWALBackground(t *testing.T) {
 	ctx := context.Background()
 	env := repotest.New(t, 0)
 	const seg = pgwal.DefaultSegmentSize
-	w := pgwal.NewWriter(env.Repo, pgwal.WriterOptions{MaxPiece: 3 << 20})
-	start, end := pgwal.LSN(seg), pgwal.LSN(6*seg+seg/2)
-	for pos := start; pos < end; {
-		n := min(1<<20, int(end-pos))
-		if err := w.Write(1, pos, testWAL(pos, n)); err != nil {
-			t.Fatal(err)
-		}
-		pos += pgwal.LSN(n)
-	}
-	if _, err := w.Flush(ctx); err != nil {
-		t.Fatal(err)
-	}
+	storeTestWAL(t, env.Repo, pgwal.LSN(seg), pgwal.LSN(6*seg+seg/2))
 	dir := filepath.Join(t.TempDir(), "pg_wal")
 	os.MkdirAll(dir, 0o700)
 	dest := filepath.Join(dir, "RECOVERYXLOG")

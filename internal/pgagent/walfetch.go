@@ -158,16 +158,9 @@ func FetchWAL(ctx context.Context, name, dest string, open func(context.Context)
 			return fmt.Errorf("%w: %s", ErrWALNotFound, name)
 		}
 	}
-	r, err := open(ctx)
+	r, cat, err := openCatalog(ctx, open, opts.Spool, opts.SegmentSize)
 	if err != nil {
 		return err
-	}
-	cat, err := pgwal.Load(ctx, r)
-	if err != nil {
-		return err
-	}
-	if opts.Spool != "" {
-		writeSummary(opts.Spool, cat, opts.SegmentSize)
 	}
 	if isHist {
 		data, err := cat.History(ctx, tli)
@@ -226,15 +219,10 @@ func RunPrefetcher(ctx context.Context, open func(context.Context) (*repo.Reposi
 	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		return nil // another prefetcher fills this spool
 	}
-	r, err := open(ctx)
+	r, cat, err := openCatalog(ctx, open, opts.Spool, opts.SegmentSize)
 	if err != nil {
 		return err
 	}
-	cat, err := pgwal.Load(ctx, r)
-	if err != nil {
-		return err
-	}
-	writeSummary(opts.Spool, cat, opts.SegmentSize)
 	var lastWant want
 	lastAsked := time.Now()
 	for {
@@ -269,6 +257,23 @@ func RunPrefetcher(ctx context.Context, open func(context.Context) (*repo.Reposi
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+}
+
+// openCatalog opens the vault and its WAL catalog, and records in the
+// spool (if any) what it holds.
+func openCatalog(ctx context.Context, open func(context.Context) (*repo.Repository, error), spool string, segSize int) (*repo.Repository, *pgwal.Catalog, error) {
+	r, err := open(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	cat, err := pgwal.Load(ctx, r)
+	if err != nil {
+		return nil, nil, err
+	}
+	if spool != "" {
+		writeSummary(spool, cat, segSize)
+	}
+	return r, cat, nil
 }
 
 // segment returns segment segno of tli, whole (full) or, for the last one
