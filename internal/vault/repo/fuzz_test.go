@@ -21,3 +21,19 @@ func FuzzDecodeIndexBody(f *testing.F) {
 		}
 	})
 }
+
+func FuzzDecodeLedgerPayload(f *testing.F) {
+	f.Add(encodeLedgerPayload("ledger/00000000000000000001-00000000000000000065", []byte("span")))
+	f.Add(encodeLedgerPayload("x", nil))
+	f.Add([]byte{0, 0, 0, 0})
+	f.Add([]byte{0xff, 0xff, 0xff, 0xff, 'a'})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		name, body, err := decodeLedgerPayload(data)
+		if err != nil {
+			return
+		}
+		if again := encodeLedgerPayload(name, body); !bytes.Equal(again, data) {
+			t.Fatal("ledger payload does not round-trip")
+		}
+	})
+}

@@ -119,6 +119,10 @@ type Repository struct {
 // InitOptions are the parameters fixed at init.
 type InitOptions struct {
 	MinRetention time.Duration
+	// QuorumPolicy, if set, is the canonical approver policy (quorum/cert)
+	// stored write-once in the config: guarded actions then need a quorum
+	// certificate under it, and without it they are never allowed.
+	QuorumPolicy []byte
 }
 
 func whoami() (string, string) {
@@ -143,7 +147,7 @@ func Init(ctx context.Context, store Store, password string, io InitOptions, opt
 		return nil, err
 	}
 	cfg := format.Config{Version: format.Version, ID: hex.EncodeToString(rid[:]),
-		Created: time.Now().UTC().Truncate(time.Second), MinRetention: format.Duration(io.MinRetention)}
+		Created: time.Now().UTC().Truncate(time.Second), MinRetention: format.Duration(io.MinRetention), QuorumPolicy: io.QuorumPolicy}
 	cfg.MAC = hex.EncodeToString(key.MACBytes(cfg.CanonicalBytes()))
 	if err := addKey(ctx, store, key, password, opts.KDF); err != nil {
 		return nil, err
