@@ -50,6 +50,8 @@ type app struct {
 	fingerprint  string
 	log          *slog.Logger
 
+	q quorumOpts // --state, --webhook (quorum_env.go)
+
 	exitCode int      // set by a command that succeeds with a non-zero code
 	args     []string // this invocation's arguments, for a command that starts itself again
 }
@@ -107,10 +109,12 @@ DUALKEY_PASSWORD or a prompt.`,
 	pf.BoolVar(&a.jsonOut, "json", false, "print machine-readable JSON")
 	pf.BoolVarP(&a.quiet, "quiet", "q", false, "print only errors and results")
 	pf.CountVarP(&a.verbose, "verbose", "v", "log more (repeat for debug)")
+	a.addQuorumFlags(pf)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 
 	root.AddCommand(a.vaultCmd(), a.backupCmd(), a.snapshotsCmd(), a.lsCmd(), a.restoreCmd(), a.dumpCmd(),
 		a.verifyCmd(), a.forgetCmd(), a.pruneCmd(), a.keyCmd(), a.rebuildIndexCmd(), a.lockCmd(), a.pgCmd(), a.versionCmd())
+	root.AddCommand(a.usersCmd(), a.keysCmd(), a.quorumCmd(), a.approvalsCmd(), a.breakglassCmd(), a.auditCmd())
 	return root
 }
 
