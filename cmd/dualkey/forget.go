@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/dualkey/dualkey/internal/vault/format"
+	"github.com/dualkey/dualkey/internal/vault/guard"
 	"github.com/dualkey/dualkey/internal/vault/repo"
 	"github.com/dualkey/dualkey/internal/vault/retention"
 )
@@ -17,6 +18,7 @@ func (a *app) forgetCmd() *cobra.Command {
 		dryRun bool
 		prune  bool
 		grace  time.Duration
+		certF  string
 	)
 	c := &cobra.Command{
 		Use:   "forget [SNAPSHOT...] | --keep-within D ...",
@@ -25,7 +27,11 @@ func (a *app) forgetCmd() *cobra.Command {
 Policies count time on the vault's clock, never numbers of snapshots, so a
 flood of junk snapshots cannot push real ones out: there is no --keep-last.
 A snapshot under a retention lock is always kept; the vault refuses it anyway.
-Forgetting frees no space until 'dualkey prune' (or --prune).`,
+Forgetting frees no space until 'dualkey prune' (or --prune).
+
+With --certificate FILE (a quorum certificate for vault:snapshot.forget), one
+SNAPSHOT is forgotten even under its lock, after the vault verified the
+certificate itself; its packs stay locked until the lock records expire.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			if len(args) > 0 && !p.Empty() {
@@ -39,6 +45,16 @@ Forgetting frees no space until 'dualkey prune' (or --prune).`,
 				return err
 			}
 			defer r.Close()
+			if certF != "" {
+				if len(args) != 1 {
+					return usagef("--certificate forgets exactly one snapshot")
+				}
+				si, err := r.FindSnapshot(ctx, args[0])
+				if err != nil {
+					return err
+				}
+				return a.runCertified(ctx, r, guard.ForgetAction(si.ID), certF)
+			}
 			var ids []format.ID
 			if len(args) > 0 {
 				for _, ref := range args {
@@ -111,6 +127,7 @@ Forgetting frees no space until 'dualkey prune' (or --prune).`,
 	f.StringVar(&p.Host, "host", "", "apply the policy only to snapshots of this host")
 	f.BoolVarP(&dryRun, "dry-run", "n", false, "show what would be removed")
 	f.BoolVar(&prune, "prune", false, "run prune afterwards")
+	f.StringVar(&certF, "certificate", "", "forget one locked snapshot under this quorum certificate (JSON)")
 	f.DurationVar(&grace, "grace", retention.DefaultGrace, "with --prune: the grace period (see prune)")
 	return c
 }

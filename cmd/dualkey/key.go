@@ -13,6 +13,7 @@ import (
 	"github.com/dualkey/dualkey/internal/vault/backend"
 	"github.com/dualkey/dualkey/internal/vault/crypto"
 	"github.com/dualkey/dualkey/internal/vault/format"
+	"github.com/dualkey/dualkey/internal/vault/guard"
 )
 
 func (a *app) keyCmd() *cobra.Command {
@@ -85,11 +86,19 @@ func (a *app) keyCmd() *cobra.Command {
 			return tw.Flush()
 		}),
 	}
+	var certFile string
 	remove := &cobra.Command{
-		Use:   "remove ID",
-		Short: "Remove a key object (never the last one)",
+		Use:   "remove ID [--certificate FILE]",
+		Short: "Remove a key object (never the last one; under a quorum certificate if the vault has approvers)",
 		Args:  cobra.ExactArgs(1),
 		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, args []string) error {
+			if certFile != "" {
+				k, err := findKey(ctx, r, args[0])
+				if err != nil {
+					return err
+				}
+				return a.runCertified(ctx, r, guard.RemoveKeyAction(k), certFile)
+			}
 			var match []string
 			err := r.Store().List(ctx, backend.Key, func(fi backend.Info) error {
 				if len(args[0]) >= 4 && fi.Name[:min(len(fi.Name), len(args[0]))] == args[0] {
@@ -113,6 +122,7 @@ func (a *app) keyCmd() *cobra.Command {
 			return nil
 		}),
 	}
+	remove.Flags().StringVar(&certFile, "certificate", "", "quorum certificate (JSON) for vault:key.remove")
 	c.AddCommand(add, list, remove)
 	return c
 }

@@ -6,6 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/dualkey/dualkey/internal/vault/guard"
 	"github.com/dualkey/dualkey/internal/vault/repo"
 )
 
@@ -14,6 +15,7 @@ func (a *app) lockCmd() *cobra.Command {
 		until    time.Time
 		untilStr string
 		forDur   time.Duration
+		certFile string
 	)
 	c := &cobra.Command{
 		Use:   "lock SNAPSHOT (--until TIME | --for DURATION)",
@@ -42,6 +44,9 @@ admin token, can shorten a lock or remove a live one. An append token may extend
 			if err != nil {
 				return err
 			}
+			if certFile != "" {
+				return a.runCertified(ctx, r, guard.ShortenLockAction(si.ID, until), certFile)
+			}
 			rec, err := r.Store().ExtendLock(ctx, si.ID, until)
 			if err != nil {
 				return err
@@ -55,5 +60,6 @@ admin token, can shorten a lock or remove a live one. An append token may extend
 	}
 	c.Flags().StringVar(&untilStr, "until", "", "lock until this time (RFC 3339)")
 	c.Flags().DurationVar(&forDur, "for", 0, "lock for this long from now")
+	c.Flags().StringVar(&certFile, "certificate", "", "shorten under this quorum certificate (JSON)")
 	return c
 }

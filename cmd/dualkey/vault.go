@@ -11,21 +11,37 @@ import (
 func (a *app) vaultCmd() *cobra.Command {
 	c := &cobra.Command{Use: "vault", Short: "Create and serve vaults"}
 	c.AddCommand(a.vaultInitCmd(), a.vaultServeCmd(), a.vaultTokenCmd())
+	c.AddCommand(a.vaultQuorumCmds()...)
 	return c
 }
 
 func (a *app) vaultInitCmd() *cobra.Command {
-	var minRet time.Duration
+	var (
+		minRet     time.Duration
+		policyFile string
+		approvers  []string
+		threshold  int
+	)
 	c := &cobra.Command{
 		Use:   "init",
 		Short: "Create a new repository",
 		Long: `Create a new repository at --repo with a new master key wrapped by the password.
 
 --min-retention is the shortest retention lock any snapshot gets, counted on the
-vault's clock from its commit. It is fixed at init and can never be lowered.`,
+vault's clock from its commit. Without an approver policy it can never be lowered.
+
+--quorum-policy FILE (a quorum policy document) or --approver NAME=ed25519:KEY
+... --threshold M stores the approver policy write-once in the config. Then
+shortening a lock, lowering the minimum retention, forgetting a locked
+snapshot, removing a key and rotating approvers succeed only with a quorum
+certificate the vault verifies itself; without a policy, never.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
+			pol, err := initPolicy(policyFile, approvers, threshold)
+			if err != nil {
+				return err
+			}
 			st, err := a.openStore(ctx, true)
 			if err != nil {
 				return err
@@ -34,7 +50,7 @@ vault's clock from its commit. It is fixed at init and can never be lowered.`,
 			if err != nil {
 				return err
 			}
-			r, err := repo.Init(ctx, st, pw, repo.InitOptions{MinRetention: minRet}, repo.Options{Log: a.log})
+			r, err := repo.Init(ctx, st, pw, repo.InitOptions{MinRetention: minRet, QuorumPolicy: pol}, repo.Options{Log: a.log})
 			if err != nil {
 				return err
 			}
@@ -49,6 +65,9 @@ vault's clock from its commit. It is fixed at init and can never be lowered.`,
 			return nil
 		},
 	}
-	c.Flags().DurationVar(&minRet, "min-retention", 30*24*time.Hour, "shortest retention lock of every snapshot (never lowered)")
+	c.Flags().DurationVar(&minRet, "min-retention", 30*24*time.Hour, "shortest retention lock of every snapshot (lowered only by quorum)")
+	c.Flags().StringVar(&policyFile, "quorum-policy", "", "approver policy (JSON) the vault enforces for guarded actions")
+	c.Flags().StringArrayVar(&approvers, "approver", nil, "an approver NAME=ed25519:KEY (repeat), with --threshold")
+	c.Flags().IntVar(&threshold, "threshold", 0, "with --approver: approvals needed for each guarded action")
 	return c
 }
