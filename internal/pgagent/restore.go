@@ -239,7 +239,10 @@ func Restore(ctx context.Context, r *repo.Repository, opts RestoreOptions) (*Res
 		return res, nil
 	}
 	start = time.Now()
-	if err := startServer(ctx, target, &opts, res); err != nil {
+	stopPrefetch := prefetchForServer(ctx, r, target, b, &opts)
+	err = startServer(ctx, target, &opts, res)
+	stopPrefetch()
+	if err != nil {
 		return res, err
 	}
 	res.ReplayTook = time.Since(start)
@@ -247,6 +250,42 @@ func Restore(ctx context.Context, r *repo.Repository, opts RestoreOptions) (*Res
 	_ = os.RemoveAll(DefaultSpool(filepath.Join(target, "pg_wal", "RECOVERYXLOG")))
 	opts.Log.Info("restored server recovered", "port", opts.Port, "took", res.ReplayTook)
 	return res, nil
+}
+
+// prefetchForServer fetches WAL ahead into the spool of the server about
+// to start, from the vault this process already holds open, beginning with
+// the segment the backup starts in: the server's first requests find their
+// segments there, and no restore_command pays for opening the vault. It
+// returns a function that stops it. A custom restore_command may not read
+// the spool: then it does nothing.
+func prefetchForServer(ctx context.Context, r *repo.Repository, target string, b *BaseBackupInfo, o *RestoreOptions) func() {
+	if o.WalFetchCommand != "" {
+		return func() {}
+	}
+	fo := FetchOptions{Spool: DefaultSpool(filepath.Join(target, "pg_wal", "RECOVERYXLOG")), Log: o.Log}
+	if uid, gid, ok, err := pgUser(); err != nil {
+		return func() {}
+	} else if ok {
+		fo.owner = &[2]int{uid, gid}
+	}
+	if err := os.MkdirAll(fo.Spool, 0o700); err != nil {
+		return func() {}
+	}
+	fo.own(fo.Spool)
+	checkBoot(fo.Spool)
+	fo.own(filepath.Join(fo.Spool, bootName))
+	writeWant(fo.Spool, b.Meta.Timeline, pgwal.SegmentOf(b.Meta.StartLSN, pgwal.DefaultSegmentSize), false)
+	fo.own(filepath.Join(fo.Spool, wantName))
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		err := RunPrefetcher(ctx, func(context.Context) (*repo.Repository, error) { return r, nil }, fo)
+		if err != nil && ctx.Err() == nil {
+			o.Log.Warn("fetching WAL ahead for the restored server failed; restore_command fetches it", "err", err)
+		}
+	}()
+	return func() { cancel(); <-done }
 }
 
 func checkEmpty(dir string) error {

@@ -58,6 +58,17 @@ type FetchOptions struct {
 	// requests PostgreSQL makes at the end of recovery.
 	NegativeTTL time.Duration
 	Log         *slog.Logger
+
+	// owner, when set, is given every file the prefetcher writes: a
+	// restore running as root fetches ahead for a server run as PGOSUser.
+	owner *[2]int
+}
+
+// own hands p to o.owner, if set.
+func (o *FetchOptions) own(p string) {
+	if o.owner != nil {
+		_ = os.Lchown(p, o.owner[0], o.owner[1])
+	}
 }
 
 func (o *FetchOptions) applyDefaults() {
@@ -211,10 +222,12 @@ func RunPrefetcher(ctx context.Context, open func(context.Context) (*repo.Reposi
 	if err := os.MkdirAll(opts.Spool, 0o700); err != nil {
 		return fmt.Errorf("pgagent: spool: %w", err)
 	}
+	opts.own(opts.Spool)
 	lock, err := os.OpenFile(filepath.Join(opts.Spool, lockName), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return fmt.Errorf("pgagent: spool lock: %w", err)
 	}
+	opts.own(lock.Name())
 	defer lock.Close()
 	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		return nil // another prefetcher fills this spool
@@ -223,6 +236,7 @@ func RunPrefetcher(ctx context.Context, open func(context.Context) (*repo.Reposi
 	if err != nil {
 		return err
 	}
+	opts.own(filepath.Join(opts.Spool, summaryName))
 	var lastWant want
 	lastAsked := time.Now()
 	for {
@@ -311,7 +325,17 @@ func fillSpool(ctx context.Context, r *repo.Repository, cat *pgwal.Catalog, tli 
 			if err != nil {
 				return err
 			}
-			return writeFileAtomic(filepath.Join(o.Spool, pgwal.SegmentName(tli, s, o.SegmentSize)), data, 0o600, false)
+			p := filepath.Join(o.Spool, pgwal.SegmentName(tli, s, o.SegmentSize))
+			if o.owner == nil {
+				return writeFileAtomic(p, data, 0o600, false)
+			}
+			// Owned before it gets its name: a request may take it at once.
+			tmp := p + ".owned"
+			if err := writeFileAtomic(tmp, data, 0o600, false); err != nil {
+				return err
+			}
+			o.own(tmp)
+			return os.Rename(tmp, p)
 		})
 	}
 	return len(todo), g.Wait()
