@@ -1,8 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
+	"io"
+	"os"
 	"sort"
 	"strings"
 	"time"
@@ -247,8 +251,172 @@ func (a *app) approvalsCmd() *cobra.Command {
 		},
 	}
 	consume.Flags().StringVar(&consumeAs, "as", "", "who runs it")
-	cmd.AddCommand(list, show, vote(cert.Approve), vote(cert.Deny), request, consume)
+	cmd.AddCommand(list, show, vote(cert.Approve), vote(cert.Deny), request, consume, a.submitCmd(), a.certificateCmd())
 	return cmd
+}
+
+// maxRequestFile bounds what submit reads: cert.MaxRequestSize plus a newline.
+const maxRequestFile = cert.MaxRequestSize + 1
+
+// readInput reads FILE, or stdin for "-", up to limit bytes.
+func (a *app) readInput(name string, limit int64) ([]byte, error) {
+	var r io.Reader
+	if name == "-" {
+		r = a.stdin
+	} else {
+		f, err := os.Open(name)
+		if err != nil {
+			return nil, fmt.Errorf("dualkey: %w", err)
+		}
+		defer f.Close()
+		r = f
+	}
+	b, err := io.ReadAll(io.LimitReader(r, limit+1))
+	if err != nil {
+		return nil, fmt.Errorf("dualkey: read %s: %w", name, err)
+	}
+	if int64(len(b)) > limit {
+		return nil, usagef("%s: more than %d bytes", name, limit)
+	}
+	return b, nil
+}
+
+// submitCmd opens a request made elsewhere (dualkey vault request) in the
+// state, so approvers vote on it like on any other.
+func (a *app) submitCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "submit FILE|-",
+		Short: "open a canonical request made elsewhere (dualkey vault request) for approvers to vote on",
+		Long: `Open a request produced elsewhere, e.g. by 'dualkey vault request', so that
+approvers sign it with 'approvals approve'. The file (or stdin for -) must hold
+exactly one canonical request (one trailing newline allowed): the bytes are
+stored as they are and their hash is the request ID the approvals sign, so
+a reformatted request is refused, never re-encoded. Its policy serial must
+be the state's current one: the vault and the state must share one policy
+(dualkey quorum show --json > policy.json; dualkey vault init --quorum-policy
+policy.json). Submitting the same request again changes nothing.
+
+The requester the request names is not authenticated here: it only decides
+who may not approve it.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			b, err := a.readInput(args[0], maxRequestFile)
+			if err != nil {
+				return err
+			}
+			b = bytes.TrimSuffix(b, []byte("\n"))
+			r, err := cert.ParseRequest(b)
+			if err != nil {
+				return usagef("request %s: %v", args[0], err)
+			}
+			return a.withQuorum(cmd.Context(), func(q *quorumEnv) error {
+				p, err := q.svc.Policy(cmd.Context())
+				if err != nil {
+					return err
+				}
+				if r.PolicySerial != p.Serial {
+					return codeError{exitQuorumRefused, fmt.Errorf("dualkey: %w: the request was made under policy serial %d, the state's policy is serial %d: "+
+						"the vault and the state must hold the same policy (dualkey quorum show --json > policy.json; vault init --quorum-policy policy.json)",
+						cert.ErrStalePolicy, r.PolicySerial, p.Serial)}
+				}
+				id, err := q.svc.Open(cmd.Context(), *r)
+				if err != nil {
+					return err
+				}
+				if id != r.ID() {
+					// Open stores Encode(r); for a canonical request those are the bytes read.
+					panic("dualkey: a canonical request re-encoded to other bytes")
+				}
+				s, err := q.svc.Show(cmd.Context(), id)
+				if err != nil {
+					return err
+				}
+				if a.jsonOut {
+					return a.printJSON(map[string]string{"request": string(id), "status": string(s.Status)})
+				}
+				fmt.Fprintf(a.stdout, "request %s\n", id)
+				a.say("%s asks for %s; %s; needs %d approvals (the requester never counts), from: %s",
+					r.Requester, quorum.Describe(r), s.Status, s.Need, strings.Join(s.Pending, ", "))
+				return nil
+			})
+		},
+	}
+}
+
+// certificateCmd exports an approved vault request's certificate.
+//
+// Consuming: the vault records single use itself (consumed/<request ID>,
+// written once), but the state's request must not stay "approved" for
+// ever. Exporting the certificate is the state's single run of a vault
+// request: the first export verifies the certificate and marks the request
+// consumed (a ledger decision record names who exported it). Exporting it
+// again prints the same certificate: it is built from votes the state holds
+// anyway, and the vault accepts it at most once whoever holds a copy.
+func (a *app) certificateCmd() *cobra.Command {
+	var as, out string
+	c := &cobra.Command{
+		Use:   "certificate ID [-o FILE]",
+		Short: "export the certificate of an approved vault request, for --certificate; marks the request consumed",
+		Long: `Print the quorum certificate (the request's exact bytes and its valid
+approvals, JSON) of an approved vault request, to pass to forget, lock, key
+remove, vault set-min-retention or vault rotate-approvers with --certificate.
+The vault verifies it itself and accepts it once.
+
+The first export verifies the certificate under the state's policy and marks
+the request consumed (recorded in the ledger with who exported it), so it no
+longer shows as pending. A later export prints the same certificate again.
+SQL requests are run and consumed by the gate, policy changes by 'quorum
+apply', reviews by 'breakglass review': they have no certificate to export.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			me, err := a.whoAmI(as)
+			if err != nil {
+				return err
+			}
+			return a.withQuorum(cmd.Context(), func(q *quorumEnv) error {
+				ctx := cmd.Context()
+				id, err := resolveRequest(ctx, q, args[0])
+				if err != nil {
+					return err
+				}
+				s, err := q.svc.Show(ctx, id)
+				if err != nil {
+					return err
+				}
+				if s.Request.Vault == nil {
+					return usagef("request %s is %s: certificates are exported for vault actions only", id[:12], s.Request.Action)
+				}
+				var c *cert.Certificate
+				if s.Status == state.StatusConsumed {
+					if c, err = q.svc.Certificate(ctx, id); err != nil {
+						return err
+					}
+					fmt.Fprintf(a.stderr, "dualkey: request %s was already exported by %s at %s; the vault accepts its certificate once\n",
+						id[:12], s.ConsumedBy, s.ConsumedAt.Format(time.RFC3339))
+				} else if _, c, err = q.svc.Consume(ctx, id, me); err != nil {
+					return err
+				}
+				enc := c.Encode()
+				if a.jsonOut {
+					return a.printJSON(map[string]any{"request": string(id), "certificate": json.RawMessage(enc)})
+				}
+				if out != "" {
+					if err := os.WriteFile(out, append(enc, '\n'), 0o644); err != nil {
+						return fmt.Errorf("dualkey: %w", err)
+					}
+				} else if _, err := a.stdout.Write(append(enc, '\n')); err != nil {
+					return err
+				}
+				if !a.quiet {
+					fmt.Fprintf(a.stderr, "certificate for %s (%d approvals): %s\n", id[:12], len(c.Approvals), quorum.Describe(s.Request))
+				}
+				return nil
+			})
+		},
+	}
+	c.Flags().StringVar(&as, "as", "", "who exports it, recorded as consuming the request (default DUALKEY_USER)")
+	c.Flags().StringVarP(&out, "output", "o", "", "write the certificate to FILE instead of stdout")
+	return c
 }
 
 func clipLine(s string, n int) string {

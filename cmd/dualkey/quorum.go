@@ -146,7 +146,14 @@ func (a *app) quorumCmd() *cobra.Command {
 	ie.flags(initCmd, true)
 
 	show := &cobra.Command{
-		Use: "show", Short: "print the policy in force", Args: cobra.NoArgs,
+		Use: "show [--json]", Short: "print the policy in force (--json: the canonical policy document, for vault init --quorum-policy)", Args: cobra.NoArgs,
+		Long: `Print the policy in force. With --json it prints the canonical policy
+document itself (one line), the file 'vault init --quorum-policy' and
+'vault request approvers.rotate --policy' take, so that the vault and the
+state enforce one approver set:
+
+  dualkey quorum show --json > policy.json
+  dualkey vault init --quorum-policy policy.json`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return a.withQuorum(cmd.Context(), func(q *quorumEnv) error {
 				p, err := q.svc.Policy(cmd.Context())
