@@ -147,11 +147,14 @@ type archiver struct {
 	scanDone             atomic.Bool
 }
 
+// blobJob is one blob, or a batch of database pages: pages come 8 KiB at
+// a time, and one job per page spent more on channel hand-offs and wake-ups
+// than on the page, and left the workers a queue of only a few pages.
 type blobJob struct {
-	data []byte
-	page bool // a fixed-size database page: repo.SavePage
-	out  *repo.ID
-	done func(err error)
+	data  []byte    // one blob (chunk), or
+	pages [][]byte  // consecutive pages: repo.SavePage each
+	out   []repo.ID // the IDs, one per blob
+	done  func(err error)
 }
 
 // chunkBufs recycles chunk buffers of chunker.DefaultParams.Max bytes.
@@ -172,24 +175,39 @@ func (a *archiver) startWorkers(ctx context.Context) {
 		go func() {
 			defer a.wg.Done()
 			for j := range a.jobs {
-				var id repo.ID
-				var isNew bool
 				var err error
-				if j.page {
-					id, isNew, err = a.r.SavePage(ctx, j.data)
-				} else {
-					id, isNew, err = a.r.SaveBlob(ctx, pack.Data, j.data)
+				if j.pages == nil {
+					err = a.saveBlob(ctx, j.data, &j.out[0], a.r.SaveBlob)
 				}
-				if err == nil {
-					*j.out = id
-					if isNew {
-						a.added.Add(int64(len(j.data)))
-						a.nblobs.Add(1)
+				for i, pg := range j.pages {
+					if err = a.saveBlob(ctx, pg, &j.out[i], savePage(a.r)); err != nil {
+						break
 					}
 				}
 				j.done(err)
 			}
 		}()
+	}
+}
+
+// saveBlob stores data with save and records its ID in out.
+func (a *archiver) saveBlob(ctx context.Context, data []byte, out *repo.ID, save func(context.Context, pack.BlobType, []byte) (repo.ID, bool, error)) error {
+	id, isNew, err := save(ctx, pack.Data, data)
+	if err != nil {
+		return err
+	}
+	*out = id
+	if isNew {
+		a.added.Add(int64(len(data)))
+		a.nblobs.Add(1)
+	}
+	return nil
+}
+
+// savePage is r.SavePage with SaveBlob's signature.
+func savePage(r *repo.Repository) func(context.Context, pack.BlobType, []byte) (repo.ID, bool, error) {
+	return func(ctx context.Context, _ pack.BlobType, data []byte) (repo.ID, bool, error) {
+		return r.SavePage(ctx, data)
 	}
 }
 

@@ -216,43 +216,73 @@ func (a *archiver) chunkStream(ctx context.Context, rd io.Reader, pageSize int) 
 		sp = c
 	}
 	var (
-		outs    []*repo.ID
+		outs    [][]repo.ID
 		wg      sync.WaitGroup
 		errOnce sync.Once
 		jobErr  error
 		size    int64
 	)
-	for {
+	for eof := false; !eof; {
 		if err := ctx.Err(); err != nil {
 			wg.Wait()
 			return nil, 0, err
 		}
 		bp := chunkBufs.Get().(*[]byte)
-		chunk, err := sp.Next((*bp)[:0])
-		if err == io.EOF {
-			chunkBufs.Put(bp)
-			break
+		job := blobJob{}
+		if pageSize > 0 {
+			// A batch of pages in one buffer: each Next reads into the
+			// buffer's free tail.
+			buf := (*bp)[:0]
+			for len(job.pages) < pageBatch && cap(buf)-len(buf) >= pageSize {
+				pg, err := sp.Next(buf[len(buf):len(buf)])
+				if err == io.EOF {
+					eof = true
+					break
+				}
+				if err != nil {
+					chunkBufs.Put(bp)
+					wg.Wait()
+					return nil, 0, err
+				}
+				buf = buf[:len(buf)+len(pg)]
+				job.pages = append(job.pages, pg)
+				size += int64(len(pg))
+			}
+			if len(job.pages) == 0 {
+				chunkBufs.Put(bp)
+				break
+			}
+			a.bytes.Add(int64(len(buf)))
+			job.out = make([]repo.ID, len(job.pages))
+		} else {
+			chunk, err := sp.Next((*bp)[:0])
+			if err == io.EOF {
+				chunkBufs.Put(bp)
+				break
+			}
+			if err != nil {
+				chunkBufs.Put(bp)
+				wg.Wait()
+				return nil, 0, err
+			}
+			size += int64(len(chunk))
+			a.bytes.Add(int64(len(chunk)))
+			job.data, job.out = chunk, make([]repo.ID, 1)
+			if cap(chunk) != cap(*bp) {
+				bp = nil // the chunker returned its own buffer
+			}
 		}
-		if err != nil {
-			chunkBufs.Put(bp)
-			wg.Wait()
-			return nil, 0, err
-		}
-		size += int64(len(chunk))
-		a.bytes.Add(int64(len(chunk)))
-		out := new(repo.ID)
-		outs = append(outs, out)
+		outs = append(outs, job.out)
 		wg.Add(1)
-		job := blobJob{data: chunk, page: pageSize > 0, out: out, done: func(err error) {
+		job.done = func(err error) {
 			if err != nil {
 				errOnce.Do(func() { jobErr = err })
 			}
-			if cap(chunk) == cap(*bp) {
-				*bp = chunk[:0]
+			if bp != nil {
 				chunkBufs.Put(bp)
 			}
 			wg.Done()
-		}}
+		}
 		select {
 		case a.jobs <- job:
 		case <-ctx.Done():
@@ -265,13 +295,18 @@ func (a *archiver) chunkStream(ctx context.Context, rd io.Reader, pageSize int) 
 	if jobErr != nil {
 		return nil, 0, jobErr
 	}
-	ids := make([]repo.ID, len(outs))
-	for i, o := range outs {
-		ids[i] = *o
+	var ids []repo.ID
+	for _, o := range outs {
+		ids = append(ids, o...)
 	}
 	a.use(ids...)
 	return ids, size, nil
 }
+
+// pageBatch is how many pages go to a blob worker as one job: 64 pages
+// (512 KiB) make the hand-off negligible, and a queue of a few jobs holds
+// a few MiB.
+const pageBatch = 64
 
 var names struct {
 	sync.Mutex
