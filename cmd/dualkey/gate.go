@@ -1,0 +1,103 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/dualkey/dualkey/internal/gate"
+	"github.com/dualkey/dualkey/internal/gate/policy"
+)
+
+func (a *app) gateCmd() *cobra.Command {
+	var config string
+	cmd := &cobra.Command{
+		Use:   "gate --config gate.yaml",
+		Short: "Run the PostgreSQL access gateway: each person logs in as themselves, destructive statements wait for a quorum",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := policy.Load(config)
+			if err != nil {
+				return usageError{err}
+			}
+			return a.runGate(cmd.Context(), cfg)
+		},
+	}
+	cmd.Flags().StringVar(&config, "config", "gate.yaml", "the gate's YAML config (listen, tls, upstreams, rules)")
+	return cmd
+}
+
+func (a *app) runGate(ctx context.Context, cfg *policy.Config) error {
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if a.q.state == "" && a.getenv("DUALKEY_STATE") == "" {
+		a.q.state = cfg.State
+	}
+	if a.q.webhook == "" && a.getenv("DUALKEY_WEBHOOK") == "" {
+		a.q.webhook = cfg.Webhook
+	}
+	q, err := a.openQuorum(ctx)
+	if err != nil {
+		return err
+	}
+	defer q.close(ctx)
+
+	gc := gate.Config{
+		Upstreams: map[string]gate.Upstream{}, Policy: cfg, State: q.db, Quorum: q.svc, Ledger: q.led,
+		RequireTLS: cfg.TLS.RequireTLS, Logger: a.log, RequestLifetime: cfg.RequestExpiry,
+		MaxMessageSize: cfg.Limits.MaxMessageBytes,
+	}
+	fingerprint := ""
+	if cfg.TLS.Cert != "" {
+		host, _, _ := net.SplitHostPort(cfg.Listen)
+		if gc.TLS, fingerprint, err = gate.TLSConfig(cfg.TLS.Cert, cfg.TLS.Key, cfg.TLS.Generate, []string{host}); err != nil {
+			return err
+		}
+	}
+	for name, u := range cfg.Upstreams {
+		dsn, err := u.DSN()
+		if err != nil {
+			return err
+		}
+		gc.Upstreams[name] = gate.Upstream{DSN: dsn, Role: u.User}
+	}
+	g, err := gate.New(gc)
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("dualkey: gate: %w", err)
+	}
+	tlsNote := "TLS off (plaintext only)"
+	if gc.TLS != nil {
+		tlsNote = "TLS fingerprint " + fingerprint
+		if !gc.RequireTLS {
+			tlsNote += " (plaintext also accepted)"
+		}
+	}
+	fmt.Fprintf(a.stdout, "gate listening on %s; %s\n", ln.Addr(), tlsNote)
+	errc := make(chan error, 1)
+	go func() { errc <- g.Serve(ln) }()
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		g.Close(context.Background())
+		return err
+	}
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	err = g.Close(cctx)
+	if serr := <-errc; !errors.Is(serr, gate.ErrClosed) {
+		err = errors.Join(err, serr)
+	}
+	fmt.Fprintln(a.stdout, "gate stopped")
+	return err
+}

@@ -1,0 +1,313 @@
+package gate
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/dualkey/dualkey/internal/gate/classify"
+	"github.com/dualkey/dualkey/internal/gate/policy"
+	"github.com/dualkey/dualkey/internal/ledger"
+	"github.com/dualkey/dualkey/internal/quorum"
+	"github.com/dualkey/dualkey/internal/state"
+)
+
+// ErrClosed is returned by Serve after Close.
+var ErrClosed = errors.New("gate: closed")
+
+// Upstream is one database the gate offers, reached with brokered
+// credentials that operators never see.
+type Upstream struct {
+	// DSN connects to the real database (a pgx connection string with the
+	// brokered user and password). The session runs as its user.
+	DSN string
+	// Role is the database role named in quorum requests; empty means the
+	// DSN's user.
+	Role string
+}
+
+// Decider is what the gate needs from the policy ([policy.Config]): the
+// strictest decision over every statement of a classified string.
+type Decider interface {
+	DecideResult(user string, groups []string, db string, res classify.Result) policy.Decision
+}
+
+// Config wires a gate. State, Quorum, Ledger, Policy and Upstreams are
+// required.
+type Config struct {
+	// Upstreams maps the database name clients ask for to the real one.
+	// Any other name is refused.
+	Upstreams map[string]Upstream
+	Policy    Decider
+	State     *state.DB
+	Quorum    *quorum.Service
+	Ledger    *ledger.Ledger
+
+	// TLS, when set, is offered to clients that ask (SSLRequest).
+	TLS *tls.Config
+	// RequireTLS refuses clients that do not use TLS.
+	RequireTLS bool
+
+	Logger *slog.Logger
+	// Now is the clock for requests and the login throttle (default time.Now).
+	Now func() time.Time
+
+	// RequestLifetime is how long a held statement's request may be
+	// approved and run (default one hour).
+	RequestLifetime time.Duration
+	// MaxMessageSize bounds one client message (default 64 MiB): a query
+	// text or a COPY chunk larger than that is refused, and the session
+	// closed, before it is read into memory.
+	MaxMessageSize int
+	// AuthDelay is the wait after the first failed login from an address;
+	// it doubles with each further failure from that address within
+	// AuthWindow, up to AuthDelayMax. Defaults 200 ms, 15 min, 8 s.
+	AuthDelay, AuthDelayMax, AuthWindow time.Duration
+	// RecordReads writes a ledger record for every statement classified
+	// read. Off by default: reads are counted in the session's close record
+	// instead, so a read-heavy workload does not turn into one ledger write
+	// per SELECT. Everything else is always recorded one by one.
+	RecordReads bool
+	// ClassifyCacheSize is the number of classified statement texts kept
+	// per database (default 4096).
+	ClassifyCacheSize int
+}
+
+func (c *Config) applyDefaults() {
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.RequestLifetime <= 0 {
+		c.RequestLifetime = time.Hour
+	}
+	if c.MaxMessageSize <= 0 {
+		c.MaxMessageSize = 64 << 20
+	}
+	if c.AuthDelay <= 0 {
+		c.AuthDelay = 200 * time.Millisecond
+	}
+	if c.AuthDelayMax <= 0 {
+		c.AuthDelayMax = 8 * time.Second
+	}
+	if c.AuthWindow <= 0 {
+		c.AuthWindow = 15 * time.Minute
+	}
+	if c.ClassifyCacheSize <= 0 {
+		c.ClassifyCacheSize = 4096
+	}
+}
+
+// Gate is a running PostgreSQL access gateway.
+type Gate struct {
+	cfg    Config
+	log    *slog.Logger
+	mock   []byte // secret for mock SCRAM salts of unknown users
+	dbs    map[string]*database
+	rec    *recorder
+	cancel context.CancelFunc
+	ctx    context.Context
+
+	mu       sync.Mutex
+	ln       []net.Listener
+	sessions map[uint32]*session // by the BackendKeyData process ID we gave
+	closed   bool
+	wg       sync.WaitGroup
+
+	failMu sync.Mutex
+	fails  map[string]failure // by source IP
+}
+
+type failure struct {
+	n    int
+	last time.Time
+}
+
+// database is one upstream with its connection settings and caches.
+type database struct {
+	name   string
+	up     Upstream
+	config *pgconn.Config
+	role   string
+	cache  *classify.Cache
+	lookup *lookup
+}
+
+// New checks cfg and returns a gate; Serve starts it.
+func New(cfg Config) (*Gate, error) {
+	cfg.applyDefaults()
+	switch {
+	case cfg.State == nil || cfg.Quorum == nil || cfg.Ledger == nil || cfg.Policy == nil:
+		return nil, errors.New("gate: config needs state, quorum, ledger and policy")
+	case len(cfg.Upstreams) == 0:
+		return nil, errors.New("gate: config names no upstream database")
+	case cfg.RequireTLS && cfg.TLS == nil:
+		return nil, errors.New("gate: require_tls without a TLS certificate")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	g := &Gate{cfg: cfg, log: cfg.Logger, dbs: map[string]*database{}, sessions: map[uint32]*session{},
+		fails: map[string]failure{}, ctx: ctx, cancel: cancel}
+	g.mock = make([]byte, 32)
+	if _, err := rand.Read(g.mock); err != nil {
+		cancel()
+		return nil, err
+	}
+	for name, up := range cfg.Upstreams {
+		pc, err := pgconn.ParseConfig(up.DSN)
+		if err != nil {
+			cancel()
+			// pgconn's error quotes the DSN with its password masked.
+			return nil, fmt.Errorf("gate: upstream %s: %w", name, err)
+		}
+		role := up.Role
+		if role == "" {
+			role = pc.User
+		}
+		d := &database{name: name, up: up, config: pc, role: role, cache: classify.NewCache(cfg.ClassifyCacheSize)}
+		d.lookup = newLookup(up.DSN, cfg.Logger)
+		g.dbs[name] = d
+	}
+	g.rec = newRecorder(cfg.Ledger, g.log)
+	return g, nil
+}
+
+// Serve accepts clients on ln until Close. It always returns a non-nil
+// error: ErrClosed after Close.
+func (g *Gate) Serve(ln net.Listener) error {
+	g.mu.Lock()
+	if g.closed {
+		g.mu.Unlock()
+		return ErrClosed
+	}
+	g.ln = append(g.ln, ln)
+	g.mu.Unlock()
+	var delay time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			g.mu.Lock()
+			closed := g.closed
+			g.mu.Unlock()
+			if closed {
+				return ErrClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				time.Sleep(delay)
+				continue
+			}
+			return fmt.Errorf("gate: accept: %w", err)
+		}
+		delay = 0
+		g.wg.Add(1)
+		go func() {
+			defer g.wg.Done()
+			g.serveConn(c)
+		}()
+	}
+}
+
+// Close stops accepting, ends every session (cancelling their running
+// queries upstream), flushes the ledger records and returns when all
+// sessions are gone or ctx ends.
+func (g *Gate) Close(ctx context.Context) error {
+	g.mu.Lock()
+	g.closed = true
+	for _, ln := range g.ln {
+		ln.Close()
+	}
+	g.mu.Unlock()
+	g.cancel()
+	done := make(chan struct{})
+	go func() { g.wg.Wait(); close(done) }()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = fmt.Errorf("gate: close: %w", ctx.Err())
+	}
+	g.rec.close()
+	for _, d := range g.dbs {
+		d.lookup.close()
+	}
+	return err
+}
+
+// register gives s a process ID and cancel key of its own.
+func (g *Gate) register(s *session) {
+	var b [8]byte
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for {
+		rand.Read(b[:])
+		pid := binary.BigEndian.Uint32(b[:4]) & 0x7fffffff
+		if pid == 0 || g.sessions[pid] != nil {
+			continue
+		}
+		s.pid, s.secret = pid, binary.BigEndian.Uint32(b[4:])
+		g.sessions[pid] = s
+		return
+	}
+}
+
+func (g *Gate) unregister(s *session) {
+	g.mu.Lock()
+	if g.sessions[s.pid] == s {
+		delete(g.sessions, s.pid)
+	}
+	g.mu.Unlock()
+}
+
+// cancelRequest forwards a client's CancelRequest to the upstream backend
+// of the session it names, if the key matches. Like PostgreSQL, it never
+// answers.
+func (g *Gate) cancelRequest(pid uint32, key []byte) {
+	g.mu.Lock()
+	s := g.sessions[pid]
+	g.mu.Unlock()
+	if s == nil || len(key) != 4 || binary.BigEndian.Uint32(key) != s.secret {
+		g.log.Warn("cancel request with an unknown key", "pid", pid)
+		return
+	}
+	s.cancelUpstream()
+}
+
+// authDelay records a failed login from addr and returns how long to wait
+// before answering it.
+func (g *Gate) authDelay(addr string) time.Duration {
+	now := g.cfg.Now()
+	g.failMu.Lock()
+	defer g.failMu.Unlock()
+	f := g.fails[addr]
+	if now.Sub(f.last) > g.cfg.AuthWindow {
+		f.n = 0
+	}
+	f.n++
+	f.last = now
+	g.fails[addr] = f
+	if len(g.fails) > 100000 { // bounded: forget stale sources
+		for k, v := range g.fails {
+			if now.Sub(v.last) > g.cfg.AuthWindow {
+				delete(g.fails, k)
+			}
+		}
+	}
+	d := g.cfg.AuthDelay
+	for i := 1; i < f.n && d < g.cfg.AuthDelayMax; i++ {
+		d *= 2
+	}
+	return min(d, g.cfg.AuthDelayMax)
+}

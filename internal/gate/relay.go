@@ -1,0 +1,486 @@
+package gate
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+)
+
+// The relay copies the upstream's messages to the client, mostly as raw
+// bytes, and keeps a queue of what each message sent upstream will be
+// answered with. PostgreSQL answers in order, so the head of the queue
+// always says whose response arrives next: that is how the gate swallows
+// the answers to statements it injected itself, puts its own error in the
+// place of a refused statement, holds back a guarded statement's results
+// until its row count is known, and records each statement with its rows.
+
+type entryKind uint8
+
+const (
+	ekParse entryKind = iota
+	ekBind
+	ekDescribe
+	ekExecute
+	ekClose
+	ekSync
+	ekQuery
+)
+
+// entry is the expected response to one message sent upstream.
+type entry struct {
+	kind     entryKind
+	suppress bool                    // the client never sees this entry's responses...
+	keepRFQ  bool                    // ...except its ReadyForQuery
+	dropRFQ  bool                    // forward everything but the ReadyForQuery
+	replace  *pgproto3.ErrorResponse // send this instead of the entry's ErrorResponse
+	onError  func()                  // the message failed or was skipped
+	guard    *guard
+	recs     []*stmtRec // statements to record as they complete
+	next     int
+}
+
+// stmtRec is one statement's ledger record, completed with its rows.
+type stmtRec struct {
+	class, text, decision, rule, request string
+}
+
+type guard struct {
+	report chan guardReport
+	decide chan guardDecision
+	buf    []byte // messages held back, raw
+	rows   int64  // -1 once more than maxGuardBuffer was held back
+}
+
+type guardReport struct {
+	rows     int64
+	failed   bool
+	overflow bool
+}
+
+type guardDecision struct {
+	keep    bool // forward what was held back (else drop it)
+	dropRFQ bool // and drop the entry's ReadyForQuery
+}
+
+// maxGuardBuffer bounds the results held back while a guarded statement is
+// measured (its RETURNING rows).
+const maxGuardBuffer = 16 << 20
+
+type relay struct {
+	s   *session
+	rd  *bufio.Reader
+	wr  *bufio.Writer
+	buf []byte
+
+	mu       sync.Mutex
+	queue    []*entry
+	skipPush bool // upstream skips to Sync: drop entries until a Sync entry
+	emptyCh  chan struct{}
+	block    bool // in a transaction block
+	failed   bool // the block is aborted
+	stopped  bool
+
+	done chan struct{}
+}
+
+func newRelay(s *session, tx byte) *relay {
+	r := &relay{s: s, rd: bufio.NewReaderSize(s.up, 64<<10), wr: bufio.NewWriterSize(s.client, 64<<10), done: make(chan struct{})}
+	r.setTx(tx)
+	return r
+}
+
+func (r *relay) setTx(tx byte) {
+	r.block = tx == 'T' || tx == 'E'
+	r.failed = tx == 'E'
+}
+
+// push queues the response entry of a message about to be sent upstream.
+func (r *relay) push(e *entry) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.skipPush {
+		if e.kind != ekSync {
+			// PostgreSQL will skip this message: it gets no answer.
+			if e.onError != nil {
+				e.onError()
+			}
+			return
+		}
+		r.skipPush = false
+	}
+	r.queue = append(r.queue, e)
+}
+
+func (r *relay) head() *entry {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.queue) == 0 {
+		return nil
+	}
+	return r.queue[0]
+}
+
+func (r *relay) pop() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.popLocked()
+}
+
+func (r *relay) popLocked() {
+	r.queue[0] = nil
+	r.queue = r.queue[1:]
+	if len(r.queue) == 0 && r.emptyCh != nil {
+		close(r.emptyCh)
+		r.emptyCh = nil
+	}
+}
+
+// skipToSync drops the entries PostgreSQL skips after an error in an
+// extended-protocol batch: everything up to the next Sync.
+func (r *relay) skipToSync() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for len(r.queue) > 0 && r.queue[0].kind != ekSync {
+		if f := r.queue[0].onError; f != nil {
+			f()
+		}
+		r.popLocked()
+	}
+	if len(r.queue) == 0 {
+		r.skipPush = true
+	}
+}
+
+// busy reports whether the upstream still owes answers.
+func (r *relay) busy() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.queue) > 0
+}
+
+func (r *relay) txState() (block, failed bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.block, r.failed
+}
+
+// waitEmpty waits until every queued entry is answered, the relay ends or
+// ctx ends.
+func (r *relay) waitEmpty(ctx context.Context) {
+	r.mu.Lock()
+	if len(r.queue) == 0 {
+		r.mu.Unlock()
+		return
+	}
+	if r.emptyCh == nil {
+		r.emptyCh = make(chan struct{})
+	}
+	ch := r.emptyCh
+	r.mu.Unlock()
+	select {
+	case <-ch:
+	case <-r.done:
+	case <-ctx.Done():
+	}
+}
+
+func (r *relay) dead() bool {
+	select {
+	case <-r.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// stop ends the relay so the session may write to the client itself.
+func (r *relay) stop() {
+	r.mu.Lock()
+	r.stopped = true
+	r.mu.Unlock()
+	r.s.up.Close()
+	<-r.done
+}
+
+func (r *relay) run() {
+	defer close(r.done)
+	err := r.loop()
+	r.wr.Flush()
+	r.mu.Lock()
+	stopped := r.stopped
+	r.mu.Unlock()
+	if !stopped {
+		// The upstream went away (or the session closed it): end the client too.
+		r.s.client.Close()
+	}
+	if err != nil && !errors.Is(err, io.EOF) {
+		r.s.g.log.Debug("gate: relay ended", "session", r.s.id, "err", err)
+	}
+}
+
+// read returns the next upstream message: its type and body (valid until
+// the next read).
+func (r *relay) read() (byte, []byte, error) {
+	if r.rd.Buffered() == 0 {
+		// About to wait for the upstream: let the client have what we have.
+		if err := r.wr.Flush(); err != nil {
+			return 0, nil, err
+		}
+	}
+	var hdr [5]byte
+	if _, err := io.ReadFull(r.rd, hdr[:]); err != nil {
+		return 0, nil, err
+	}
+	n := int(binary.BigEndian.Uint32(hdr[1:])) - 4
+	if n < 0 {
+		return 0, nil, fmt.Errorf("gate: upstream message of negative length")
+	}
+	if cap(r.buf) < n {
+		r.buf = make([]byte, n)
+	}
+	r.buf = r.buf[:n]
+	if _, err := io.ReadFull(r.rd, r.buf); err != nil {
+		return 0, nil, err
+	}
+	return hdr[0], r.buf, nil
+}
+
+// emit writes one message to the client.
+func (r *relay) emit(typ byte, body []byte) error {
+	var hdr [5]byte
+	hdr[0] = typ
+	binary.BigEndian.PutUint32(hdr[1:], uint32(len(body)+4))
+	r.wr.Write(hdr[:])
+	_, err := r.wr.Write(body)
+	return err
+}
+
+func appendMsg(buf []byte, typ byte, body []byte) []byte {
+	buf = append(buf, typ, 0, 0, 0, 0)
+	binary.BigEndian.PutUint32(buf[len(buf)-4:], uint32(len(body)+4))
+	return append(buf, body...)
+}
+
+func (r *relay) emitError(e *pgproto3.ErrorResponse) error {
+	b, err := e.Encode(nil)
+	if err != nil {
+		return err
+	}
+	_, err = r.wr.Write(b)
+	return err
+}
+
+func (r *relay) loop() error {
+	for {
+		typ, body, err := r.read()
+		if err != nil {
+			return err
+		}
+		switch typ {
+		case 'N', 'A', 'S': // notice, notification, parameter status: asynchronous
+			if e := r.head(); e != nil && e.suppress && typ != 'A' {
+				continue
+			}
+			if err := r.emit(typ, body); err != nil {
+				return err
+			}
+			continue
+		}
+		e := r.head()
+		if e == nil {
+			// Unsolicited: a FATAL error as the server shuts down, say.
+			if typ == 'Z' && len(body) == 1 {
+				r.mu.Lock()
+				r.setTx(body[0])
+				r.mu.Unlock()
+			}
+			if err := r.emit(typ, body); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := r.handle(e, typ, body); err != nil {
+			return err
+		}
+	}
+}
+
+// handle processes one response to entry e.
+func (r *relay) handle(e *entry, typ byte, body []byte) error {
+	switch typ {
+	case 'Z':
+		if len(body) == 1 {
+			r.mu.Lock()
+			r.setTx(body[0])
+			r.mu.Unlock()
+		}
+		r.pop()
+		if e.dropRFQ || (e.suppress && !e.keepRFQ) {
+			return nil
+		}
+		return r.emit(typ, body)
+	case 'C':
+		r.commandTag(body)
+	case 'E':
+		r.mu.Lock()
+		if r.block {
+			r.failed = true
+		}
+		r.mu.Unlock()
+	}
+	terminal := false
+	switch e.kind {
+	case ekParse:
+		terminal = typ == '1' || typ == 'E'
+	case ekBind:
+		terminal = typ == '2' || typ == 'E'
+	case ekDescribe:
+		terminal = typ == 'T' || typ == 'n' || typ == 'E'
+	case ekExecute:
+		terminal = typ == 'C' || typ == 'I' || typ == 's' || typ == 'E'
+	case ekClose:
+		terminal = typ == '3' || typ == 'E'
+	}
+	if e.guard == nil && (typ == 'C' || typ == 'I' || typ == 's' || typ == 'E') {
+		r.record(e, typ, body)
+	}
+	var err error
+	switch {
+	case e.guard != nil:
+		err = r.guarded(e, typ, body)
+	case typ == 'E' && e.replace != nil:
+		err = r.emitError(e.replace)
+	case e.suppress:
+		if typ == 'E' {
+			// An injected statement failed: say so, it is the upstream's word.
+			err = r.emit(typ, body)
+		}
+	default:
+		err = r.emit(typ, body)
+	}
+	if err != nil {
+		return err
+	}
+	if terminal {
+		r.pop()
+		if typ == 'E' && e.kind != ekQuery {
+			if e.onError != nil {
+				e.onError()
+			}
+			r.skipToSync()
+		}
+	}
+	return nil
+}
+
+// record completes the ledger record of e's next statement.
+func (r *relay) record(e *entry, typ byte, body []byte) {
+	if e.next >= len(e.recs) {
+		return
+	}
+	rec := e.recs[e.next]
+	e.next++
+	rows, code := int64(-1), ""
+	switch typ {
+	case 'C':
+		rows = tagRows(body)
+	case 'E':
+		code = errorCode(body)
+	}
+	r.s.completed(rec, rows, code)
+}
+
+// guarded holds back a guarded statement's results until its command tag
+// (or error) arrives, reports the row count to the session and does what
+// it decides.
+func (r *relay) guarded(e *entry, typ byte, body []byte) error {
+	g := e.guard
+	if typ != 'C' && typ != 'E' {
+		if len(g.buf)+len(body) <= maxGuardBuffer {
+			g.buf = appendMsg(g.buf, typ, body)
+		} else {
+			g.buf = nil
+			g.rows = -1 // overflow
+		}
+		return nil
+	}
+	rep := guardReport{failed: typ == 'E'}
+	if typ == 'C' {
+		rep.rows = tagRows(body)
+	}
+	if g.rows < 0 {
+		rep.overflow = true
+	}
+	g.report <- rep
+	var d guardDecision
+	select {
+	case d = <-g.decide:
+	case <-r.s.g.ctx.Done():
+		return r.s.g.ctx.Err()
+	}
+	e.guard = nil
+	e.dropRFQ = d.dropRFQ
+	if !d.keep {
+		return nil // the session records the rolled-back statement with its request
+	}
+	r.record(e, typ, body)
+	if _, err := r.wr.Write(g.buf); err != nil {
+		return err
+	}
+	return r.emit(typ, body)
+}
+
+// commandTag follows transaction blocks opened and closed by statements.
+func (r *relay) commandTag(body []byte) {
+	tag := strings.TrimRight(string(body), "\x00")
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch tag {
+	case "BEGIN", "START TRANSACTION":
+		r.block = true
+	case "COMMIT", "ROLLBACK", "PREPARE TRANSACTION":
+		r.block, r.failed = false, false
+	}
+}
+
+// tagRows returns the row count of a command tag ("DELETE 3", "INSERT 0 1",
+// "SELECT 5"), or -1 when it has none.
+func tagRows(body []byte) int64 {
+	tag := strings.TrimRight(string(body), "\x00")
+	i := strings.LastIndexByte(tag, ' ')
+	if i < 0 {
+		return -1
+	}
+	n, err := strconv.ParseInt(tag[i+1:], 10, 64)
+	if err != nil {
+		return -1
+	}
+	return n
+}
+
+// errorCode returns the SQLSTATE of an ErrorResponse body.
+func errorCode(body []byte) string {
+	for len(body) > 1 {
+		f := body[0]
+		end := 1
+		for end < len(body) && body[end] != 0 {
+			end++
+		}
+		if f == 'C' {
+			return string(body[1:end])
+		}
+		if end >= len(body) {
+			break
+		}
+		body = body[end+1:]
+	}
+	return ""
+}

@@ -1,0 +1,911 @@
+package gate
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/dualkey/dualkey/internal/gate/classify"
+	"github.com/dualkey/dualkey/internal/gate/policy"
+	"github.com/dualkey/dualkey/internal/ledger"
+	"github.com/dualkey/dualkey/internal/state"
+)
+
+// startupTimeout bounds the time from connect to a ready session, as
+// PostgreSQL's authentication_timeout (one minute) does.
+const startupTimeout = time.Minute
+
+// forwardedParams are the startup parameters passed on to the upstream.
+// Anything else is dropped: "options" could carry -c settings such as
+// session_replication_role past the classifier, and "replication" would
+// open the replication protocol, which the gate does not speak.
+var forwardedParams = []string{"application_name", "client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "extra_float_digits"}
+
+const (
+	actAllow = policy.Allow
+	actHold  = policy.Hold
+)
+
+// session is one client connection and its upstream connection.
+type session struct {
+	g      *Gate
+	id     string // for the ledger
+	client net.Conn
+	be     *pgproto3.Backend
+	remote string // the client's IP
+	tls    string // TLS version, "" for plaintext
+
+	user    state.User
+	dbName  string
+	db      *database
+	appName string
+	pid     uint32 // ours, given to the client
+	secret  uint32
+
+	up       net.Conn
+	fe       *pgproto3.Frontend
+	upPID    uint32
+	upSecret []byte
+	r        *relay
+	started  time.Time
+
+	// Read and written by the session goroutine; entries' callbacks run
+	// on the relay goroutine, hence mu.
+	mu      sync.Mutex
+	stmts   map[string]*prepared
+	portals map[string]*prepared
+	counts  map[string]int // statements forwarded, by class
+
+	skipToSync  bool   // a message of this batch was refused: drop until Sync, as PostgreSQL does
+	afterSync   string // a statement to run (suppressed) right after the client's next Sync
+	copyPending int    // bytes of CopyData buffered towards upstream
+	holds       int    // requests opened by this session
+}
+
+// prepared is a statement as the gate judged it at Parse.
+type prepared struct {
+	sql string
+	v   verdict
+	// approved: a held statement with an approved request; every Execute
+	// must consume an approval of its own.
+	approved bool
+}
+
+type verdict struct {
+	res classify.Result
+	dec policy.Decision
+}
+
+func (g *Gate) serveConn(c net.Conn) {
+	s := &session{g: g, client: c, stmts: map[string]*prepared{}, portals: map[string]*prepared{}, counts: map[string]int{}}
+	defer func() { s.client.Close() }()
+	s.remote, _, _ = net.SplitHostPort(c.RemoteAddr().String())
+	c.SetDeadline(time.Now().Add(startupTimeout))
+	be := pgproto3.NewBackend(c, c)
+	be.SetMaxBodyLen(g.cfg.MaxMessageSize)
+	for {
+		m, err := be.ReceiveStartupMessage()
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				g.log.Debug("gate: startup", "from", s.remote, "err", err)
+			}
+			return
+		}
+		switch m := m.(type) {
+		case *pgproto3.SSLRequest:
+			if s.tls != "" || g.cfg.TLS == nil {
+				if _, err := s.client.Write([]byte{'N'}); err != nil {
+					return
+				}
+				continue
+			}
+			if _, err := s.client.Write([]byte{'S'}); err != nil {
+				return
+			}
+			tc := tls.Server(s.client, g.cfg.TLS)
+			ctx, cancel := context.WithTimeout(g.ctx, startupTimeout)
+			err := tc.HandshakeContext(ctx)
+			cancel()
+			if err != nil {
+				g.log.Info("gate: TLS handshake failed", "from", s.remote, "err", err)
+				return
+			}
+			s.client = tc
+			s.tls = tls.VersionName(tc.ConnectionState().Version)
+			be = pgproto3.NewBackend(tc, tc)
+			be.SetMaxBodyLen(g.cfg.MaxMessageSize)
+		case *pgproto3.GSSEncRequest:
+			if _, err := s.client.Write([]byte{'N'}); err != nil {
+				return
+			}
+		case *pgproto3.CancelRequest:
+			g.cancelRequest(m.ProcessID, m.SecretKey)
+			return
+		case *pgproto3.StartupMessage:
+			s.be = be
+			s.run(m)
+			return
+		default:
+			return
+		}
+	}
+}
+
+// fatal sends a FATAL error to the client before the relay runs.
+func (s *session) fatal(code, msg string) {
+	s.be.Send(&pgproto3.ErrorResponse{Severity: "FATAL", SeverityUnlocalized: "FATAL", Code: code, Message: msg})
+	s.be.Flush()
+}
+
+func (s *session) run(m *pgproto3.StartupMessage) {
+	g := s.g
+	params := maps.Clone(m.Parameters)
+	user := params["user"]
+	s.dbName = params["database"]
+	if s.dbName == "" {
+		s.dbName = user
+	}
+	s.appName = params["application_name"]
+	if user == "" {
+		s.fatal("28000", "no PostgreSQL user name specified in startup packet")
+		return
+	}
+	if r := params["replication"]; r != "" && r != "false" && r != "off" && r != "0" && r != "no" {
+		s.fatal("28000", "replication connections are not allowed through the dualkey gate")
+		return
+	}
+	if g.cfg.RequireTLS && s.tls == "" {
+		s.refused(user, "no TLS")
+		s.fatal("28000", "the dualkey gate requires TLS: connect with sslmode=require (or stronger)")
+		return
+	}
+	var unknownOpts []string
+	for k := range params {
+		if strings.HasPrefix(k, "_pq_.") {
+			unknownOpts = append(unknownOpts, k)
+		}
+	}
+	if m.ProtocolVersion != pgproto3.ProtocolVersion30 || len(unknownOpts) > 0 {
+		s.be.Send(&pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0, UnrecognizedOptions: unknownOpts})
+	}
+	if !s.authenticate(user) {
+		return
+	}
+	d := g.dbs[s.dbName]
+	if d == nil {
+		s.refused(user, "unknown database "+s.dbName)
+		s.fatal("3D000", fmt.Sprintf("database %q does not exist", s.dbName))
+		return
+	}
+	s.db = d
+	ctx, cancel := context.WithTimeout(g.ctx, startupTimeout)
+	defer cancel()
+	hj, err := s.connectUpstream(ctx, params)
+	if err != nil {
+		g.log.Error("gate: upstream connect failed", "db", s.dbName, "user", user, "err", err)
+		var pe *pgconn.PgError
+		if errors.As(err, &pe) && pe.Code == "53300" {
+			s.fatal("53300", "sorry, too many clients already (upstream)")
+			return
+		}
+		s.fatal("08006", "the dualkey gate could not reach the database; the gate's log says why")
+		return
+	}
+	s.up, s.fe, s.upPID, s.upSecret = hj.Conn, pgproto3.NewFrontend(hj.Conn, hj.Conn), hj.PID, hj.SecretKey
+	defer s.up.Close()
+	s.started = g.cfg.Now()
+	s.id = newSessionID()
+	g.register(s)
+	defer g.unregister(s)
+
+	if err := g.rec.sync(ctx, ledger.Entry{Kind: ledger.KindSessionOpen, Actor: s.user.Name, Data: map[string]any{
+		"session": s.id, "user": s.user.Name, "db": s.dbName, "from": s.client.RemoteAddr().String(),
+		"tls": s.tls != "", "tls_version": s.tls, "application_name": s.appName, "upstream_pid": s.upPID,
+	}}); err != nil {
+		g.log.Error("gate: ledger: session not recorded, refusing it", "user", s.user.Name, "err", err)
+		s.fatal("58000", "the dualkey gate cannot write its audit ledger; no session without a record")
+		return
+	}
+	g.log.Info("gate: session open", "session", s.id, "user", s.user.Name, "db", s.dbName, "from", s.remote, "tls", s.tls)
+
+	for k, v := range hj.ParameterStatuses {
+		s.be.Send(&pgproto3.ParameterStatus{Name: k, Value: v})
+	}
+	var key [4]byte
+	binary.BigEndian.PutUint32(key[:], s.secret)
+	s.be.Send(&pgproto3.BackendKeyData{ProcessID: s.pid, SecretKey: key[:]})
+	s.be.Send(&pgproto3.ReadyForQuery{TxStatus: hj.TxStatus})
+	if err := s.be.Flush(); err != nil {
+		s.closeRecord("client gone")
+		return
+	}
+	s.client.SetDeadline(time.Time{})
+
+	s.r = newRelay(s, hj.TxStatus)
+	go s.r.run()
+	stop := context.AfterFunc(g.ctx, func() { s.client.Close() })
+	defer stop()
+	why := s.loop()
+	s.finish(why)
+}
+
+// refused records a session that did not get in.
+func (s *session) refused(user, why string) {
+	s.g.rec.add(ledger.Entry{Kind: ledger.KindSessionOpen, Actor: user, Data: map[string]any{
+		"user": user, "db": s.dbName, "from": s.client.RemoteAddr().String(), "tls": s.tls != "",
+		"application_name": s.appName, "refused": why,
+	}})
+}
+
+func newSessionID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// authenticate runs SCRAM-SHA-256 for user against the state's verifier.
+// Unknown users and users without a verifier go through the same exchange
+// with a mock verifier and fail at the end, so that the answer does not
+// tell which names exist. A failure waits the per-address delay first.
+func (s *session) authenticate(user string) bool {
+	g := s.g
+	ctx, cancel := context.WithTimeout(g.ctx, startupTimeout)
+	defer cancel()
+	u, err := g.cfg.State.GetUser(ctx, user)
+	mock := false
+	var v Verifier
+	switch {
+	case errors.Is(err, state.ErrNotFound):
+		mock = true
+	case err != nil:
+		g.log.Error("gate: state: read user", "user", user, "err", err)
+		s.fatal("58000", "the dualkey gate cannot read its user list")
+		return false
+	default:
+		if v, err = ParseVerifier(u.Secret); err != nil {
+			mock = true
+		}
+	}
+	if mock {
+		v = mockVerifier(g.mock, user)
+	}
+	sc := &scramServer{v: v, mock: mock}
+	s.be.Send(&pgproto3.AuthenticationSASL{AuthMechanisms: []string{"SCRAM-SHA-256"}})
+	if err := s.be.Flush(); err != nil {
+		return false
+	}
+	fail := func(why string) bool {
+		d := g.authDelay(s.remote)
+		g.log.Warn("gate: authentication failed", "user", user, "from", s.remote, "why", why, "delay", d)
+		s.refused(user, "authentication failed: "+why)
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+		}
+		s.fatal("28P01", fmt.Sprintf("password authentication failed for user %q", user))
+		return false
+	}
+	s.be.SetAuthType(pgproto3.AuthTypeSASL)
+	m, err := s.be.Receive()
+	if err != nil {
+		return false
+	}
+	init, ok := m.(*pgproto3.SASLInitialResponse)
+	if !ok || init.AuthMechanism != "SCRAM-SHA-256" {
+		s.fatal("28000", "expected a SCRAM-SHA-256 SASL response")
+		return false
+	}
+	first, err := sc.first(init.Data)
+	if err != nil {
+		return fail(err.Error())
+	}
+	s.be.Send(&pgproto3.AuthenticationSASLContinue{Data: []byte(first)})
+	if err := s.be.Flush(); err != nil {
+		return false
+	}
+	s.be.SetAuthType(pgproto3.AuthTypeSASLContinue)
+	m, err = s.be.Receive()
+	if err != nil {
+		return false
+	}
+	resp, ok := m.(*pgproto3.SASLResponse)
+	if !ok {
+		s.fatal("28000", "expected a SASL response")
+		return false
+	}
+	final, err := sc.final(resp.Data)
+	if err != nil {
+		why := "wrong password"
+		if mock {
+			why = "unknown user or no password set"
+		}
+		return fail(why)
+	}
+	s.be.Send(&pgproto3.AuthenticationSASLFinal{Data: []byte(final)})
+	s.be.Send(&pgproto3.AuthenticationOk{})
+	if u.Disabled {
+		s.refused(user, "user disabled")
+		s.fatal("28000", fmt.Sprintf("user %q is disabled in dualkey", user))
+		return false
+	}
+	s.user = u
+	return true
+}
+
+// connectUpstream opens the session's own upstream connection with the
+// brokered credentials and hands over the raw connection.
+func (s *session) connectUpstream(ctx context.Context, params map[string]string) (*pgconn.HijackedConn, error) {
+	cfg := s.db.config.Copy()
+	cfg.RuntimeParams = maps.Clone(cfg.RuntimeParams)
+	if cfg.RuntimeParams == nil {
+		cfg.RuntimeParams = map[string]string{}
+	}
+	for _, k := range forwardedParams {
+		if v, ok := params[k]; ok {
+			cfg.RuntimeParams[k] = v
+		}
+	}
+	pc, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("gate: upstream %s: %w", s.dbName, err)
+	}
+	if err := pc.SyncConn(ctx); err != nil {
+		pc.Close(ctx)
+		return nil, fmt.Errorf("gate: upstream %s: %w", s.dbName, err)
+	}
+	hj, err := pc.Hijack()
+	if err != nil {
+		return nil, fmt.Errorf("gate: upstream %s: %w", s.dbName, err)
+	}
+	return hj, nil
+}
+
+// cancelUpstream sends a CancelRequest for the session's upstream backend,
+// over a connection of its own to the same address.
+func (s *session) cancelUpstream() {
+	if s.up == nil {
+		return
+	}
+	addr := s.up.RemoteAddr()
+	c, err := net.DialTimeout(addr.Network(), addr.String(), 10*time.Second)
+	if err != nil {
+		s.g.log.Warn("gate: cancel: dial upstream", "session", s.id, "err", err)
+		return
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	b, err := (&pgproto3.CancelRequest{ProcessID: s.upPID, SecretKey: s.upSecret}).Encode(nil)
+	if err == nil {
+		_, err = c.Write(b)
+	}
+	if err != nil {
+		s.g.log.Warn("gate: cancel: send", "session", s.id, "err", err)
+		return
+	}
+	// Wait for the server to close: the cancel has been read by then.
+	io.Copy(io.Discard, c)
+	s.g.log.Info("gate: cancel forwarded", "session", s.id)
+}
+
+// finish ends the session: a client that vanished mid-query gets its
+// upstream query cancelled, then the upstream connection closes.
+func (s *session) finish(why string) {
+	if s.r.busy() {
+		s.cancelUpstream()
+	}
+	s.fe.Send(&pgproto3.Terminate{})
+	s.fe.Flush()
+	s.up.Close()
+	<-s.r.done
+	s.closeRecord(why)
+}
+
+func (s *session) closeRecord(why string) {
+	s.mu.Lock()
+	counts := maps.Clone(s.counts)
+	s.mu.Unlock()
+	s.g.rec.add(ledger.Entry{Kind: ledger.KindSessionClose, Actor: s.user.Name, Data: map[string]any{
+		"session": s.id, "user": s.user.Name, "db": s.dbName, "why": why,
+		"seconds": s.g.cfg.Now().Sub(s.started).Seconds(), "statements": counts,
+	}})
+	s.g.log.Info("gate: session closed", "session", s.id, "user", s.user.Name, "why", why)
+}
+
+// loop reads client messages until the client leaves, and returns why.
+func (s *session) loop() string {
+	for {
+		msg, err := s.be.Receive()
+		if err != nil {
+			if s.r.dead() {
+				return "upstream closed"
+			}
+			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return "client disconnected"
+			}
+			var ne net.Error
+			if errors.As(err, &ne) {
+				return "client disconnected: " + err.Error()
+			}
+			// Oversized or malformed: PostgreSQL closes such a connection too.
+			s.r.stop()
+			s.be.Send(&pgproto3.ErrorResponse{Severity: "FATAL", SeverityUnlocalized: "FATAL", Code: "08P01",
+				Message: "invalid frontend message: " + err.Error()})
+			s.be.Flush()
+			return "protocol violation: " + err.Error()
+		}
+		switch m := msg.(type) {
+		case *pgproto3.Query:
+			s.query(m.String)
+		case *pgproto3.Parse:
+			s.parse(m)
+		case *pgproto3.Bind:
+			s.bind(m)
+		case *pgproto3.Describe:
+			if !s.skipToSync {
+				s.send(m, &entry{kind: ekDescribe})
+			}
+		case *pgproto3.Execute:
+			s.execute(m)
+		case *pgproto3.Close:
+			s.closeMsg(m)
+		case *pgproto3.Sync:
+			s.sync()
+		case *pgproto3.Flush:
+			if !s.skipToSync {
+				s.fe.Send(m)
+			}
+			s.flushUp()
+		case *pgproto3.CopyData:
+			s.fe.Send(m)
+			s.copyPending += len(m.Data)
+			if s.copyPending > 64<<10 {
+				s.flushUp()
+			}
+		case *pgproto3.CopyDone, *pgproto3.CopyFail:
+			s.fe.Send(m)
+			s.flushUp()
+		case *pgproto3.FunctionCall:
+			// The fast-path interface calls any function by OID, past any
+			// SQL the classifier could read.
+			s.refuseQuery(errorResponse("0A000", "the function call protocol is not supported through the dualkey gate", "", ""))
+		case *pgproto3.Terminate:
+			return "client terminated"
+		default:
+			s.r.stop()
+			s.be.Send(&pgproto3.ErrorResponse{Severity: "FATAL", SeverityUnlocalized: "FATAL", Code: "08P01",
+				Message: fmt.Sprintf("unexpected message %T", msg)})
+			s.be.Flush()
+			return fmt.Sprintf("protocol violation: %T", msg)
+		}
+		if s.r.dead() {
+			return "upstream closed"
+		}
+	}
+}
+
+// send forwards m upstream with its response entry queued first.
+func (s *session) send(m pgproto3.FrontendMessage, e *entry) {
+	s.r.push(e)
+	s.fe.Send(m)
+}
+
+func (s *session) flushUp() {
+	s.copyPending = 0
+	if err := s.fe.Flush(); err != nil {
+		s.g.log.Debug("gate: write upstream", "session", s.id, "err", err)
+		s.up.Close()
+	}
+}
+
+func (s *session) judge(sql string) verdict {
+	res := s.db.cache.Classify(sql, classify.Options{Lookup: s.db.lookup.volatility})
+	return verdict{res: res, dec: s.g.cfg.Policy.DecideResult(s.user.Name, s.user.Groups, s.dbName, res)}
+}
+
+// guarded reports whether v needs the blast-radius guard, and whether it
+// can be measured at all (one statement whose command tag counts its rows).
+func guarded(v verdict) (need, measurable bool) {
+	if v.dec.Action != actAllow || v.dec.RowLimit <= 0 {
+		return false, false
+	}
+	for _, st := range v.res.Statements {
+		if st.RowsGuard {
+			need = true
+		}
+	}
+	return need, need && len(v.res.Statements) == 1 && v.res.Statements[0].RowsCounted
+}
+
+// query handles a simple-protocol query: the whole string is judged, every
+// statement in it, and the strictest class decides.
+func (s *session) query(sql string) {
+	s.skipToSync = false
+	v := s.judge(sql)
+	switch v.dec.Action {
+	case actAllow:
+		if need, ok := guarded(v); need {
+			if !ok {
+				s.holdQuery(sql, v, -1, "the row limit cannot be measured for this statement (several statements, or a write hidden in WITH, DO or a function): send the UPDATE or DELETE on its own")
+				return
+			}
+			s.guardRun(sql, v, nil)
+			return
+		}
+		s.send(&pgproto3.Query{String: sql}, &entry{kind: ekQuery, recs: s.recs(v, "allow", "")})
+		s.flushUp()
+	case actHold:
+		if id, ok := s.consumeApproved(sql, v.res.Class); ok {
+			s.send(&pgproto3.Query{String: sql}, &entry{kind: ekQuery, recs: s.recs(v, "approved", id)})
+			s.flushUp()
+			return
+		}
+		s.holdQuery(sql, v, -1, "")
+	default:
+		s.deny(sql, v)
+		s.refuseQuery(denyError(v))
+	}
+}
+
+func (s *session) holdQuery(sql string, v verdict, rows int64, note string) {
+	s.refuseQuery(s.hold(sql, v, rows, note))
+}
+
+// refuseQuery answers a simple query (or a function call) with err. The
+// error comes back through the upstream: a statement that cannot parse is
+// sent in its place, so PostgreSQL itself fails the transaction exactly
+// as the refused statement failing would have, and the answer arrives in
+// order with everything still in flight.
+func (s *session) refuseQuery(err *pgproto3.ErrorResponse) {
+	s.send(&pgproto3.Query{String: refusedSQL}, &entry{kind: ekQuery, replace: err})
+	s.flushUp()
+}
+
+// refuseExt answers an extended-protocol message with err and skips the
+// rest of the batch up to Sync, as PostgreSQL does after an error.
+func (s *session) refuseExt(err *pgproto3.ErrorResponse) {
+	s.send(&pgproto3.Parse{Name: refusedName, Query: refusedSQL}, &entry{kind: ekParse, replace: err})
+	s.skipToSync = true
+}
+
+// refusedSQL never parses: PostgreSQL answers it with a syntax error, which
+// the relay replaces with the gate's own error.
+const (
+	refusedSQL  = "dualkey_refused"
+	refusedName = "dualkey_refused"
+)
+
+func (s *session) parse(m *pgproto3.Parse) {
+	if s.skipToSync {
+		return
+	}
+	v := s.judge(m.Query)
+	p := &prepared{sql: m.Query, v: v}
+	switch v.dec.Action {
+	case actAllow:
+	case actHold:
+		if s.hasApproved(m.Query, v.res.Class) {
+			p.approved = true // consumed at each Execute
+			break
+		}
+		s.refuseExt(s.hold(m.Query, v, -1, ""))
+		return
+	default:
+		s.deny(m.Query, v)
+		s.refuseExt(denyError(v))
+		return
+	}
+	name := m.Name
+	s.mu.Lock()
+	prev, had := s.stmts[name]
+	s.stmts[name] = p
+	s.mu.Unlock()
+	s.send(m, &entry{kind: ekParse, onError: func() {
+		// PostgreSQL drops the unnamed statement before parsing; a named
+		// one keeps its old definition when the new Parse fails.
+		s.mu.Lock()
+		if s.stmts[name] == p {
+			if had && name != "" {
+				s.stmts[name] = prev
+			} else {
+				delete(s.stmts, name)
+			}
+		}
+		s.mu.Unlock()
+	}})
+	if had && name != "" {
+		// Reusing a name: if PostgreSQL refuses it ("already exists"), the
+		// old statement stays; settle which before judging anything else.
+		s.drain()
+	}
+}
+
+func (s *session) bind(m *pgproto3.Bind) {
+	if s.skipToSync {
+		return
+	}
+	s.mu.Lock()
+	p := s.stmts[m.PreparedStatement]
+	s.mu.Unlock()
+	if p == nil {
+		// Also a statement made by SQL PREPARE: the gate judges what it
+		// saw parsed, and did not see this.
+		s.refuseExt(errorResponse("26000", fmt.Sprintf("prepared statement %q does not exist", m.PreparedStatement), "", ""))
+		return
+	}
+	name := m.DestinationPortal
+	s.mu.Lock()
+	prev, had := s.portals[name]
+	s.portals[name] = p
+	s.mu.Unlock()
+	s.send(m, &entry{kind: ekBind, onError: func() {
+		s.mu.Lock()
+		if s.portals[name] == p {
+			if had && name != "" {
+				s.portals[name] = prev
+			} else {
+				delete(s.portals, name)
+			}
+		}
+		s.mu.Unlock()
+	}})
+}
+
+func (s *session) execute(m *pgproto3.Execute) {
+	if s.skipToSync {
+		return
+	}
+	s.mu.Lock()
+	p := s.portals[m.Portal]
+	s.mu.Unlock()
+	if p == nil {
+		s.refuseExt(errorResponse("34000", fmt.Sprintf("portal %q does not exist", m.Portal), "", ""))
+		return
+	}
+	decision := "allow"
+	var reqID string
+	if p.approved {
+		id, ok := s.consumeApproved(p.sql, p.v.res.Class)
+		if !ok {
+			s.refuseExt(s.hold(p.sql, p.v, -1, ""))
+			return
+		}
+		decision, reqID = "approved", id
+	} else if need, ok := guarded(p.v); need {
+		if !ok {
+			s.refuseExt(s.hold(p.sql, p.v, -1, "the row limit cannot be measured for this statement: a write hidden in WITH, DO or a function"))
+			return
+		}
+		exec := *m
+		s.guardRun(p.sql, p.v, &exec)
+		return
+	}
+	s.send(m, &entry{kind: ekExecute, recs: s.recs(p.v, decision, reqID)})
+}
+
+func (s *session) closeMsg(m *pgproto3.Close) {
+	if s.skipToSync {
+		return
+	}
+	s.mu.Lock()
+	if m.ObjectType == 'S' {
+		delete(s.stmts, m.Name)
+	} else {
+		delete(s.portals, m.Name)
+	}
+	s.mu.Unlock()
+	s.send(m, &entry{kind: ekClose})
+}
+
+func (s *session) sync() {
+	s.skipToSync = false
+	if s.afterSync != "" {
+		// The guard opened a transaction that an error then aborted: end it,
+		// and answer the client with the status that follows.
+		sql := s.afterSync
+		s.afterSync = ""
+		s.send(&pgproto3.Sync{}, &entry{kind: ekSync, dropRFQ: true})
+		s.inject(sql)
+		s.send(&pgproto3.Sync{}, &entry{kind: ekSync, suppress: true, keepRFQ: true})
+	} else {
+		s.send(&pgproto3.Sync{}, &entry{kind: ekSync})
+	}
+	s.flushUp()
+}
+
+// inject runs sql upstream as a named extended-protocol statement whose
+// responses the client never sees. Named, so that the client's unnamed
+// statement and portal survive it.
+func (s *session) inject(sql string) {
+	const name = "dualkey_guard"
+	s.send(&pgproto3.Parse{Name: name, Query: sql}, &entry{kind: ekParse, suppress: true})
+	s.send(&pgproto3.Bind{DestinationPortal: name, PreparedStatement: name}, &entry{kind: ekBind, suppress: true})
+	s.send(&pgproto3.Execute{Portal: name}, &entry{kind: ekExecute, suppress: true})
+	s.send(&pgproto3.Close{ObjectType: 'P', Name: name}, &entry{kind: ekClose, suppress: true})
+	s.send(&pgproto3.Close{ObjectType: 'S', Name: name}, &entry{kind: ekClose, suppress: true})
+}
+
+// drain waits until the upstream has answered everything sent so far.
+func (s *session) drain() {
+	s.fe.Send(&pgproto3.Flush{})
+	s.flushUp()
+	s.r.waitEmpty(s.g.ctx)
+}
+
+// guardRun runs a statement the policy allows with a row limit: inside a
+// savepoint (or a transaction of its own when the client is not in one),
+// reading the rows it touched from its command tag. Within the limit it is
+// released (committed) and its results reach the client; beyond it, it is
+// rolled back and held like a destructive statement, the request showing
+// the measured rows. exec is nil for a simple query.
+func (s *session) guardRun(sql string, v verdict, exec *pgproto3.Execute) {
+	s.drain()
+	block, failed := s.r.txState()
+	if failed {
+		// PostgreSQL refuses it anyway ("current transaction is aborted").
+		if exec == nil {
+			s.send(&pgproto3.Query{String: sql}, &entry{kind: ekQuery, recs: s.recs(v, "allow", "")})
+			s.flushUp()
+		} else {
+			s.send(exec, &entry{kind: ekExecute, recs: s.recs(v, "allow", "")})
+		}
+		return
+	}
+	if block {
+		s.inject("SAVEPOINT dualkey_guard")
+	} else {
+		s.inject("BEGIN")
+	}
+	gd := &guard{report: make(chan guardReport, 1), decide: make(chan guardDecision, 1)}
+	recs := s.recs(v, "allow", "")
+	if exec == nil {
+		s.send(&pgproto3.Query{String: sql}, &entry{kind: ekQuery, guard: gd, recs: recs})
+	} else {
+		s.send(exec, &entry{kind: ekExecute, guard: gd, recs: recs})
+		s.fe.Send(&pgproto3.Flush{})
+	}
+	s.flushUp()
+	var rep guardReport
+	select {
+	case rep = <-gd.report:
+	case <-s.r.done:
+		return
+	}
+	limit := v.dec.RowLimit
+	switch {
+	case rep.failed:
+		// The statement failed by itself: the client sees its error.
+		gd.decide <- guardDecision{keep: true, dropRFQ: exec == nil && !block}
+		if !block {
+			if exec == nil {
+				s.inject("ROLLBACK")
+				s.send(&pgproto3.Sync{}, &entry{kind: ekSync, suppress: true, keepRFQ: true})
+				s.flushUp()
+			} else {
+				s.afterSync = "ROLLBACK"
+			}
+		}
+		return
+	case rep.rows <= limit && !rep.overflow:
+		s.guardKeep(gd, block, exec == nil)
+		return
+	}
+	note := fmt.Sprintf("touches %d rows, more than the limit of %d (measured in a transaction rolled back by the gate)", rep.rows, limit)
+	if rep.overflow {
+		note = fmt.Sprintf("returns more than the gate can hold back while measuring (%d rows so far, limit %d)", rep.rows, limit)
+	}
+	if id, ok := s.consumeApproved(sql, v.res.Class); ok && !rep.overflow {
+		s.g.log.Info("gate: guarded statement runs on approval", "session", s.id, "request", id, "rows", rep.rows)
+		recs[0].decision, recs[0].request = "approved", id
+		s.guardKeep(gd, block, exec == nil)
+		return
+	}
+	recs[0].decision = "rolled back"
+	gd.decide <- guardDecision{keep: false, dropRFQ: exec == nil}
+	if block {
+		s.inject("ROLLBACK TO SAVEPOINT dualkey_guard")
+		s.inject("RELEASE SAVEPOINT dualkey_guard")
+	} else {
+		s.inject("ROLLBACK")
+	}
+	herr := s.hold(sql, v, rep.rows, note)
+	if exec == nil {
+		s.refuseQuery(herr)
+	} else {
+		s.refuseExt(herr)
+		s.flushUp()
+	}
+}
+
+func (s *session) guardKeep(gd *guard, block, simple bool) {
+	gd.decide <- guardDecision{keep: true, dropRFQ: simple}
+	if block {
+		s.inject("RELEASE SAVEPOINT dualkey_guard")
+	} else {
+		s.inject("COMMIT")
+	}
+	if simple {
+		s.send(&pgproto3.Sync{}, &entry{kind: ekSync, suppress: true, keepRFQ: true})
+	}
+	s.flushUp()
+}
+
+// recs returns the ledger records to fill in as v's statements complete.
+func (s *session) recs(v verdict, decision, request string) []*stmtRec {
+	out := make([]*stmtRec, 0, len(v.res.Statements))
+	for _, st := range v.res.Statements {
+		out = append(out, &stmtRec{class: string(st.Class), text: st.Text, decision: decision, rule: v.dec.Rule, request: request})
+	}
+	if len(out) == 0 {
+		out = append(out, &stmtRec{class: string(v.res.Class), decision: decision, rule: v.dec.Rule})
+	}
+	return out
+}
+
+// completed records one statement that ran (rows >= 0) or failed (code).
+func (s *session) completed(r *stmtRec, rows int64, code string) {
+	s.mu.Lock()
+	s.counts[r.class]++
+	s.mu.Unlock()
+	if r.class == string(classify.Read) && r.decision == "allow" && !s.g.cfg.RecordReads && code == "" {
+		return
+	}
+	data := map[string]any{"session": s.id, "db": s.dbName, "class": r.class, "decision": r.decision, "rule": r.rule,
+		"sql": auditText(r.text)}
+	if rows >= 0 {
+		data["rows"] = rows
+	}
+	if code != "" {
+		data["error"] = code
+	}
+	if r.request != "" {
+		data["request"] = r.request
+	}
+	s.g.rec.add(ledger.Entry{Kind: ledger.KindStatement, Actor: s.user.Name, Data: data})
+}
+
+// auditText is the statement as the ledger keeps it: clipped, and without
+// its text when it may carry a password (CREATE/ALTER ROLE ... PASSWORD).
+func auditText(sql string) string {
+	if strings.Contains(strings.ToLower(sql), "password") {
+		return "(text withheld: it may contain a password)"
+	}
+	if len(sql) > 4096 {
+		return sql[:4096] + "…"
+	}
+	return sql
+}
+
+func (s *session) deny(sql string, v verdict) {
+	s.g.log.Info("gate: statement denied", "session", s.id, "user", s.user.Name, "db", s.dbName, "class", v.res.Class, "rule", v.dec.Rule)
+	s.g.rec.add(ledger.Entry{Kind: ledger.KindStatement, Actor: s.user.Name, Data: map[string]any{
+		"session": s.id, "db": s.dbName, "class": string(v.res.Class), "decision": "deny", "rule": v.dec.Rule,
+		"reason": v.res.Reason, "sql": auditText(sql)}})
+}
+
+func errorResponse(code, msg, detail, hint string) *pgproto3.ErrorResponse {
+	return &pgproto3.ErrorResponse{Severity: "ERROR", SeverityUnlocalized: "ERROR", Code: code, Message: msg, Detail: detail, Hint: hint}
+}
+
+func denyError(v verdict) *pgproto3.ErrorResponse {
+	rule := v.dec.Rule
+	if rule == "" {
+		rule = "(default: nothing is allowed unless a rule says so)"
+	}
+	return errorResponse("42501", fmt.Sprintf("dualkey: statement denied by %s", rule),
+		fmt.Sprintf("class %s: %s", v.res.Class, v.res.Reason), v.dec.Message)
+}
