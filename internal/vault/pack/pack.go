@@ -74,6 +74,12 @@ func NewWriter(key *crypto.Key, sizeHint int) *Writer {
 	return &Writer{key: key, buf: make([]byte, 0, sizeHint)}
 }
 
+// NewWriterBuf is NewWriter writing into buf's memory (a buffer recycled
+// from an earlier pack: fresh memory costs a page fault per 4 KiB).
+func NewWriterBuf(key *crypto.Key, buf []byte) *Writer {
+	return &Writer{key: key, buf: buf[:0]}
+}
+
 // Add appends an already sealed blob.
 func (w *Writer) Add(t BlobType, id [32]byte, flags uint8, rawLen int, sealed []byte) Blob {
 	b := Blob{Type: t, Flags: flags, ID: id, Offset: uint32(len(w.buf)), Length: uint32(len(sealed)), RawLength: uint32(rawLen)}

@@ -57,7 +57,12 @@ func (r *Repository) saveBlob(ctx context.Context, t pack.BlobType, data []byte,
 	r.mu.Lock()
 	w := r.packers[t]
 	if w == nil {
-		w = pack.NewWriter(r.key, r.opts.PackSize+r.opts.PackSize/8)
+		select {
+		case b := <-r.packBufs:
+			w = pack.NewWriterBuf(r.key, b)
+		default:
+			w = pack.NewWriter(r.key, r.opts.PackSize+r.opts.PackSize/8)
+		}
 		r.packers[t] = w
 	}
 	w.Add(t, id, flags, len(data), sealed)
@@ -98,6 +103,15 @@ func (r *Repository) upload(ctx context.Context, w *pack.Writer) {
 	g.Go(func() error {
 		id := format.Hash(data)
 		err := r.store.Save(ctx, backend.Handle{Type: backend.Pack, Name: id.String()}, data)
+		if err == nil {
+			// A store has written or sent all of data once Save succeeded
+			// (a server answers only after reading the whole body): its
+			// memory serves the next pack.
+			select {
+			case r.packBufs <- data:
+			default:
+			}
+		}
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		if err != nil {

@@ -95,14 +95,15 @@ func (o *Options) ApplyDefaults() {
 
 // Repository is an open vault. It is safe for concurrent use.
 type Repository struct {
-	store   Store
-	key     *crypto.Key
-	cfg     format.Config
-	opts    Options
-	idx     *Index
-	enc     *zstd.Encoder
-	pageEnc *zstd.Encoder // SavePage's: no entropy coding of literals
-	dec     *zstd.Decoder
+	store    Store
+	key      *crypto.Key
+	cfg      format.Config
+	opts     Options
+	idx      *Index
+	enc      *zstd.Encoder
+	pageEnc  *zstd.Encoder // SavePage's: no entropy coding of literals
+	packBufs chan []byte   // memory of uploaded packs, for the next ones (a sync.Pool is emptied by every GC)
+	dec      *zstd.Decoder
 
 	// IndexErrors lists index objects that could not be read at Open.
 	// Their packs are found again by verify and rebuild-index.
@@ -246,7 +247,7 @@ func newRepository(store Store, key *crypto.Key, cfg format.Config, opts Options
 	if err != nil {
 		return nil, err
 	}
-	r := &Repository{store: store, key: key, cfg: cfg, opts: opts, idx: newIndex(), enc: enc, pageEnc: pageEnc, dec: dec,
+	r := &Repository{store: store, key: key, cfg: cfg, opts: opts, idx: newIndex(), enc: enc, pageEnc: pageEnc, dec: dec, packBufs: make(chan []byte, opts.Uploads+1),
 		packers: map[pack.BlobType]*pack.Writer{}, pending: map[ID]bool{}}
 	r.resetUploads()
 	return r, nil
