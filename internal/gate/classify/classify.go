@@ -121,6 +121,11 @@ func Classify(sql string, opts Options) (res Result) {
 			}
 		}()
 	}
+	if strings.IndexByte(sql, 0) >= 0 {
+		// The parser reads a C string and would stop at the NUL; what
+		// follows it must not slip past unread.
+		return unknownResult(sql, "parse.error", "does not parse: contains a NUL byte")
+	}
 	c := &classifier{opts: opts}
 	stmts, err := c.classifyText(sql, 0)
 	if err != nil {

@@ -141,9 +141,11 @@ func assignRHS(q string) (string, bool) {
 	return "", false
 }
 
-// defElems reads a DO's or CREATE FUNCTION's options: language, and the
-// body ("as").
-func defElems(opts []*pg_query.Node) (language string, body []string) {
+// defElems reads a DO's or CREATE FUNCTION's options: the language as
+// written (PostgreSQL looks it up case-sensitively), and the body ("as").
+// hasBody is false when there is none, or not in the shape pg_query's
+// PL/pgSQL compiler asserts on: handing it one would abort the process.
+func defElems(opts []*pg_query.Node, do bool) (language string, body []string, hasBody bool) {
 	for _, o := range opts {
 		d, ok := inner(o).(*pg_query.DefElem)
 		if !ok {
@@ -155,31 +157,38 @@ func defElems(opts []*pg_query.Node) (language string, body []string) {
 		case "as":
 			switch a := inner(d.Arg).(type) {
 			case *pg_query.String:
-				body = []string{a.Sval}
+				body, hasBody = []string{a.Sval}, do
 			case *pg_query.List:
+				body, hasBody = nil, !do && len(a.Items) > 0
 				for _, it := range a.Items {
-					body = append(body, strVal(it))
+					s, ok := inner(it).(*pg_query.String)
+					if !ok {
+						hasBody = false
+						continue
+					}
+					body = append(body, s.Sval)
 				}
 			}
 		}
 	}
-	return strings.ToLower(language), body
+	return language, body, hasBody
 }
 
 // untrusted reports a language whose code runs as the server's OS user.
 func untrusted(lang string) bool {
+	lang = strings.ToLower(lang)
 	return lang == "c" || lang == "internal" || strings.HasSuffix(lang, "u")
 }
 
 func (c *classifier) do(v *verdict, x *pg_query.DoStmt, text string, depth int) {
-	lang, _ := defElems(x.Args)
+	lang, _, hasBody := defElems(x.Args, true)
 	if lang == "" {
 		lang = "plpgsql"
 	}
 	v.hit("do", "DO block in "+lang)
 	switch {
 	case lang == "plpgsql":
-		if text == "" {
+		if text == "" || !hasBody {
 			// DO cannot be nested in another statement; be safe.
 			v.hit("plpgsql.error", "a DO block inside another statement")
 			return
@@ -201,7 +210,7 @@ func (c *classifier) createFunction(v *verdict, x *pg_query.CreateFunctionStmt, 
 	}
 	name := names(x.Funcname)
 	v.hit("create.function", "CREATE "+what+" "+name)
-	lang, body := defElems(x.Options)
+	lang, body, hasBody := defElems(x.Options, false)
 	prefix := fmt.Sprintf("in the body of %s: ", name)
 	switch {
 	case x.SqlBody != nil:
@@ -217,9 +226,12 @@ func (c *classifier) createFunction(v *verdict, x *pg_query.CreateFunctionStmt, 
 		}
 	case lang == "plpgsql":
 		in := verdict{}
-		if text == "" {
+		switch {
+		case !hasBody:
+			in.hit("plpgsql.error", "a PL/pgSQL function without a body")
+		case text == "":
 			in.hit("plpgsql.error", "a function definition inside another statement")
-		} else {
+		default:
 			c.plpgsql(&in, text, "", depth)
 		}
 		v.absorb(&in, prefix)
