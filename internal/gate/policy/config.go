@@ -68,7 +68,8 @@ func Parse(data []byte, name string) (*Config, error) {
 	p := &parser{file: name}
 	var doc yaml.Node
 	if err := yaml.Unmarshal(data, &doc); err != nil {
-		return nil, &ConfigError{File: name, Line: yamlErrLine(err), Msg: strings.TrimPrefix(err.Error(), "yaml: ")}
+		line, msg := yamlErr(err)
+		return nil, &ConfigError{File: name, Line: line, Msg: msg}
 	}
 	c := &Config{File: name, Upstreams: map[string]*Upstream{}, Groups: map[string][]string{}}
 	if len(doc.Content) == 0 {
@@ -81,17 +82,20 @@ func Parse(data []byte, name string) (*Config, error) {
 	return c, nil
 }
 
-// yamlErrLine digs the line out of a yaml.v3 syntax error ("yaml: line 4: ...").
-func yamlErrLine(err error) int {
-	s := err.Error()
-	if i := strings.Index(s, "line "); i >= 0 {
-		rest := s[i+5:]
-		if j := strings.IndexFunc(rest, func(r rune) bool { return r < '0' || r > '9' }); j > 0 {
-			n, _ := strconv.Atoi(rest[:j])
-			return n
-		}
+// yamlErr splits a yaml.v3 syntax error ("yaml: line 4: ...") into the
+// line and the message.
+func yamlErr(err error) (int, string) {
+	s := strings.TrimPrefix(err.Error(), "yaml: ")
+	rest, ok := strings.CutPrefix(s, "line ")
+	if !ok {
+		return 0, s
 	}
-	return 0
+	num, msg, ok := strings.Cut(rest, ": ")
+	n, err2 := strconv.Atoi(num)
+	if !ok || err2 != nil {
+		return 0, s
+	}
+	return n, msg
 }
 
 type parser struct {
