@@ -2,6 +2,7 @@ package pgagent
 
 import (
 	"archive/tar"
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -134,6 +135,12 @@ func BaseBackup(ctx context.Context, r *repo.Repository, connURL string, opts Ba
 		cfg.RuntimeParams["replication"] = "true"
 	} else if v != "true" && v != "on" && v != "yes" && v != "1" {
 		return nil, fmt.Errorf("pgagent: a base backup needs a physical replication connection (replication=true), not replication=%s", v)
+	}
+	// The archives arrive in the server's 8 KiB sends, and pgproto3 reads
+	// about that much per syscall: on the one goroutine that reads the
+	// stream, which a second backup (mostly unchanged pages) waits on.
+	cfg.BuildFrontend = func(r io.Reader, w io.Writer) *pgproto3.Frontend {
+		return pgproto3.NewFrontend(bufio.NewReaderSize(r, 1<<20), w)
 	}
 	conn, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {
