@@ -221,7 +221,7 @@ func (r *relay) run() {
 		// The upstream went away (or the session closed it): end the client too.
 		r.s.client.Close()
 	}
-	if err != nil && !errors.Is(err, io.EOF) {
+	if !errors.Is(err, io.EOF) {
 		r.s.g.log.Debug("gate: relay ended", "session", r.s.id, "err", err)
 	}
 }
