@@ -38,7 +38,7 @@ func (a *app) policyValidateCmd() *cobra.Command {
 			if a.jsonOut {
 				return a.printJSON(map[string]any{"config": config, "valid": true, "rules": len(c.Rules), "upstreams": len(c.Upstreams)})
 			}
-			a.say("%s: valid (%d rules, %d upstreams)\n", config, len(c.Rules), len(c.Upstreams))
+			a.say("%s: valid (%d rules, %d upstreams)", config, len(c.Rules), len(c.Upstreams))
 			return nil
 		},
 	}
