@@ -234,7 +234,7 @@ func (a *archiver) chunkStream(ctx context.Context, rd io.Reader, pageSize int) 
 			// buffer's free tail.
 			buf := (*bp)[:0]
 			for len(job.pages) < pageBatch && cap(buf)-len(buf) >= pageSize {
-				pg, err := sp.Next(buf[len(buf):len(buf)])
+				pg, err := sp.Next(buf[len(buf):])
 				if err == io.EOF {
 					eof = true
 					break
