@@ -141,9 +141,12 @@ else
 	drop_caches() { sync; }
 fi
 
-free_port() { # a free loopback port in 55000-55999, never 5432; not one handed out before
+# free_port prints a free loopback port in 20000-29999: below the kernel's
+# ephemeral range (32768-60999), where a client socket of this very run
+# (pgbench, the agent) could take the port between the check and the bind.
+free_port() {
 	local p
-	for p in $(shuf -i 55000-55999 -n 200); do
+	for p in $(shuf -i 20000-29999 -n 200); do
 		[[ " ${USED_PORTS:-} " == *" $p "* ]] && continue
 		if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
 			USED_PORTS="${USED_PORTS:-} $p"
@@ -151,7 +154,7 @@ free_port() { # a free loopback port in 55000-55999, never 5432; not one handed 
 			return
 		fi
 	done
-	die "no free port in 55000-55999"
+	die "no free port in 20000-29999"
 }
 
 SOCK=$PGW/sock # unix sockets of every server here (short path, owned by postgres)
