@@ -2,7 +2,6 @@ package pgagent
 
 import (
 	"archive/tar"
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -137,10 +136,13 @@ func BaseBackup(ctx context.Context, r *repo.Repository, connURL string, opts Ba
 		return nil, fmt.Errorf("pgagent: a base backup needs a physical replication connection (replication=true), not replication=%s", v)
 	}
 	// The archives arrive in the server's 8 KiB sends, and pgproto3 reads
-	// about that much per syscall: on the one goroutine that reads the
-	// stream, which a second backup (mostly unchanged pages) waits on.
+	// about that much per syscall, on the one goroutine that parses the
+	// stream (a second backup, mostly unchanged pages, waits on nothing
+	// else): read the socket in 1 MiB gulps, in a goroutine of its own.
+	var ra *readAhead
 	cfg.BuildFrontend = func(r io.Reader, w io.Writer) *pgproto3.Frontend {
-		return pgproto3.NewFrontend(bufio.NewReaderSize(r, 1<<20), w)
+		ra = newReadAhead(r, 1<<20, 8)
+		return pgproto3.NewFrontend(ra, w)
 	}
 	conn, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {
@@ -150,6 +152,7 @@ func BaseBackup(ctx context.Context, r *repo.Repository, connURL string, opts Ba
 		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		conn.Close(cctx)
+		ra.Close()
 	}()
 
 	version := conn.ParameterStatus("server_version")
