@@ -1,0 +1,482 @@
+#!/usr/bin/env bash
+# gate.sh measures the gate's cost: pgbench straight to PostgreSQL ("direct")
+# against pgbench through PgBouncer and through `dualkey gate`, in one run on
+# the same PostgreSQL 15 server and the same data (issue 6, point 9).
+#
+#   data      `pgbench -i -s $BENCH_GATE_SCALE` (default 10: ~160 MiB, in
+#             shared_buffers), tables owned by the role bench
+#   workloads pgbench select-only (-S) and TPC-B like (the default script),
+#             -M simple and -M prepared, 8 clients (-j 2) and 1 client,
+#             -T $BENCH_GATE_SECONDS each (default 15), -n (pgbench's own
+#             vacuum would TRUNCATE pgbench_history, which the gate holds);
+#             before every TPC-B run, straight to the server and untimed:
+#             TRUNCATE pgbench_history, VACUUM the small tables, CHECKPOINT
+#   targets   direct, pgbouncer, gate; for every workload the three run one
+#             after the other in an order rotated per round, and the whole
+#             set repeats $BENCH_GATE_ROUNDS times (default 3): tps and
+#             latency are the medians, so load from other processes lands on
+#             all three alike
+#   profile   afterwards, a gate started with DUALKEY_CPUPROFILE runs the
+#             8-client select-only workload once per protocol; stopped with
+#             SIGINT so the profile is flushed; `go tool pprof -top` of each
+#
+# Settings, chosen to make the proxies' jobs alike:
+#   TLS off for all three (sslmode=disable; the gate with require_tls: false
+#     and no certificate), so no side pays for encryption.
+#   Authentication SCRAM-SHA-256 everywhere: the server's pg_hba for the role
+#     bench; PgBouncer's auth_type=scram-sha-256 against the role's verifier
+#     (copied from pg_authid into its auth_file); the gate against the
+#     verifier `dualkey users passwd` stored. pgbench connects once per client
+#     (no -C), so login costs are outside the timed part anyway.
+#   Brokered upstream credentials in both proxies: PgBouncer's [databases]
+#     entry carries user= and password=, the gate's upstreams: entry a
+#     password_file; so both log in upstream with a secret the client never
+#     sent, as the gate always does.
+#   PgBouncer 1.18 (Debian bookworm) in pool_mode=session: one server
+#     connection per client connection for its whole life, as the gate works.
+#     Transaction pooling would break -M prepared (1.18 has no prepared
+#     statement tracking) and does something the gate does not.
+#     default_pool_size 20 >= clients. PgBouncer is one thread; the gate uses
+#     every core (GOMAXPROCS = 2 here).
+#   The gate's policy allows read and write for the person bench on the
+#     database bench and sets no max_rows: TPC-B's UPDATEs are not measured by
+#     the blast-radius guard (its cost, a round trip and two injected
+#     statements per guarded statement, is described in docs/gate.md). Every
+#     write statement is still classified and recorded in the ledger (SQLite
+#     state beside the config); reads are counted per session.
+#   PostgreSQL: shared_buffers=256MB, everything else default; proxies and
+#     server on 127.0.0.1.
+#
+# Usage: bench/gate.sh [WORKDIR]   (default $BENCH_WORK or /tmp/dualkey-bench)
+# Environment: BENCH_GATE_SCALE (10), BENCH_GATE_SECONDS (15),
+# BENCH_GATE_ROUNDS (3), BENCH_GATE_PROFILE (1; 0 skips the profile runs),
+# DUALKEY_BIN (default bin/dualkey), BENCH_RESULTS (markdown appended;
+# default bench/results/<date>.md), BENCH_LOCK (a file created for each timed
+# window and removed after it, so cooperating users of the machine can keep
+# off the CPU; none by default).
+# Needs root (servers run as user postgres) and `scripts/setup.sh bench`.
+# Never touches port 5432 or 6432.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+WORK=${1:-${BENCH_WORK:-/tmp/dualkey-bench}}
+SCALE=${BENCH_GATE_SCALE:-10}
+RUN_SECONDS=${BENCH_GATE_SECONDS:-15}
+ROUNDS=${BENCH_GATE_ROUNDS:-3}
+PROFILE=${BENCH_GATE_PROFILE:-1}
+LOCK=${BENCH_LOCK:-}
+DUALKEY_SRC=${DUALKEY_BIN:-$ROOT/bin/dualkey}
+RESULTS=${BENCH_RESULTS:-$ROOT/bench/results/$(date +%Y-%m-%d).md}
+PGBIN=/usr/lib/postgresql/15/bin
+PGBOUNCER=/usr/sbin/pgbouncer
+GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
+OSUSER=postgres
+GW=$WORK/gate
+
+say() { echo "gate-bench: $*" >&2; }
+die() {
+	echo "gate-bench: error: $*" >&2
+	exit 1
+}
+
+((EUID == 0)) || die "run as root (servers run as user $OSUSER)"
+[[ -x $PGBIN/initdb && -x $PGBIN/pgbench ]] || die "PostgreSQL 15 missing; run scripts/setup.sh bench"
+[[ -x $PGBOUNCER ]] || die "pgbouncer missing; run scripts/setup.sh bench"
+[[ -x $DUALKEY_SRC ]] || die "dualkey binary $DUALKEY_SRC missing; make build (or DUALKEY_BIN=...)"
+[[ $PROFILE == 0 || -x $GO ]] || die "go needed for go tool pprof (or BENCH_GATE_PROFILE=0)"
+id "$OSUSER" >/dev/null 2>&1 || die "no OS user $OSUSER"
+PGHOME=$(getent passwd "$OSUSER" | cut -d: -f6)
+
+# as_pg CMD... runs CMD as the postgres user; exec all the way, so $! of a
+# background as_pg is the command's own pid. DUALKEY_REPO is dropped: the
+# gate's ledger must not be mirrored into whatever vault the caller uses.
+AS_PG=(env -u DUALKEY_REPO -u DUALKEY_STATE HOME="$PGHOME" USER=$OSUSER LOGNAME=$OSUSER
+	setpriv --reuid="$OSUSER" --regid="$OSUSER" --init-groups --)
+as_pg() { "${AS_PG[@]}" "$@"; }
+
+# --- bookkeeping: everything started is stopped on exit -------------------------------
+RUNNING_PG=() # data dirs of servers this script started
+BG_PIDS=()    # pgbouncer and gates, started as "${AS_PG[@]}" CMD &, so $! is CMD's own pid
+cleanup() {
+	local rc=$? p d
+	[[ -z $LOCK ]] || rm -f "$LOCK"
+	for p in "${BG_PIDS[@]}"; do
+		kill -INT "$p" 2>/dev/null || true
+	done
+	for p in "${BG_PIDS[@]}"; do
+		for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$p" 2>/dev/null || break; sleep 0.3; done
+		kill -KILL "$p" 2>/dev/null || true
+	done
+	for d in "${RUNNING_PG[@]}"; do
+		if [[ -f $d/postmaster.pid ]]; then
+			as_pg "$PGBIN/pg_ctl" -D "$d" -m immediate -w -t 60 stop >/dev/null 2>&1 || true
+			say "stopped server for $d"
+		fi
+	done
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+bg_forget() { # PID: drop from BG_PIDS
+	local p keep=()
+	for p in "${BG_PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+	BG_PIDS=("${keep[@]}")
+}
+bg_stop() { # PID [SIGNAL]: stop one background process and wait for it
+	kill -"${2:-INT}" "$1" 2>/dev/null || true
+	wait "$1" 2>/dev/null || true
+	bg_forget "$1"
+}
+
+lock_on() { [[ -z $LOCK ]] || touch "$LOCK"; }
+lock_off() { [[ -z $LOCK ]] || rm -f "$LOCK"; }
+
+# free_port prints a free loopback port in 20000-29999: below the kernel's
+# ephemeral range (32768-60999), where a client socket of this very run could
+# take the port between the check and the bind.
+free_port() {
+	local p
+	for p in $(shuf -i 20000-29999 -n 200); do
+		[[ " ${USED_PORTS:-} " == *" $p "* ]] && continue
+		if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+			USED_PORTS="${USED_PORTS:-} $p"
+			echo "$p"
+			return
+		fi
+	done
+	die "no free port in 20000-29999"
+}
+
+now() { date +%s.%N; }
+# wait_until DESCRIPTION TIMEOUT_S SHELL-CONDITION: evaluate it every 0.1 s
+wait_until() {
+	local what=$1 limit=$2 cond=$3 t0
+	t0=$(now)
+	until eval "$cond" 2>/dev/null; do
+		if awk -v a="$t0" -v b="$(now)" -v l="$limit" 'BEGIN { exit !(b - a > l) }'; then
+			die "timed out after ${limit}s waiting for $what"
+		fi
+		sleep 0.1
+	done
+}
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# cpu_ticks PID: user + system clock ticks the process has used so far
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
+SOCK=$GW/sock
+psql_sock() { # DB SQL: as the superuser over the unix socket (trust)
+	as_pg "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h "$SOCK" -p "$PGPORT" -U postgres -d "$1" -c "$2"
+}
+
+COMMANDS=()
+note() { # LABEL CMD...: record the exact command with this run's paths replaced
+	local line="${*:2}"
+	line=${line//$GW\/bin\/dualkey/dualkey}
+	line=${line//$GW/GW}
+	COMMANDS+=("$1: $line")
+}
+
+# --- setup: server, data, role, PgBouncer, gate ------------------------------------------
+mkdir -p "$WORK" "$(dirname "$RESULTS")"
+chmod 755 "$WORK"
+rm -rf "$GW"
+install -d -o "$OSUSER" -m 755 "$GW" "$GW/bin" "$SOCK" "$GW/logs" "$GW/run"
+install -o root -m 755 "$DUALKEY_SRC" "$GW/bin/dualkey"
+DK=("$GW/bin/dualkey")
+PASSWORD=$(head -c 18 /dev/urandom | base64 | tr '+/' 'xy')
+# pgbench and psql read the password from a passfile, never from argv.
+(umask 077 && echo "*:*:*:bench:$PASSWORD" >"$GW/pgpass" && echo "$PASSWORD" >"$GW/upstream.pw")
+chown "$OSUSER" "$GW/pgpass" "$GW/upstream.pw"
+
+DATA=$GW/data
+PGPORT=$(free_port)
+install -d -o "$OSUSER" -m 700 "$DATA"
+as_pg "$PGBIN/initdb" -D "$DATA" -U postgres -A trust -E UTF8 --locale=C.UTF-8 >/dev/null
+cat >"$DATA/pg_hba.conf" <<-EOF
+	local all postgres trust
+	host all postgres 127.0.0.1/32 trust
+	host all bench 127.0.0.1/32 scram-sha-256
+EOF
+as_pg "$PGBIN/pg_ctl" -D "$DATA" -l "$GW/logs/postgres.log" -w -t 120 start \
+	-o "-c listen_addresses=127.0.0.1 -p $PGPORT -k $SOCK -c shared_buffers=256MB -c max_connections=100" >/dev/null
+RUNNING_PG+=("$DATA")
+psql_sock postgres "CREATE ROLE bench LOGIN PASSWORD '$PASSWORD'" >/dev/null
+psql_sock postgres "CREATE DATABASE bench OWNER bench" >/dev/null
+t0=$SECONDS
+as_pg env PGPASSFILE="$GW/pgpass" "$PGBIN/pgbench" -h 127.0.0.1 -p "$PGPORT" -U bench -i -q -s "$SCALE" bench 2>&1 | tail -n 1 >&2
+psql_sock bench "VACUUM ANALYZE" >/dev/null
+psql_sock bench "CHECKPOINT" >/dev/null
+say "server on 127.0.0.1:$PGPORT, pgbench scale $SCALE loaded in $((SECONDS - t0))s"
+note "data" "pgbench -i -q -s $SCALE bench  (as role bench, SCRAM-SHA-256; server: shared_buffers=256MB)"
+
+# PgBouncer: the client logs in with SCRAM against the role's own verifier.
+VERIFIER=$(psql_sock postgres "SELECT rolpassword FROM pg_authid WHERE rolname = 'bench'")
+[[ $VERIFIER == SCRAM-SHA-256* ]] || die "the role's password is not a SCRAM verifier"
+BOUNCER_PORT=$(free_port)
+(umask 077 && echo "\"bench\" \"$VERIFIER\"" >"$GW/userlist.txt")
+(umask 077 && cat >"$GW/pgbouncer.ini" <<-EOF
+	[databases]
+	bench = host=127.0.0.1 port=$PGPORT dbname=bench user=bench password=$PASSWORD
+
+	[pgbouncer]
+	listen_addr = 127.0.0.1
+	listen_port = $BOUNCER_PORT
+	unix_socket_dir =
+	auth_type = scram-sha-256
+	auth_file = $GW/userlist.txt
+	pool_mode = session
+	default_pool_size = 20
+	max_client_conn = 100
+	logfile = $GW/logs/pgbouncer.log
+	pidfile = $GW/run/pgbouncer.pid
+	log_connections = 0
+	log_disconnections = 0
+EOF
+)
+chown "$OSUSER" "$GW/userlist.txt" "$GW/pgbouncer.ini"
+"${AS_PG[@]}" "$PGBOUNCER" -q "$GW/pgbouncer.ini" &
+BOUNCER=$!
+BG_PIDS+=("$BOUNCER")
+wait_until "pgbouncer to listen" 30 "listening $BOUNCER_PORT"
+note "pgbouncer" "pgbouncer -q GW/pgbouncer.ini  (pool_mode=session, auth_type=scram-sha-256, default_pool_size=20; [databases] bench = host=127.0.0.1 port=PG dbname=bench user=bench password=...)"
+
+# The gate: one person, bench, with a SCRAM verifier in the state store.
+GATE_PORT=$(free_port)
+STATE=$GW/state/state.db
+install -d -o "$OSUSER" -m 700 "$GW/state"
+as_pg "${DK[@]}" -q --state "$STATE" users add bench >/dev/null
+as_pg "${DK[@]}" -q --state "$STATE" users passwd bench --password-stdin <<<"$PASSWORD" >/dev/null
+cat >"$GW/gate.yaml" <<-EOF
+	listen: 127.0.0.1:$GATE_PORT
+	tls:
+	  require_tls: false          # TLS off for all three targets
+	state: $STATE
+	upstreams:
+	  bench:
+	    host: 127.0.0.1
+	    port: $PGPORT
+	    user: bench
+	    password_file: upstream.pw
+	    sslmode: disable
+	rules:
+	  - name: pgbench reads and writes
+	    users: [bench]
+	    databases: [bench]
+	    classes: [read, write]
+	    action: allow             # no max_rows: the guard stays out of TPC-B
+EOF
+chown "$OSUSER" "$GW/gate.yaml"
+note "gate users" "dualkey --state GW/state/state.db users add bench; dualkey --state GW/state/state.db users passwd bench --password-stdin"
+note "gate" "dualkey gate --config GW/gate.yaml  (gate.yaml in the results)"
+
+# gate_start [ENV=VALUE...]: start a gate; sets GATE
+gate_start() {
+	"${AS_PG[@]}" env "$@" "${DK[@]}" gate --config "$GW/gate.yaml" >>"$GW/logs/gate.log" 2>&1 &
+	GATE=$!
+	BG_PIDS+=("$GATE")
+	wait_until "the gate to listen" 30 "listening $GATE_PORT"
+	kill -0 "$GATE" || die "gate exited: $(tail -n 5 "$GW/logs/gate.log")"
+}
+gate_start
+
+# --- runs ------------------------------------------------------------------------------------
+TARGETS=(direct pgbouncer gate)
+declare -A PORT_OF=([direct]=$PGPORT [pgbouncer]=$BOUNCER_PORT [gate]=$GATE_PORT)
+CASES=("select simple 8" "select prepared 8" "tpcb simple 8" "tpcb prepared 8"
+	"select simple 1" "select prepared 1" "tpcb simple 1" "tpcb prepared 1")
+declare -A TPS LAT CPU # "case target" -> space-separated values, one per round
+
+# pgbench_cmd WORKLOAD MODE CLIENTS PORT: sets CMD
+pgbench_cmd() {
+	local jobs=2
+	(($3 == 1)) && jobs=1
+	CMD=("$PGBIN/pgbench" -h 127.0.0.1 -p "$4" -U bench -n -M "$2" -c "$3" -j "$jobs" -T "$RUN_SECONDS")
+	[[ $1 == select ]] && CMD+=(-S)
+	CMD+=(bench)
+}
+
+# run_one WORKLOAD MODE CLIENTS TARGET LOG: one timed pgbench; sets R_TPS,
+# R_LAT (ms) and R_CPU (the proxy's CPU, % of one core, over the run)
+run_one() {
+	local w=$1 m=$2 c=$3 target=$4 log=$5 pid="" t0 t1 c0 c1
+	if [[ $w == tpcb ]]; then
+		# psql -c runs a string as one transaction; VACUUM refuses that.
+		psql_sock bench "TRUNCATE pgbench_history" >/dev/null
+		psql_sock bench "VACUUM ANALYZE pgbench_branches, pgbench_tellers" >/dev/null
+		psql_sock bench "CHECKPOINT" >/dev/null
+	fi
+	pgbench_cmd "$w" "$m" "$c" "${PORT_OF[$target]}"
+	case $target in pgbouncer) pid=$BOUNCER ;; gate) pid=$GATE ;; esac
+	[[ -z $pid ]] || c0=$(cpu_ticks "$pid")
+	t0=$(now)
+	as_pg env PGPASSFILE="$GW/pgpass" "${CMD[@]}" >"$log" 2>&1 || {
+		tail -n 20 "$log" >&2
+		die "pgbench failed: ${CMD[*]}"
+	}
+	t1=$(now)
+	if grep -q "number of failed transactions: [1-9]" "$log"; then
+		tail -n 20 "$log" >&2
+		die "pgbench reported failed transactions: ${CMD[*]}"
+	fi
+	R_TPS=$(awk '/^tps = / { printf "%.1f", $3 }' "$log")
+	R_LAT=$(awk '/^latency average = / { print $4 }' "$log")
+	[[ -n $R_TPS && -n $R_LAT ]] || die "no tps in $log"
+	R_CPU=-
+	if [[ -n $pid ]]; then
+		c1=$(cpu_ticks "$pid")
+		R_CPU=$(awk -v a="$c0" -v b="$c1" -v t0="$t0" -v t1="$t1" -v hz="$(getconf CLK_TCK)" \
+			'BEGIN { printf "%.0f", (b - a) / hz / (t1 - t0) * 100 }')
+	fi
+}
+
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+START=$(date -u '+%Y-%m-%d %H:%M UTC')
+for ((r = 1; r <= ROUNDS; r++)); do
+	# One locked window per round: 8 workloads x 3 targets x RUN_SECONDS.
+	lock_on
+	for ((k = 0; k < ${#CASES[@]}; k++)); do
+		read -r w m c <<<"${CASES[$k]}"
+		for ((i = 0; i < 3; i++)); do
+			# Rotate the order per round and per workload so no target always
+			# runs first (right after a CHECKPOINT) or last.
+			target=${TARGETS[$(((i + r + k) % 3))]}
+			run_one "$w" "$m" "$c" "$target" "$GW/logs/r$r-$w-$m-c$c-$target.log"
+			TPS["${CASES[$k]} $target"]+="$R_TPS "
+			LAT["${CASES[$k]} $target"]+="$R_LAT "
+			CPU["${CASES[$k]} $target"]+="$R_CPU "
+			say "round $r: $w -M $m -c $c $target: $R_TPS tps, $R_LAT ms, proxy CPU $R_CPU%"
+		done
+	done
+	lock_off
+	if ((r == 1)); then
+		for ((k = 0; k < ${#CASES[@]}; k++)); do
+			read -r w m c <<<"${CASES[$k]}"
+			pgbench_cmd "$w" "$m" "$c" PORT
+			note "pgbench $w $m c$c" env PGPASSFILE=GW/pgpass "${CMD[@]}"
+		done
+	fi
+	sleep 2
+done
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+bg_stop "$GATE"
+
+# --- profile: a gate of its own per protocol, 8-client select-only --------------------------
+PROFILE_TOPS=()
+if [[ $PROFILE != 0 ]]; then
+	lock_on
+	for m in simple prepared; do
+		prof=$GW/gate-select-$m.pprof
+		gate_start DUALKEY_CPUPROFILE="$prof"
+		run_one select "$m" 8 gate "$GW/logs/profile-$m.log"
+		say "profile run -M $m: $R_TPS tps, gate CPU $R_CPU%"
+		PROFILE_TOPS+=("-M $m, $R_TPS tps, gate CPU $R_CPU% of one core")
+		bg_stop "$GATE" INT
+		[[ -s $prof ]] || die "no profile in $prof"
+		"$GO" tool pprof -top -nodecount=30 "$GW/bin/dualkey" "$prof" >"$GW/profile-$m.top" 2>/dev/null
+		"$GO" tool pprof -top -cum -nodecount=30 "$GW/bin/dualkey" "$prof" >"$GW/profile-$m.cum" 2>/dev/null
+	done
+	lock_off
+	note "profile" "DUALKEY_CPUPROFILE=GW/gate-select-MODE.pprof dualkey gate --config GW/gate.yaml; pgbench -S -c 8 -j 2 -M MODE; kill -INT; go tool pprof -top [-cum] -nodecount=30 dualkey GW/gate-select-MODE.pprof"
+fi
+
+# --- report ----------------------------------------------------------------------------------
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+ROWS=()
+GOALS=()
+for cs in "${CASES[@]}"; do
+	read -r w m c <<<"$cs"
+	declare -A mt ml
+	for t in "${TARGETS[@]}"; do
+		mt[$t]=$(median <<<"${TPS["$cs $t"]}")
+		ml[$t]=$(median <<<"${LAT["$cs $t"]}")
+	done
+	stmts=1
+	[[ $w == tpcb ]] && stmts=7 # BEGIN, 3 UPDATE, SELECT, INSERT, END
+	row=$(awk -v w="$w" -v m="$m" -v c="$c" -v n="$stmts" \
+		-v dt="${mt[direct]}" -v bt="${mt[pgbouncer]}" -v gt="${mt[gate]}" \
+		-v dl="${ml[direct]}" -v bl="${ml[pgbouncer]}" -v gl="${ml[gate]}" \
+		-v bc="$(median <<<"${CPU["$cs pgbouncer"]}")" -v gc="$(median <<<"${CPU["$cs gate"]}")" 'BEGIN {
+		printf "| %s | %s | %d | %.0f | %.0f (%.0f%%) | %.0f (%.0f%%) | %.3f | %+.3f / %+.3f | %+.3f / %+.3f | %s%% | %s%% |",
+			(w == "select") ? "select-only" : "TPC-B", m, c, dt, bt, 100 * bt / dt, gt, 100 * gt / dt,
+			dl, bl - dl, (bl - dl) / n, gl - dl, (gl - dl) / n, bc, gc }')
+	ROWS+=("$row")
+	if ((c == 8)); then
+		GOALS+=("$(awk -v l="$w -M $m, 8 clients" -v dt="${mt[direct]}" -v bt="${mt[pgbouncer]}" -v gt="${mt[gate]}" 'BEGIN {
+			printf "%s: gate %.0f%% of direct, PgBouncer %.0f%%: %s", l, 100 * gt / dt, 100 * bt / dt, (gt >= bt) ? "met" : "NOT met" }')")
+	else
+		GOALS+=("$(awk -v l="$w -M $m, 1 client" -v n="$stmts" -v dl="${ml[direct]}" -v bl="${ml[pgbouncer]}" -v gl="${ml[gate]}" 'BEGIN {
+			printf "%s: added latency per statement gate %.3f ms, PgBouncer %.3f ms: %s", l, (gl - dl) / n, (bl - dl) / n, (gl <= bl) ? "met" : "NOT met" }')")
+	fi
+	unset mt ml
+done
+
+report() {
+	echo "## Gate benchmark: direct vs PgBouncer vs dualkey gate, $START (pgbench scale $SCALE)"
+	echo
+	echo "Machine: $(lscpu | awk -F': +' '/^Model name/ {print $2; exit}'), $(nproc) cores," \
+		"$(free -g | awk '/^Mem:/ {print $2}') GiB RAM, kernel $(uname -r)."
+	echo
+	echo "Load average (1, 5, 15 min) at start: $LOAD_START; at end of the timed rounds: $LOAD_END."
+	echo
+	echo "Versions: $("${DK[@]}" version | head -n 1); $("$PGBOUNCER" --version | head -n 1);" \
+		"$(psql_sock postgres 'SHOW server_version'); $("$PGBIN/pgbench" --version)."
+	echo
+	echo "Medians of $ROUNDS rounds, -T $RUN_SECONDS each; the three targets interleaved per workload, order rotated per round."
+	echo "Latency: pgbench's latency average per transaction; the added latency is the proxy's minus direct, per transaction / per statement (TPC-B: 7 statements)."
+	echo "Proxy CPU: the proxy process's user+system time over the run, in % of one core."
+	echo
+	echo "| workload | protocol | clients | direct tps | PgBouncer tps (of direct) | gate tps (of direct) | direct latency ms | PgBouncer added ms (txn / stmt) | gate added ms (txn / stmt) | PgBouncer CPU | gate CPU |"
+	echo "|---|---|---|---|---|---|---|---|---|---|---|"
+	printf '%s\n' "${ROWS[@]}"
+	echo
+	echo "Goals (issue 6): throughput with 8 clients at least PgBouncer's as a ratio to direct; added latency per statement with 1 client at most PgBouncer's."
+	echo
+	printf -- '- %s\n' "${GOALS[@]}"
+	echo
+	echo "Every run (tps / latency ms / proxy CPU %, rounds in order):"
+	echo
+	echo '```'
+	for cs in "${CASES[@]}"; do
+		for t in "${TARGETS[@]}"; do
+			printf '%-20s %-9s tps %-26s lat %-22s cpu %s\n' "$cs" "$t" "${TPS["$cs $t"]}" "${LAT["$cs $t"]}" "${CPU["$cs $t"]}"
+		done
+	done
+	echo '```'
+	if ((${#PROFILE_TOPS[@]})); then
+		echo
+		echo "CPU profile of the gate during pgbench -S -c 8 -j 2 -T $RUN_SECONDS (its own gate process, started with DUALKEY_CPUPROFILE, stopped with SIGINT):"
+		local i=0
+		for m in simple prepared; do
+			echo
+			echo "-M ${PROFILE_TOPS[$i]}; \`go tool pprof -top -nodecount=30\`:"
+			echo
+			echo '```'
+			sed -n '1,40p' "$GW/profile-$m.top"
+			echo '```'
+			echo
+			echo "\`-top -cum -nodecount=30\`:"
+			echo
+			echo '```'
+			sed -n '1,40p' "$GW/profile-$m.cum"
+			echo '```'
+			i=$((i + 1))
+		done
+	fi
+	echo
+	echo "gate.yaml (ports and paths of this run):"
+	echo
+	echo '```yaml'
+	sed "s|$GW|GW|g" "$GW/gate.yaml"
+	echo '```'
+	echo
+	echo "Commands (GW = $GW; PG = the server's port, PORT = the target's):"
+	echo
+	echo '```'
+	printf '%s\n' "${COMMANDS[@]}" | sed "s|$WORK|WORK|g"
+	echo '```'
+	echo
+}
+report | tee -a "$RESULTS"
+say "appended to ${RESULTS#"$ROOT"/}"
