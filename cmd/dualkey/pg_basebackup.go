@@ -31,7 +31,8 @@ mismatch fails the backup and commits nothing.
 WAL is not included: run 'dualkey pg agent' to stream it. The backup can be
 restored once the vault holds WAL up to its end LSN.`,
 		Args: cobra.NoArgs,
-		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, _ []string) error {
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
 			if pgURL == "" {
 				pgURL = a.getenv("DUALKEY_PG")
 			}
@@ -46,7 +47,19 @@ restored once the vault holds WAL up to its end LSN.`,
 			opts.Log = a.log
 			prog := a.newProgress("base backup")
 			opts.Progress = prog.backup
-			res, err := pgagent.BaseBackup(ctx, r, repURL, opts)
+			// The vault is opened while the server checkpoints.
+			var r *repo.Repository
+			defer func() {
+				if r != nil {
+					r.Close()
+				}
+			}()
+			opts.Open = func(ctx context.Context) (*repo.Repository, error) {
+				var err error
+				r, err = a.openRepo(ctx)
+				return r, err
+			}
+			res, err := pgagent.BaseBackup(ctx, nil, repURL, opts)
 			prog.done()
 			if err != nil {
 				return err
@@ -62,7 +75,7 @@ restored once the vault holds WAL up to its end LSN.`,
 			a.say("took %s", m.EndTime.Sub(m.StartTime).Round(time.Millisecond))
 			a.say("snapshot %s saved at %s (vault clock), locked until %s", res.ID.String()[:10], res.Lock.Time.Format(time.RFC3339), res.Lock.Until.Format(time.RFC3339))
 			return nil
-		}),
+		},
 	}
 	f := c.Flags()
 	f.StringVar(&pgURL, "pg", "", "PostgreSQL connection URL (a superuser or a role with REPLICATION; env DUALKEY_PG)")

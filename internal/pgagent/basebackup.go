@@ -53,6 +53,11 @@ type BaseBackupOptions struct {
 	// MaxRate throttles the server's sending, in KiB/s (32 to 1048576);
 	// 0 is unlimited.
 	MaxRate int
+	// Open, when BaseBackup is given no repository, opens it while the
+	// server checkpoints and starts sending: opening costs a key
+	// derivation and loading the index, which need not wait for each
+	// other. BaseBackup returns only after Open has.
+	Open func(context.Context) (*repo.Repository, error)
 	// Workers hash, compress and encrypt chunks (archiver.Options.Workers).
 	Workers  int
 	Progress func(archiver.Progress)
@@ -105,6 +110,26 @@ func IsRelationFile(p string) bool {
 // and its archive framing). Tablespaces outside the data directory are
 // stored under pg_tblspc/<oid>/ (see BaseMeta.Tablespaces).
 func BaseBackup(ctx context.Context, r *repo.Repository, connURL string, opts BaseBackupOptions) (*BaseBackupResult, error) {
+	type opened struct {
+		r   *repo.Repository
+		err error
+	}
+	var openc chan opened
+	if r == nil {
+		if opts.Open == nil {
+			return nil, errors.New("pgagent: base backup without a repository")
+		}
+		openc = make(chan opened, 1)
+		go func() {
+			r, err := opts.Open(ctx)
+			openc <- opened{r, err}
+		}()
+		defer func() {
+			if openc != nil {
+				<-openc // never return while Open runs: the caller closes what it opened
+			}
+		}()
+	}
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
@@ -176,6 +201,14 @@ func BaseBackup(ctx context.Context, r *repo.Repository, connURL string, opts Ba
 		return nil, err
 	}
 	opts.Log.Info("base backup started", "system_id", sysID, "timeline", bb.meta.Timeline, "start_lsn", bb.meta.StartLSN, "label", opts.Label)
+	if openc != nil {
+		o := <-openc
+		openc = nil
+		if o.err != nil {
+			return nil, o.err
+		}
+		r = o.r
+	}
 
 	host := opts.Hostname
 	if host == "" {

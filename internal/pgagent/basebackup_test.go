@@ -385,3 +385,38 @@ func TestSecondBaseBackupStoresChangedPages(t *testing.T) {
 			added, lsnMoved, hintOnly, other, bound)
 	}
 }
+
+// TestBaseBackupOpensVaultMeanwhile: given Open instead of a repository,
+// the backup opens the vault while the server starts, and an Open that
+// fails fails the backup with its own error and commits nothing.
+func TestBaseBackupOpensVaultMeanwhile(t *testing.T) {
+	ctx := context.Background()
+	srv := pgtest.Start(t, pgtest.Options{})
+	srv.Exec("postgres", "CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 5000) g")
+	env := repotest.New(t, time.Hour)
+
+	wrong := errors.New("test: wrong password")
+	_, err := BaseBackup(ctx, nil, srv.ReplicationURL(), BaseBackupOptions{Open: func(context.Context) (*repo.Repository, error) {
+		time.Sleep(100 * time.Millisecond) // still opening when the stream starts
+		return nil, wrong
+	}})
+	if !errors.Is(err, wrong) {
+		t.Fatalf("err = %v, want the Open error", err)
+	}
+	if snaps, _, err := env.Repo.Snapshots(ctx); err != nil || len(snaps) != 0 {
+		t.Fatalf("%d snapshots after a failed open (%v)", len(snaps), err)
+	}
+	if _, err := BaseBackup(ctx, nil, srv.ReplicationURL(), BaseBackupOptions{}); err == nil {
+		t.Fatal("no repository and no Open: accepted")
+	}
+
+	res, err := BaseBackup(ctx, nil, srv.ReplicationURL(), BaseBackupOptions{Open: func(context.Context) (*repo.Repository, error) {
+		return env.Repo, nil
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snaps, _, err := env.Repo.Snapshots(ctx); err != nil || len(snaps) != 1 || snaps[0].ID != res.ID {
+		t.Fatalf("snapshots %v (%v), want the one backup %s", snaps, err, res.ID)
+	}
+}
