@@ -59,6 +59,8 @@ base_pkgs=(
 	postgresql-15 postgresql-client-15 postgresql-contrib # internal/pgtest starts real servers
 	gcc libc6-dev                                         # cgo: go test -race, pg_query later
 	git make ca-certificates diffutils util-linux procps  # make, demo (diff -r), runuser
+	python3-psycopg2 libpostgresql-jdbc-java              # internal/gate: real clients through the gate
+	default-jdk-headless nodejs npm                       # javac for the JDBC client; npm ci of node-postgres
 )
 bench_pkgs=(borgbackup pgbackrest pgbouncer time rsync) # peers; time -v and rsync for bench/
 
@@ -87,6 +89,14 @@ for p in "${want_pkgs[@]}"; do
 		;;
 	postgresql-client-15)
 		if pg_present && [[ -x /usr/lib/postgresql/15/bin/psql ]]; then continue; fi
+		;;
+	# Any JDK, and Node.js from elsewhere (NodeSource's nodejs bundles npm and
+	# conflicts with Debian's npm), count as present when their commands are.
+	default-jdk-headless)
+		if command -v javac >/dev/null && command -v java >/dev/null; then continue; fi
+		;;
+	nodejs | npm)
+		if command -v "${p/nodejs/node}" >/dev/null; then continue; fi
 		;;
 	esac
 	if [[ ${status[$p]:-} != installed ]]; then
