@@ -79,14 +79,19 @@ const maxFiles = 1 << 16
 
 // tracker follows transactions from their records to their commit or abort.
 type tracker struct {
-	opts    *Options
-	txs     map[uint32]*txState
-	files   map[RelFileNode]*fileState
-	err     error
-	capHit  bool
-	scratch map[RelFileNode]*[2]int64
-	xidsBuf []uint32
+	opts   *Options
+	txs    map[uint32]*txState
+	files  map[RelFileNode]*fileState
+	err    error
+	capHit bool
+	// orphans are files created before their transaction had an xid
+	// (xl_xid 0): TRUNCATE logs the new file before it first writes a
+	// catalog row. The backend's next record is its first with an xid.
+	orphans []RelFileNode
 }
+
+// maxOrphans bounds the files waiting for their transaction's first xid.
+const maxOrphans = 256
 
 func newTracker(opts *Options) *tracker {
 	return &tracker{opts: opts, txs: map[uint32]*txState{}, files: map[RelFileNode]*fileState{}}
@@ -119,6 +124,9 @@ func (t *tracker) record(rec *Record, events []Event) []Event {
 		if f := t.files[rec.Blocks[i].Node]; f != nil {
 			f.written = true
 		}
+	}
+	if rec.XID != 0 && len(t.orphans) > 0 && t.txs[rec.XID] == nil && len(rec.Blocks) > 0 {
+		t.claimOrphans(rec.XID, rec.Blocks[0].Node.DB)
 	}
 	r := reader{b: rec.MainData}
 	switch rec.RmID {
@@ -162,6 +170,11 @@ func (t *tracker) record(rec *Record, events []Event) []Event {
 			}
 			if s := t.tx(rec.XID); s != nil {
 				s.created = append(s.created, n)
+			} else if rec.XID == 0 {
+				if len(t.orphans) == maxOrphans {
+					t.orphans = t.orphans[1:]
+				}
+				t.orphans = append(t.orphans, n)
 			}
 		case smgrTruncate:
 			blk, n, flags := r.u32(), r.node(), r.u32()
@@ -219,6 +232,28 @@ func (t *tracker) record(rec *Record, events []Event) []Event {
 		}
 	}
 	return events
+}
+
+// claimOrphans gives the files created without an xid in database db to
+// xid, a transaction seen for the first time. With several sessions
+// creating files at once in one database, a file can go to the wrong
+// transaction; that changes only whether a drop is labelled Truncate.
+func (t *tracker) claimOrphans(xid, db uint32) {
+	var s *txState
+	kept := t.orphans[:0]
+	for _, n := range t.orphans {
+		if n.DB != db {
+			kept = append(kept, n)
+			continue
+		}
+		if s == nil {
+			if s = t.tx(xid); s == nil {
+				return
+			}
+		}
+		s.created = append(s.created, n)
+	}
+	t.orphans = kept
 }
 
 // count adds one deleted (which 0) or updated (1) row of block 0's
