@@ -137,6 +137,7 @@ func loadNames(t testing.TB, srv *pgtest.Server, db string, names *MapNames) {
 	t.Helper()
 	ctx := context.Background()
 	c := srv.Conn(db)
+	defer c.Close(ctx)
 	rows, err := c.Query(ctx, `SELECT coalesce(nullif(c.reltablespace, 0), d.dattablespace)::int8, d.oid::int8,
 		pg_relation_filenode(c.oid)::int8, c.oid::int8, n.nspname || '.' || c.relname
 		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, pg_database d
