@@ -371,7 +371,7 @@ if [[ $PROFILE != 0 ]]; then
 		gate_start DUALKEY_CPUPROFILE="$prof"
 		run_one select "$m" 8 gate "$GW/logs/profile-$m.log"
 		say "profile run -M $m: $R_TPS tps, gate CPU $R_CPU%"
-		PROFILE_TOPS+=("-M $m, $R_TPS tps, gate CPU $R_CPU% of one core")
+		PROFILE_TOPS+=("$m, $R_TPS tps, gate CPU $R_CPU% of one core")
 		bg_stop "$GATE" INT
 		[[ -s $prof ]] || die "no profile in $prof"
 		"$GO" tool pprof -top -nodecount=30 "$GW/bin/dualkey" "$prof" >"$GW/profile-$m.top" 2>/dev/null
