@@ -380,3 +380,82 @@ func TestMirrorSkipsPlantedObject(t *testing.T) {
 		t.Fatalf("report %+v", rep)
 	}
 }
+
+// TestAppendBatch: batches from two ledgers racing on one store, and
+// single appends between them, make one chain with no gap that verifies;
+// a store without AppendBatch gets the records one by one.
+func TestAppendBatch(t *testing.T) {
+	ctx := context.Background()
+	for _, tt := range []struct {
+		name  string
+		store func() (Store, *memStore)
+	}{
+		{"batch store", func() (Store, *memStore) { m := newMemStore(); m.yield = true; return batchStore{m}, m }},
+		{"plain store", func() (Store, *memStore) { m := newMemStore(); m.yield = true; return m, m }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			st, mem := tt.store()
+			mir := newMemMirror()
+			var ls [2]*Ledger
+			for i := range ls {
+				l, err := Open(ctx, st, mir, testKey(1), testOptions(16))
+				if err != nil {
+					t.Fatal(err)
+				}
+				ls[i] = l
+			}
+			const workers, rounds, size = 4, 12, 5
+			var wg sync.WaitGroup
+			for w := range workers {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for i := range rounds {
+						var es []Entry
+						for j := range size {
+							es = append(es, Entry{Kind: KindStatement, Actor: fmt.Sprint("w", w), Data: []int{i, j}})
+						}
+						recs, err := ls[(w+i)%2].AppendBatch(ctx, es)
+						if err != nil {
+							t.Error(err)
+							return
+						}
+						for j := 1; j < len(recs); j++ {
+							if recs[j].Seq != recs[j-1].Seq+1 || recs[j].Prev != recs[j-1].Hash {
+								t.Errorf("batch records %d and %d are not consecutive", recs[j-1].Seq, recs[j].Seq)
+							}
+						}
+						if _, err := ls[(w+i+1)%2].Append(ctx, Entry{Kind: KindStatement, Actor: "single"}); err != nil {
+							t.Error(err)
+							return
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			for _, l := range ls {
+				if err := l.Close(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if rep := verify(t, mem, mir); !rep.OK() {
+				t.Fatalf("problems: %v", rep.Problems)
+			}
+			var stmts uint64
+			if err := Read(ctx, mem, 1, func(r Record) error {
+				if !r.IsCheckpoint() {
+					stmts++
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if want := uint64(workers * rounds * (size + 1)); stmts != want {
+				t.Errorf("%d statement records, want %d", stmts, want)
+			}
+			if _, err := ls[0].AppendBatch(ctx, []Entry{{Kind: KindStatement}}); !errors.Is(err, ErrClosed) {
+				t.Errorf("AppendBatch after Close: %v", err)
+			}
+		})
+	}
+}

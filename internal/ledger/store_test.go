@@ -232,3 +232,25 @@ func testClock() func() time.Time {
 func testOptions(every int) Options {
 	return Options{CheckpointEvery: every, Now: testClock(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
 }
+
+// batchStore is memStore with AppendBatch: all of a batch or none of it.
+type batchStore struct{ *memStore }
+
+var _ BatchStore = batchStore{}
+
+func (s batchStore) AppendBatch(ctx context.Context, first uint64, recs [][]byte) (bool, error) {
+	if s.yield {
+		runtime.Gosched()
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := range recs {
+		if _, ok := s.rows[first+uint64(i)]; ok {
+			return false, nil
+		}
+	}
+	for i, rec := range recs {
+		s.rows[first+uint64(i)] = slices.Clone(rec)
+	}
+	return true, nil
+}

@@ -2,6 +2,8 @@ package state
 
 import (
 	"context"
+	"database/sql"
+	"errors"
 	"fmt"
 	"math"
 )
@@ -32,6 +34,51 @@ func (l *LedgerStore) Append(ctx context.Context, seq uint64, rec []byte) (bool,
 	}
 	return n == 1, nil
 }
+
+// AppendBatch stores recs as records first, first+1, ... in one
+// transaction (one commit, one fsync), all or none: it returns false (and
+// no error) when any of those seqs exists already.
+func (l *LedgerStore) AppendBatch(ctx context.Context, first uint64, recs [][]byte) (bool, error) {
+	if len(recs) == 0 {
+		return true, nil
+	}
+	if _, err := seqArg("ledger seq", first+uint64(len(recs))-1); err != nil {
+		return false, err
+	}
+	s, err := seqArg("ledger seq", first)
+	if err != nil {
+		return false, err
+	}
+	for i, rec := range recs {
+		if len(rec) == 0 {
+			return false, fmt.Errorf("%w: ledger record %d is empty", ErrInvalid, first+uint64(i))
+		}
+	}
+	err = l.db.tx(ctx, func(tx *sql.Tx) error {
+		for i, rec := range recs {
+			res, err := tx.ExecContext(ctx, "INSERT INTO ledger (seq, rec) VALUES ($1, $2) ON CONFLICT DO NOTHING", s+int64(i), rec)
+			if err != nil {
+				return err
+			}
+			if n, err := res.RowsAffected(); err != nil {
+				return err
+			} else if n != 1 {
+				return errLedgerTaken
+			}
+		}
+		return nil
+	})
+	if errors.Is(err, errLedgerTaken) {
+		return false, nil
+	}
+	if err != nil {
+		return false, l.db.wrap(err, "ledger append %d-%d", first, first+uint64(len(recs))-1)
+	}
+	return true, nil
+}
+
+// errLedgerTaken rolls back a batch one of whose seqs exists.
+var errLedgerTaken = errors.New("state: ledger seq taken")
 
 // ledgerPage is how many records Read fetches per query. Read holds no
 // query open while fn runs (fn may Append, and SQLite would otherwise keep

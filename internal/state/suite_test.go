@@ -33,6 +33,7 @@ func runSuite(t *testing.T, newDSN func(t *testing.T) string) {
 		{"ConsumeRace", testConsumeRace},
 		{"BreakGlass", testBreakGlass},
 		{"Ledger", testLedger},
+		{"LedgerBatch", testLedgerBatch},
 		{"LedgerAppendRace", testLedgerRace},
 	}
 	for _, tt := range tests {
@@ -559,6 +560,46 @@ type ledgerStore interface {
 }
 
 var _ ledgerStore = (*LedgerStore)(nil)
+
+// internal/ledger's BatchStore, matched structurally.
+var _ interface {
+	ledgerStore
+	AppendBatch(ctx context.Context, first uint64, recs [][]byte) (bool, error)
+} = (*LedgerStore)(nil)
+
+// testLedgerBatch: a batch is stored whole, or not at all when one of its
+// seqs is taken.
+func testLedgerBatch(t *testing.T, dsn string) {
+	ctx := ctxT(t)
+	l := open(t, dsn).Ledger()
+	batch := func(first uint64, n int, tag string) [][]byte {
+		var recs [][]byte
+		for i := range n {
+			recs = append(recs, fmt.Appendf(nil, "%s %d", tag, first+uint64(i)))
+		}
+		return recs
+	}
+	if ok, err := l.AppendBatch(ctx, 1, batch(1, 100, "rec")); !ok || err != nil {
+		t.Fatalf("AppendBatch 1-100 = %v, %v", ok, err)
+	}
+	if ok, err := l.Append(ctx, 105, []byte("single 105")); !ok || err != nil {
+		t.Fatalf("Append 105 = %v, %v", ok, err)
+	}
+	// 101-110 collides at 105: nothing of it is stored.
+	if ok, err := l.AppendBatch(ctx, 101, batch(101, 10, "lost")); ok || err != nil {
+		t.Fatalf("AppendBatch over 105 = %v, %v; want false, nil", ok, err)
+	}
+	var got []string
+	if err := l.Read(ctx, 1, func(seq uint64, rec []byte) error { got = append(got, string(rec)); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 101 || got[0] != "rec 1" || got[99] != "rec 100" || got[100] != "single 105" {
+		t.Fatalf("after a refused batch the ledger holds %d records: %q ... %q", len(got), got[0], got[len(got)-1])
+	}
+	if _, err := l.AppendBatch(ctx, 200, [][]byte{[]byte("x"), nil}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("a batch with an empty record: %v", err)
+	}
+}
 
 func testLedger(t *testing.T, dsn string) {
 	ctx := ctxT(t)
