@@ -28,18 +28,43 @@ func newRecorder(led *ledger.Ledger, log *slog.Logger) *recorder {
 	return r
 }
 
+// recordBatch bounds how many queued records go into one ledger
+// transaction. Written one by one, each record cost a commit with an fsync:
+// 59% of the gate's CPU under pgbench TPC-B, and a ceiling of ~400 tps.
+const recordBatch = 32
+
 func (r *recorder) run() {
 	defer close(r.done)
+	batch := make([]ledger.Entry, 0, recordBatch)
 	for e := range r.q {
-		r.write(e)
+		batch = append(batch[:0], e)
+	more:
+		for len(batch) < recordBatch {
+			select {
+			case e, ok := <-r.q:
+				if !ok {
+					break more
+				}
+				batch = append(batch, e)
+			default:
+				break more
+			}
+		}
+		r.write(batch)
 	}
 }
 
-func (r *recorder) write(e ledger.Entry) {
+func (r *recorder) write(es []ledger.Entry) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if _, err := r.led.Append(ctx, e); err != nil {
-		r.log.Error("gate: ledger record lost", "kind", e.Kind, "actor", e.Actor, "err", err)
+	if _, err := r.led.AppendBatch(ctx, es); err == nil {
+		return
+	}
+	// One bad record must not take its batch with it: one by one.
+	for _, e := range es {
+		if _, err := r.led.Append(ctx, e); err != nil {
+			r.log.Error("gate: ledger record lost", "kind", e.Kind, "actor", e.Actor, "err", err)
+		}
 	}
 }
 
