@@ -700,7 +700,12 @@ func startServer(ctx context.Context, target string, o *RestoreOptions, res *Res
 			}
 		}
 		if !running(ctx, target) {
-			return fmt.Errorf("%w: the server stopped%s", ErrRecovery, logTail(logFile))
+			// pg_ctl status can catch postmaster.pid while the server
+			// rewrites it (it does at the end of recovery): ask again.
+			time.Sleep(300 * time.Millisecond)
+			if !running(ctx, target) {
+				return fmt.Errorf("%w: the server stopped%s", ErrRecovery, logTail(logFile))
+			}
 		}
 	}
 }
