@@ -223,7 +223,8 @@ type BatchStore interface {
 }
 
 // AppendBatch appends es in order, in one store transaction when the store
-// is a BatchStore (one record at a time otherwise), and checkpoints like
+// is a BatchStore, as consecutive records; otherwise one record at a time,
+// and another writer's records may come between them. It checkpoints like
 // Append once the records since the last checkpoint reach CheckpointEvery.
 // Callers keep batches to about CheckpointEvery entries: a checkpoint
 // never lands inside a batch.
