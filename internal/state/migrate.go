@@ -73,6 +73,21 @@ CREATE TABLE ledger (
 	rec BLOB NOT NULL
 );
 `},
+	{2, "incidents", `
+CREATE TABLE incidents (
+	id         TEXT PRIMARY KEY,
+	kind       TEXT NOT NULL,
+	timeline   BIGINT NOT NULL CHECK (timeline > 0),
+	commit_lsn BIGINT NOT NULL CHECK (commit_lsn > 0),
+	xid        BIGINT NOT NULL,
+	dbname     TEXT NOT NULL DEFAULT '',
+	committed  BIGINT,
+	detected   BIGINT NOT NULL,
+	doc        BLOB NOT NULL,
+	UNIQUE (timeline, commit_lsn, kind)
+);
+CREATE INDEX incidents_detected ON incidents (detected, id);
+`},
 }
 
 func (m migration) text(d Dialect) string {

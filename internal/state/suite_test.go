@@ -35,6 +35,7 @@ func runSuite(t *testing.T, newDSN func(t *testing.T) string) {
 		{"Ledger", testLedger},
 		{"LedgerBatch", testLedgerBatch},
 		{"LedgerAppendRace", testLedgerRace},
+		{"Incidents", testIncidents},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, newDSN(t)) })
