@@ -5,56 +5,32 @@
 package pgtest
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/dualkey/dualkey/internal/pgserver"
 )
 
 // BinDir holds Debian's PostgreSQL 15 programs.
-const BinDir = "/usr/lib/postgresql/15/bin"
+const BinDir = pgserver.BinDir
 
 // OSUser runs the servers when the tests run as root: PostgreSQL refuses
 // to run as root. Debian's package creates it.
-const OSUser = "postgres"
+const OSUser = pgserver.OSUser
 
 // Bin returns the path of a PostgreSQL program.
-func Bin(name string) string { return filepath.Join(BinDir, name) }
-
-var installOnce sync.Once
-var installErr error
-
-// ensureInstalled installs PostgreSQL 15 from Debian's packages when it is
-// missing (scripts/setup.sh normally has done it already).
-func ensureInstalled() error {
-	installOnce.Do(func() {
-		if _, err := os.Stat(Bin("initdb")); err == nil {
-			return
-		}
-		if os.Geteuid() != 0 {
-			installErr = fmt.Errorf("pgtest: %s missing and not root to install postgresql-15", Bin("initdb"))
-			return
-		}
-		cmd := exec.Command("sh", "-c", "apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 postgresql-client-15")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			installErr = fmt.Errorf("pgtest: install postgresql-15: %v\n%s", err, out)
-		}
-	})
-	return installErr
-}
+func Bin(name string) string { return pgserver.Bin(name) }
 
 // Options tune a server.
 type Options struct {
@@ -66,26 +42,24 @@ type Options struct {
 
 // Server is a running (or stopped) PostgreSQL server owned by a test.
 type Server struct {
-	t       testing.TB
-	Dir     string // data directory
-	Port    int
-	base    string // temp folder holding Dir and the log
-	running bool
+	t    testing.TB
+	Dir  string // data directory
+	Port int
+	base string // temp folder holding Dir and the log
+	srv  *pgserver.Server
 }
 
 // Start initialises and starts a new server. It fails the test when that
 // cannot be done.
 func Start(t testing.TB, opts Options) *Server {
 	t.Helper()
-	if err := ensureInstalled(); err != nil {
+	if err := pgserver.EnsureInstalled(); err != nil {
 		t.Fatal(err)
 	}
 	s := newServer(t)
-	args := []string{"-D", s.Dir, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"}
-	if opts.Checksums {
-		args = append(args, "--data-checksums")
+	if err := s.srv.Init(context.Background(), pgserver.InitOptions{Checksums: opts.Checksums, NoSync: true}); err != nil {
+		t.Fatalf("pgtest: %v", err)
 	}
-	s.run(Bin("initdb"), args...)
 	s.configure(opts.Settings)
 	s.Start()
 	return s
@@ -96,7 +70,7 @@ func Start(t testing.TB, opts Options) *Server {
 // to the server's OS user.
 func Attach(t testing.TB, dir string, settings ...string) *Server {
 	t.Helper()
-	if err := ensureInstalled(); err != nil {
+	if err := pgserver.EnsureInstalled(); err != nil {
 		t.Fatal(err)
 	}
 	s := newServer(t)
@@ -121,6 +95,7 @@ func newServer(t testing.TB) *Server {
 		t.Fatal(err)
 	}
 	s := &Server{t: t, base: base, Dir: filepath.Join(base, "data"), Port: freePort(t)}
+	s.srv = pgserver.New(base, s.Port)
 	if err := os.Mkdir(s.Dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -132,7 +107,7 @@ func newServer(t testing.TB) *Server {
 	}
 	os.Chmod(base, 0o755)
 	t.Cleanup(func() {
-		if s.running {
+		if s.srv.Running() {
 			s.stop("immediate")
 		}
 		if t.Failed() {
@@ -155,41 +130,21 @@ func tail(b []byte, n int) []byte {
 // configure appends the harness's settings to postgresql.conf: loopback
 // only, on this server's port, with replication enabled.
 func (s *Server) configure(extra []string) {
-	conf := []string{
-		"listen_addresses = '127.0.0.1'",
-		"port = " + strconv.Itoa(s.Port),
-		"unix_socket_directories = '" + s.base + "'",
-		"wal_level = replica",
-		"max_wal_senders = 10",
-		"max_replication_slots = 10",
-		"wal_keep_size = '256MB'",
-		"fsync = on",
-		"logging_collector = off",
-		"log_min_messages = warning",
-	}
-	conf = append(conf, extra...)
-	f, err := os.OpenFile(filepath.Join(s.Dir, "postgresql.conf"), os.O_APPEND|os.O_WRONLY|os.O_CREATE, 0o600)
-	if err != nil {
+	conf := append(pgserver.Settings(s.Port, s.base), extra...)
+	if err := s.srv.Configure(conf, pgserver.HBA("trust")); err != nil {
 		s.t.Fatal(err)
 	}
-	fmt.Fprintf(f, "\n# pgtest\n%s\n", strings.Join(conf, "\n"))
-	f.Close()
-	hba := "local all all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\nlocal replication all trust\n"
-	if err := os.WriteFile(filepath.Join(s.Dir, "pg_hba.conf"), []byte(hba), 0o600); err != nil {
-		s.t.Fatal(err)
-	}
-	Own(filepath.Join(s.Dir, "postgresql.conf"))
-	Own(filepath.Join(s.Dir, "pg_hba.conf"))
 }
 
 // LogFile is where the server writes its log.
-func (s *Server) LogFile() string { return filepath.Join(s.base, "postgres.log") }
+func (s *Server) LogFile() string { return s.srv.LogFile }
 
 // Start starts the server and waits until it accepts connections.
 func (s *Server) Start() {
 	s.t.Helper()
-	s.run(Bin("pg_ctl"), "-D", s.Dir, "-l", s.LogFile(), "-w", "-t", "120", "-o", "-p "+strconv.Itoa(s.Port), "start")
-	s.running = true
+	if err := s.srv.Start(context.Background()); err != nil {
+		s.t.Fatalf("pgtest: %v", err)
+	}
 }
 
 // Stop shuts the server down cleanly (mode "fast"), or with "immediate"
@@ -201,13 +156,8 @@ func (s *Server) Stop() { s.t.Helper(); s.stop("fast") }
 func (s *Server) Crash() { s.t.Helper(); s.stop("immediate") }
 
 func (s *Server) stop(mode string) {
-	if !s.running {
-		return
-	}
-	s.running = false
-	cmd := s.cmd(Bin("pg_ctl"), "-D", s.Dir, "-m", mode, "-w", "-t", "120", "stop")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		s.t.Errorf("pg_ctl stop: %v\n%s", err, out)
+	if err := s.srv.Stop(context.Background(), mode); err != nil {
+		s.t.Errorf("pgtest: %v", err)
 	}
 }
 
@@ -215,7 +165,7 @@ func (s *Server) stop(mode string) {
 func (s *Server) Restart() { s.t.Helper(); s.Stop(); s.Start() }
 
 // Running reports whether the harness started the server and has not stopped it.
-func (s *Server) Running() bool { return s.running }
+func (s *Server) Running() bool { return s.srv.Running() }
 
 // URL is a connection string for database db as the superuser.
 func (s *Server) URL(db string) string {
@@ -282,67 +232,20 @@ func (s *Server) Pgbench(args ...string) string {
 	return s.run(Bin("pgbench"), all...)
 }
 
-// cmd builds a command run as OSUser when the tests run as root.
-func (s *Server) cmd(name string, args ...string) *exec.Cmd {
-	c := exec.Command(name, args...)
-	c.Env = append(os.Environ(), "PGHOST=127.0.0.1", "LC_ALL=C")
-	c.Dir = s.base
-	RunAsOSUser(c)
-	return c
-}
-
 func (s *Server) run(name string, args ...string) string {
 	s.t.Helper()
-	var out bytes.Buffer
-	c := s.cmd(name, args...)
-	c.Stdout, c.Stderr = &out, &out
-	if err := c.Run(); err != nil {
-		s.t.Fatalf("pgtest: %s %s: %v\n%s", filepath.Base(name), strings.Join(args, " "), err, out.String())
+	out, err := s.srv.Run(context.Background(), name, args...)
+	if err != nil {
+		s.t.Fatalf("pgtest: %v", err)
 	}
-	return out.String()
+	return out
 }
 
 // RunAsOSUser makes c run as OSUser when this process is root.
-func RunAsOSUser(c *exec.Cmd) {
-	if os.Geteuid() != 0 {
-		return
-	}
-	uid, gid, err := osUser()
-	if err != nil {
-		return // Start fails with PostgreSQL's own clear error about root
-	}
-	if c.SysProcAttr == nil {
-		c.SysProcAttr = &syscall.SysProcAttr{}
-	}
-	c.SysProcAttr.Credential = &syscall.Credential{Uid: uid, Gid: gid}
-}
-
-func osUser() (uint32, uint32, error) {
-	u, err := user.Lookup(OSUser)
-	if err != nil {
-		return 0, 0, err
-	}
-	uid, _ := strconv.Atoi(u.Uid)
-	gid, _ := strconv.Atoi(u.Gid)
-	return uint32(uid), uint32(gid), nil
-}
+func RunAsOSUser(c *exec.Cmd) { pgserver.RunAsOSUser(c) }
 
 // Own hands path and everything below it to OSUser when running as root.
-func Own(path string) error {
-	if os.Geteuid() != 0 {
-		return nil
-	}
-	uid, gid, err := osUser()
-	if err != nil {
-		return fmt.Errorf("pgtest: OS user %s: %w", OSUser, err)
-	}
-	return filepath.Walk(path, func(p string, _ os.FileInfo, err error) error {
-		if err != nil {
-			return err
-		}
-		return os.Lchown(p, int(uid), int(gid))
-	})
-}
+func Own(path string) error { return pgserver.Own(path) }
 
 var portMu sync.Mutex
 var usedPorts = map[int]bool{}
