@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/pprof"
+	"runtime/trace"
 	"syscall"
 )
 
@@ -22,8 +23,19 @@ func main() {
 			fmt.Fprintln(os.Stderr, "dualkey: cpu profile:", err)
 		}
 	}
+	// DUALKEY_TRACE=FILE writes a runtime execution trace (go tool trace):
+	// which goroutine waited on what, when a profile alone cannot say why
+	// the cores sat idle.
+	if p := os.Getenv("DUALKEY_TRACE"); p != "" {
+		if f, err := os.Create(p); err != nil {
+			fmt.Fprintln(os.Stderr, "dualkey: trace:", err)
+		} else if err := trace.Start(f); err != nil {
+			fmt.Fprintln(os.Stderr, "dualkey: trace:", err)
+		}
+	}
 	code := newApp(os.Stdin, os.Stdout, os.Stderr, os.Getenv).run(ctx, os.Args[1:])
 	stop()
 	pprof.StopCPUProfile()
+	trace.Stop()
 	os.Exit(code)
 }
