@@ -74,93 +74,23 @@ GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
 OSUSER=postgres
 GW=$WORK/gate
 
-say() { echo "gate-bench: $*" >&2; }
-die() {
-	echo "gate-bench: error: $*" >&2
-	exit 1
-}
+# The gate's ledger must not be mirrored into whatever vault the caller uses.
+AS_PG_ENV=(-u DUALKEY_REPO -u DUALKEY_STATE)
+NAME=gate-bench
+lock_cleanup() { [[ -z $LOCK ]] || rm -f "$LOCK"; }
+CLEANUP_HOOK=lock_cleanup
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 ((EUID == 0)) || die "run as root (servers run as user $OSUSER)"
 [[ -x $PGBIN/initdb && -x $PGBIN/pgbench ]] || die "PostgreSQL 15 missing; run scripts/setup.sh bench"
 [[ -x $PGBOUNCER ]] || die "pgbouncer missing; run scripts/setup.sh bench"
 [[ -x $DUALKEY_SRC ]] || die "dualkey binary $DUALKEY_SRC missing; make build (or DUALKEY_BIN=...)"
 [[ $PROFILE == 0 || -x $GO ]] || die "go needed for go tool pprof (or BENCH_GATE_PROFILE=0)"
-id "$OSUSER" >/dev/null 2>&1 || die "no OS user $OSUSER"
-PGHOME=$(getent passwd "$OSUSER" | cut -d: -f6)
-
-# as_pg CMD... runs CMD as the postgres user; exec all the way, so $! of a
-# background as_pg is the command's own pid. DUALKEY_REPO is dropped: the
-# gate's ledger must not be mirrored into whatever vault the caller uses.
-AS_PG=(env -u DUALKEY_REPO -u DUALKEY_STATE HOME="$PGHOME" USER=$OSUSER LOGNAME=$OSUSER
-	setpriv --reuid="$OSUSER" --regid="$OSUSER" --init-groups --)
-as_pg() { "${AS_PG[@]}" "$@"; }
-
-# --- bookkeeping: everything started is stopped on exit -------------------------------
-RUNNING_PG=() # data dirs of servers this script started
-BG_PIDS=()    # pgbouncer and gates, started as "${AS_PG[@]}" CMD &, so $! is CMD's own pid
-cleanup() {
-	local rc=$? p d
-	[[ -z $LOCK ]] || rm -f "$LOCK"
-	for p in "${BG_PIDS[@]}"; do
-		kill -INT "$p" 2>/dev/null || true
-	done
-	for p in "${BG_PIDS[@]}"; do
-		for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$p" 2>/dev/null || break; sleep 0.3; done
-		kill -KILL "$p" 2>/dev/null || true
-	done
-	for d in "${RUNNING_PG[@]}"; do
-		if [[ -f $d/postmaster.pid ]]; then
-			as_pg "$PGBIN/pg_ctl" -D "$d" -m immediate -w -t 60 stop >/dev/null 2>&1 || true
-			say "stopped server for $d"
-		fi
-	done
-	exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-bg_forget() { # PID: drop from BG_PIDS
-	local p keep=()
-	for p in "${BG_PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-	BG_PIDS=("${keep[@]}")
-}
-bg_stop() { # PID [SIGNAL]: stop one background process and wait for it
-	kill -"${2:-INT}" "$1" 2>/dev/null || true
-	wait "$1" 2>/dev/null || true
-	bg_forget "$1"
-}
 
 lock_on() { [[ -z $LOCK ]] || touch "$LOCK"; }
 lock_off() { [[ -z $LOCK ]] || rm -f "$LOCK"; }
 
-# free_port prints a free loopback port in 20000-29999: below the kernel's
-# ephemeral range (32768-60999), where a client socket of this very run could
-# take the port between the check and the bind.
-free_port() {
-	local p
-	for p in $(shuf -i 20000-29999 -n 200); do
-		[[ " ${USED_PORTS:-} " == *" $p "* ]] && continue
-		if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-			USED_PORTS="${USED_PORTS:-} $p"
-			echo "$p"
-			return
-		fi
-	done
-	die "no free port in 20000-29999"
-}
-
-now() { date +%s.%N; }
-# wait_until DESCRIPTION TIMEOUT_S SHELL-CONDITION: evaluate it every 0.1 s
-wait_until() {
-	local what=$1 limit=$2 cond=$3 t0
-	t0=$(now)
-	until eval "$cond" 2>/dev/null; do
-		if awk -v a="$t0" -v b="$(now)" -v l="$limit" 'BEGIN { exit !(b - a > l) }'; then
-			die "timed out after ${limit}s waiting for $what"
-		fi
-		sleep 0.1
-	done
-}
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 # cpu_ticks PID: user + system clock ticks the process has used so far
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
@@ -191,7 +121,7 @@ PASSWORD=$(head -c 18 /dev/urandom | base64 | tr '+/' 'xy')
 chown "$OSUSER" "$GW/pgpass" "$GW/upstream.pw"
 
 DATA=$GW/data
-PGPORT=$(free_port)
+free_port PGPORT
 install -d -o "$OSUSER" -m 700 "$DATA"
 as_pg "$PGBIN/initdb" -D "$DATA" -U postgres -A trust -E UTF8 --locale=C.UTF-8 >/dev/null
 cat >"$DATA/pg_hba.conf" <<-EOF
@@ -214,7 +144,7 @@ note "data" "pgbench -i -q -s $SCALE bench  (as role bench, SCRAM-SHA-256; serve
 # PgBouncer: the client logs in with SCRAM against the role's own verifier.
 VERIFIER=$(psql_sock postgres "SELECT rolpassword FROM pg_authid WHERE rolname = 'bench'")
 [[ $VERIFIER == SCRAM-SHA-256* ]] || die "the role's password is not a SCRAM verifier"
-BOUNCER_PORT=$(free_port)
+free_port BOUNCER_PORT
 (umask 077 && echo "\"bench\" \"$VERIFIER\"" >"$GW/userlist.txt")
 (umask 077 && cat >"$GW/pgbouncer.ini" <<-EOF
 	[databases]
@@ -243,7 +173,7 @@ wait_until "pgbouncer to listen" 30 "listening $BOUNCER_PORT"
 note "pgbouncer" "pgbouncer -q GW/pgbouncer.ini  (pool_mode=session, auth_type=scram-sha-256, default_pool_size=20; [databases] bench = host=127.0.0.1 port=PG dbname=bench user=bench password=...)"
 
 # The gate: one person, bench, with a SCRAM verifier in the state store.
-GATE_PORT=$(free_port)
+free_port GATE_PORT
 STATE=$GW/state/state.db
 install -d -o "$OSUSER" -m 700 "$GW/state"
 as_pg "${DK[@]}" -q --state "$STATE" users add bench >/dev/null

@@ -75,11 +75,9 @@ OSUSER=postgres
 TIME=/usr/bin/time
 PGW=$WORK/pg
 
-say() { echo "pg-bench: $*" >&2; }
-die() {
-	echo "pg-bench: error: $*" >&2
-	exit 1
-}
+NAME=pg-bench
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 ((EUID == 0)) || die "run as root (servers run as user $OSUSER; caches are dropped)"
 [[ -x $PGBIN/initdb && -x $PGBIN/pgbench && -x $PGBIN/pg_receivewal ]] || die "PostgreSQL 15 missing; run scripts/setup.sh bench"
@@ -87,51 +85,7 @@ die() {
 [[ -x $TIME ]] || die "/usr/bin/time missing; run scripts/setup.sh bench"
 [[ -x $DUALKEY_SRC ]] || die "dualkey binary $DUALKEY_SRC missing; make build (or DUALKEY_BIN=...)"
 command -v lz4 >/dev/null && command -v zstd >/dev/null || die "lz4 and zstd needed (Debian: lz4, zstd)"
-id "$OSUSER" >/dev/null 2>&1 || die "no OS user $OSUSER"
 case $PGBR_COMPRESS in lz4 | zst) ;; *) die "BENCH_PGBR_COMPRESS must be lz4 or zst" ;; esac
-PGHOME=$(getent passwd "$OSUSER" | cut -d: -f6)
-
-# as_pg CMD... runs CMD as the postgres user; exec all the way, so $! of a
-# background as_pg is the command's own pid.
-AS_PG=(env HOME="$PGHOME" USER=$OSUSER LOGNAME=$OSUSER setpriv --reuid="$OSUSER" --regid="$OSUSER" --init-groups --)
-as_pg() { "${AS_PG[@]}" "$@"; }
-
-# --- bookkeeping: everything started is stopped on exit -------------------------------
-RUNNING_PG=() # data dirs of servers this script started
-BG_PIDS=()    # agent, pg_receivewal, samplers: started as "${AS_PG[@]}" CMD &, so $! is CMD's own pid
-# (a background job of a non-interactive shell ignores SIGINT: psql and
-# pg_receivewal get SIGTERM; the agent, a Go program, takes SIGINT as Ctrl-C)
-cleanup() {
-	local rc=$? p d
-	for p in "${BG_PIDS[@]}"; do
-		kill -INT "$p" 2>/dev/null || true
-		kill -TERM "$p" 2>/dev/null || true
-	done
-	for p in "${BG_PIDS[@]}"; do
-		for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$p" 2>/dev/null || break; sleep 0.3; done
-		kill -KILL "$p" 2>/dev/null || true
-	done
-	for d in "${RUNNING_PG[@]}"; do
-		if [[ -f $d/postmaster.pid ]]; then
-			as_pg "$PGBIN/pg_ctl" -D "$d" -m immediate -w -t 60 stop >/dev/null 2>&1 || true
-			say "stopped server for $d"
-		fi
-	done
-	exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-bg_forget() { # PID: drop from BG_PIDS
-	local p keep=()
-	for p in "${BG_PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-	BG_PIDS=("${keep[@]}")
-}
-bg_stop() { # PID [SIGNAL]: stop one background process and wait for it
-	kill -"${2:-INT}" "$1" 2>/dev/null || true
-	wait "$1" 2>/dev/null || true
-	bg_forget "$1"
-}
 
 if sync && echo 3 2>/dev/null >/proc/sys/vm/drop_caches; then
 	CACHE_NOTE="page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every timed step"
@@ -140,22 +94,6 @@ else
 	CACHE_NOTE="page cache NOT dropped (/proc/sys/vm/drop_caches read-only): timed steps read warm data"
 	drop_caches() { sync; }
 fi
-
-# free_port prints a free loopback port in 20000-29999: below the kernel's
-# ephemeral range (32768-60999), where a client socket of this very run
-# (pgbench, the agent) could take the port between the check and the bind.
-free_port() {
-	local p
-	for p in $(shuf -i 20000-29999 -n 200); do
-		[[ " ${USED_PORTS:-} " == *" $p "* ]] && continue
-		if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-			USED_PORTS="${USED_PORTS:-} $p"
-			echo "$p"
-			return
-		fi
-	done
-	die "no free port in 20000-29999"
-}
 
 SOCK=$PGW/sock # unix sockets of every server here (short path, owned by postgres)
 
@@ -177,7 +115,6 @@ bytes() { [[ -e $1 ]] && find "$@" -type f -printf '%s\n' | awk '{ s += $1 } END
 db_bytes() { find "$1" -path "$1/pg_wal" -prune -o -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
-now() { date +%s.%N; }
 
 # timed NAME CMD... runs CMD under time -v after dropping caches; output to
 # $RUN/NAME.log; sets WALL (s), CPU (%), RSS (MiB).
@@ -209,18 +146,6 @@ note() { # LABEL CMD...: record the exact command with this run's paths replaced
 	COMMANDS+=("$1: $line")
 }
 
-# wait_until DESCRIPTION TIMEOUT_S SHELL-CONDITION: evaluate it every 0.1 s
-wait_until() {
-	local what=$1 limit=$2 cond=$3 t0
-	t0=$(now)
-	until eval "$cond" 2>/dev/null; do
-		if awk -v a="$t0" -v b="$(now)" -v l="$limit" 'BEGIN { exit !(b - a > l) }'; then
-			die "timed out after ${limit}s waiting for $what"
-		fi
-		sleep 0.1
-	done
-}
-
 agent_streaming() { # PORT
 	[[ $(psql_at "$1" postgres "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'dualkey' AND state = 'streaming'") == 1 ]]
 }
@@ -248,7 +173,7 @@ seed() {
 	cat >>"$dir/pg_hba.conf" <<-EOF
 		host replication all 127.0.0.1/32 trust
 	EOF
-	port=$(free_port)
+	free_port port
 	pg_start "$dir" "$port" "$PGW/logs/seed-$set.log" "-c wal_level=minimal -c max_wal_senders=0"
 	as_pg "$PGBIN/createdb" -h 127.0.0.1 -p "$port" -U postgres bench
 	local t0=$SECONDS rows
@@ -359,7 +284,7 @@ run_set() {
 	cp -a "$SEED" "$data"
 
 	local port
-	port=$(free_port)
+	free_port port
 	PORT=$port
 	# pgBackRest: its config, then the server archiving into it.
 	cat >"$conf" <<-EOF
@@ -503,7 +428,7 @@ run_set() {
 	local tool target rport t0 t1 got log
 	for tool in dualkey pgbackrest pg_basebackup; do
 		target=$SD/restore-$tool
-		rport=$(free_port)
+		free_port rport
 		RPORT=$rport
 		log=$SD/restore-$tool.log
 		rm -rf "$target" "$log"
