@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/dualkey/dualkey/internal/pgwal"
+	"github.com/dualkey/dualkey/internal/tripwire"
 	"github.com/dualkey/dualkey/internal/vault/repo"
 )
 
@@ -53,6 +54,20 @@ type AgentOptions struct {
 	Log   *slog.Logger
 	// OnFlush, if set, is called after each acknowledged flush (tests).
 	OnFlush func(Status)
+
+	// OnDetect turns the tripwire on: every WAL byte received is decoded,
+	// in order and across reconnects, off the receive loop, and the events
+	// of each commit are passed to OnDetect from one goroutine, in WAL
+	// order. It should return quickly (store, then notify in the
+	// background); while it runs, decoding waits. Nil: no decoding.
+	OnDetect func(context.Context, Detection)
+	// Tripwire tunes the decoder (MassRows, MaxRecordSize, ...); its Names
+	// and OnRecord are the agent's own.
+	Tripwire tripwire.Options
+	// NamesEvery is how often the tripwire's name cache rereads pg_class
+	// without being asked; it also rereads after every commit that created
+	// files. Default 30 s.
+	NamesEvery time.Duration
 }
 
 func (o *AgentOptions) applyDefaults() {
@@ -77,6 +92,9 @@ func (o *AgentOptions) applyDefaults() {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
+	if o.NamesEvery <= 0 {
+		o.NamesEvery = 30 * time.Second
+	}
 }
 
 // Status is the agent's position.
@@ -100,12 +118,18 @@ type Agent struct {
 	// the end of the parent timeline: the next stream starts on the
 	// server's timeline. Used by Run's goroutine only.
 	noCatchUp bool
+
+	tw *tripwireFeed // nil unless OnDetect is set
 }
 
 // NewAgent returns an agent for r.
 func NewAgent(r *repo.Repository, opts AgentOptions) *Agent {
 	opts.applyDefaults()
-	return &Agent{r: r, opts: opts}
+	a := &Agent{r: r, opts: opts}
+	if opts.OnDetect != nil {
+		a.tw = newTripwireFeed(a)
+	}
+	return a
 }
 
 // Status returns the latest position.
@@ -129,6 +153,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	// when the vault is unreachable every stream fails within moments,
 	// and that is exactly when the slot grows.
 	go a.watchSlot(ctx)
+	if a.tw != nil {
+		done := make(chan struct{})
+		go func() { defer close(done); a.tw.run(ctx) }()
+		defer func() { <-done }() // OnDetect is not called after Run returns
+	}
 	for {
 		start := time.Now()
 		err := a.stream(ctx)
@@ -536,6 +565,9 @@ func (a *Agent) streamTimeline(ctx context.Context, conn *pgconn.PgConn, tli uin
 				}
 				if err := w.Write(tli, pgwal.LSN(x.WALStart), x.WALData); err != nil {
 					return 0, 0, fmt.Errorf("pgagent: %w", err)
+				}
+				if a.tw != nil {
+					a.tw.feed(ctx, tli, pgwal.LSN(x.WALStart), x.WALData)
 				}
 				received = pgwal.LSN(x.WALStart) + pgwal.LSN(len(x.WALData))
 				a.setStatus(func(s *Status) { s.Received = received })

@@ -40,7 +40,7 @@ const PGBinDir = "/usr/lib/postgresql/15/bin"
 const PGOSUser = "postgres"
 
 // RestoreOptions say what to restore where. Exactly one target must be
-// set: Time, LSN, BeforeXID or Latest.
+// set: Time, LSN, BeforeLSN, BeforeXID or Latest.
 type RestoreOptions struct {
 	// Target is the data directory to create. It must be missing or empty
 	// unless Delta.
@@ -51,6 +51,11 @@ type RestoreOptions struct {
 	Time time.Time
 	// LSN replays WAL up to this position (recovery_target_lsn).
 	LSN pgwal.LSN
+	// BeforeLSN replays WAL up to, not including, the record at this
+	// position (recovery_target_lsn, recovery_target_inclusive = false):
+	// the state just before that record's change. A tripwire incident's
+	// restore point.
+	BeforeLSN pgwal.LSN
 	// BeforeXID restores the state just before transaction BeforeXID
 	// committed (recovery_target_xid, recovery_target_inclusive = false).
 	// The 32-bit xid: txid_current()'s value modulo 2^32.
@@ -132,7 +137,7 @@ var (
 
 func (o *RestoreOptions) check() error {
 	n := 0
-	for _, set := range []bool{!o.Time.IsZero(), o.LSN != 0, o.BeforeXID != 0, o.Latest} {
+	for _, set := range []bool{!o.Time.IsZero(), o.LSN != 0, o.BeforeLSN != 0, o.BeforeXID != 0, o.Latest} {
 		if set {
 			n++
 		}
@@ -351,6 +356,14 @@ func choose(bs []BaseBackupInfo, win Window, o *RestoreOptions, nextXID func(*Ba
 		case o.LSN != 0 && b.WALReach < o.LSN:
 			why = append(why, fmt.Sprintf("%s: its WAL reaches only %s", b.ID.String()[:10], b.WALReach))
 			continue
+		case o.BeforeLSN != 0 && end > o.BeforeLSN:
+			why = append(why, fmt.Sprintf("%s: ends at %s, after the target", b.ID.String()[:10], end))
+			continue
+		case o.BeforeLSN != 0 && b.WALReach <= o.BeforeLSN:
+			// Recovery stops on reading the record at the target: it
+			// must be in the vault.
+			why = append(why, fmt.Sprintf("%s: its WAL reaches only %s", b.ID.String()[:10], b.WALReach))
+			continue
 		case !o.Time.IsZero() && !b.Meta.EndTime.Before(o.Time):
 			why = append(why, fmt.Sprintf("%s: ended %s, not before the target", b.ID.String()[:10], b.Meta.EndTime.Format(time.RFC3339Nano)))
 			continue
@@ -425,6 +438,8 @@ func recoverySettings(o *RestoreOptions, b *BaseBackupInfo, now time.Time, exe s
 		lines = append(lines, "recovery_target_time = "+confQuote(FormatTargetTime(o.Time)))
 	case o.LSN != 0:
 		lines = append(lines, "recovery_target_lsn = "+confQuote(o.LSN.String()))
+	case o.BeforeLSN != 0:
+		lines = append(lines, "recovery_target_lsn = "+confQuote(o.BeforeLSN.String()), "recovery_target_inclusive = false")
 	case o.BeforeXID != 0:
 		lines = append(lines, "recovery_target_xid = "+confQuote(strconv.FormatUint(uint64(o.BeforeXID), 10)),
 			"recovery_target_inclusive = false")
