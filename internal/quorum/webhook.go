@@ -25,6 +25,9 @@ const (
 	EventPolicy     = "policy.changed"
 	EventBreakGlass = "breakglass.started"
 	EventReviewed   = "breakglass.reviewed"
+	// EventIncident: the tripwire saw data destroyed in the WAL; the
+	// incident (internal/incident's JSON) is in Event.Incident.
+	EventIncident = "incident.detected"
 )
 
 // Event is one thing people should hear about. Its JSON is a
@@ -45,6 +48,8 @@ type Event struct {
 	Approvals  int             `json:"approvals,omitempty"`
 	Need       int             `json:"need,omitempty"`
 	BreakGlass *BreakGlassInfo `json:"breakglass,omitempty"`
+	// Incident is a tripwire incident, as JSON (EventIncident only).
+	Incident json.RawMessage `json:"incident,omitempty"`
 }
 
 // BreakGlassInfo describes a break-glass session in an Event.
