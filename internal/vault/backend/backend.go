@@ -92,6 +92,9 @@ var (
 	// ErrExists is returned (wrapped) when Save meets an existing object whose
 	// bytes differ: objects are never overwritten.
 	ErrExists = errors.New("backend: object exists with different content")
+	// ErrRetained is returned (wrapped) by Remove when the storage itself
+	// retains the object (S3 Object Lock) and refuses to delete it yet.
+	ErrRetained = errors.New("backend: object retained by the storage's object lock")
 )
 
 // Backend is a write-once object store. Implementations must be safe for
