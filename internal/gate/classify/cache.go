@@ -2,6 +2,7 @@ package classify
 
 import (
 	"container/list"
+	"strings"
 	"sync"
 )
 
@@ -15,41 +16,52 @@ const DefaultCacheSize = 4096
 // seldom repeated, and are classified every time.
 const maxCachedText = 64 << 10
 
-// Cache remembers Classify results by exact statement text (bounded,
-// least recently used first out), because the gate sees the same
-// statements again and again and a hit costs no parse at all. It keys on
-// the text, not on the fingerprint: "WHERE 1=1" and "WHERE id=1" share a
-// fingerprint but not a class.
+// Cache remembers Classify results (bounded, least recently used first
+// out), because the gate sees the same statements again and again and a
+// hit costs no parse at all. It keys on two things:
+//
+//   - the exact text;
+//   - the text's shape (shapeOf: the text with its numeric and string
+//     literals replaced by markers), for one INSERT, UPDATE, DELETE or
+//     SELECT whose classification never looked at a constant's value, so
+//     that "SELECT abalance FROM pgbench_accounts WHERE aid = 48213" is
+//     parsed once, not once per key. A classification that did look
+//     ("WHERE 1=1" against "WHERE 1=2", query_to_xml('...'),
+//     set_config('name', ...)) is kept by exact text only: pg_query's
+//     fingerprint would have joined them, which is why it is not the key.
 //
 // A Cache assumes its Options answer the same way for every call: use
 // one per upstream database, and Reset it when functions there change.
-// Results are shared between callers: do not modify them. Safe for
-// concurrent use.
+// Results are shared between callers: do not modify them. Their
+// Fingerprint is empty. Safe for concurrent use.
 type Cache struct {
 	size int
 
-	mu    sync.Mutex
-	ll    *list.List // of *cacheEntry, most recent at the front
-	items map[string]*list.Element
-	hits  uint64
-	miss  uint64
+	mu     sync.Mutex
+	ll     *list.List // of *cacheEntry, most recent at the front
+	items  map[string]*list.Element
+	shapes map[string]*list.Element
+	hits   uint64
+	miss   uint64
 }
 
 type cacheEntry struct {
-	sql string
-	res Result
+	key   string
+	shape bool // key is a shape
+	res   Result
 }
 
-// NewCache returns a cache of at most size texts (DefaultCacheSize when
-// size <= 0).
+// NewCache returns a cache of at most size texts and shapes together
+// (DefaultCacheSize when size <= 0).
 func NewCache(size int) *Cache {
 	if size <= 0 {
 		size = DefaultCacheSize
 	}
-	return &Cache{size: size, ll: list.New(), items: make(map[string]*list.Element)}
+	return &Cache{size: size, ll: list.New(), items: make(map[string]*list.Element), shapes: make(map[string]*list.Element)}
 }
 
-// Classify returns Classify(sql, opts), from the cache when sql was seen.
+// Classify returns Classify(sql, opts) but for its Fingerprint, from the
+// cache when sql, or a statement of its shape, was seen.
 func (c *Cache) Classify(sql string, opts Options) Result {
 	c.mu.Lock()
 	if e, ok := c.items[sql]; ok {
@@ -59,27 +71,86 @@ func (c *Cache) Classify(sql string, opts Options) Result {
 		c.mu.Unlock()
 		return res
 	}
-	c.miss++
 	c.mu.Unlock()
+
+	var shape string
+	byShape := false
+	if len(sql) <= maxCachedText {
+		var n int
+		shape, n, byShape = shapeOf(sql)
+		byShape = byShape && n > 0
+	}
+	if byShape {
+		c.mu.Lock()
+		if e, ok := c.shapes[shape]; ok {
+			c.ll.MoveToFront(e)
+			c.hits++
+			res := e.Value.(*cacheEntry).res
+			c.mu.Unlock()
+			return withText(res, sql)
+		}
+		c.mu.Unlock()
+	}
 
 	// Classify outside the lock: parsing is the slow part, and two
 	// sessions classifying the same new text at once only waste a parse.
-	res := Classify(sql, opts)
+	res, constRead := classifyString(sql, opts, false)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.miss++
 	if len(sql) > maxCachedText {
 		return res
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if e, ok := c.items[sql]; ok {
-		c.ll.MoveToFront(e)
-		return res
+	if byShape && !constRead && shapeable(res) {
+		c.put(c.shapes, shape, true, res)
+	} else {
+		c.put(c.items, sql, false, res)
 	}
-	c.items[sql] = c.ll.PushFront(&cacheEntry{sql: sql, res: res})
+	return res
+}
+
+// put stores res under key in m (items or shapes), evicting the least
+// recently used entries beyond the bound. c.mu is held.
+func (c *Cache) put(m map[string]*list.Element, key string, shape bool, res Result) {
+	if e, ok := m[key]; ok {
+		c.ll.MoveToFront(e)
+		return
+	}
+	m[key] = c.ll.PushFront(&cacheEntry{key: key, shape: shape, res: res})
 	for c.ll.Len() > c.size {
 		last := c.ll.Back()
 		c.ll.Remove(last)
-		delete(c.items, last.Value.(*cacheEntry).sql)
+		if ce := last.Value.(*cacheEntry); ce.shape {
+			delete(c.shapes, ce.key)
+		} else {
+			delete(c.items, ce.key)
+		}
 	}
+}
+
+// shapeable reports whether a result that read no constant may be kept
+// by shape: one plain INSERT, UPDATE, DELETE or SELECT that parsed. The
+// classifier's constRead is what makes this sound; the list keeps the
+// shapes to the statements a workload repeats with new constants, where
+// every rule that reads a constant is known.
+func shapeable(res Result) bool {
+	if len(res.Statements) != 1 || res.Class == Unknown {
+		return false
+	}
+	switch res.Statements[0].Kind {
+	case "SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt":
+		return true
+	}
+	return false
+}
+
+// withText returns res, cached for another text of the same shape, as
+// the result for sql: the statement's text is sql's own (what Classify
+// would cut out of it: sql without blanks and its one final semicolon).
+func withText(res Result, sql string) Result {
+	st := res.Statements[0]
+	st.Text = strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(sql), ";"))
+	res.Statements = []Statement{st}
 	return res
 }
 
@@ -90,6 +161,7 @@ func (c *Cache) Reset() {
 	defer c.mu.Unlock()
 	c.ll.Init()
 	clear(c.items)
+	clear(c.shapes)
 }
 
 // Stats returns the number of hits and misses so far.
@@ -99,7 +171,7 @@ func (c *Cache) Stats() (hits, misses uint64) {
 	return c.hits, c.miss
 }
 
-// Len returns the number of texts cached.
+// Len returns the number of texts and shapes cached.
 func (c *Cache) Len() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -74,3 +74,115 @@ func BenchmarkCacheHit(b *testing.B) {
 		c.Classify(q, Options{})
 	}
 }
+
+func TestShapeOf(t *testing.T) {
+	tests := []struct {
+		sql, shape string // shape "" means shapeOf gives up
+	}{
+		{"SELECT abalance FROM pgbench_accounts WHERE aid = 48213;", "SELECT abalance FROM pgbench_accounts WHERE aid = \x00i;"},
+		{"UPDATE t SET x = x + -5 WHERE id = 2147483648", "UPDATE t SET x = x + -\x00i WHERE id = \x00f"},
+		{"INSERT INTO h VALUES (1, 2.5, 1e3, 'it''s', $1, now())", "INSERT INTO h VALUES (\x00i, \x00f, \x00f, \x00s, $1, now())"},
+		{`SELECT "a'b", t1.c2 FROM "x""y" t1`, `SELECT "a'b", t1.c2 FROM "x""y" t1`},
+		{"SELECT 1::float(53), 'x'::text", "SELECT \x00i::float(\x00i), \x00s::text"},
+		{"SELECT 1 -- comment", ""},
+		{"SELECT /* c */ 1", ""},
+		{"SELECT $$x$$", ""},
+		{"SELECT $q$x$q$", ""},
+		{"SELECT E'a\\'; DROP TABLE t; --'", ""},
+		{"SELECT 'a\\'", ""},
+		{"SELECT e'x', B'101', X'1F', N'x'", ""},
+		{"SELECT U&'\\0041', U&\"d\\0061t\\+000061\"", ""},
+		{"SELECT 1; DELETE FROM t", ""},
+		{"SELECT 1;;", ""},
+		{"SELECT 0x1F", ""},
+		{"SELECT 1_000", ""},
+		{"SELECT 123abc", ""},
+		{"SELECT 1e", ""},
+		{"SELECT 1.2.3", ""},
+		{"SELECT .5", ""},
+		{"SELECT a..b", ""},
+		{"SELECT 'unterminated", ""},
+		{"SELECT \"unterminated", ""},
+		{"SELECT 1\x00; DROP TABLE t", ""},
+		{"SELECT '\xff'", ""},
+		{"SELECT date'2020-01-01'", ""},
+		{"SELECT {1}", ""},
+	}
+	for _, tt := range tests {
+		shape, _, ok := shapeOf(tt.sql)
+		if tt.shape == "" {
+			if ok {
+				t.Errorf("shapeOf(%q) = %q, want it to give up", tt.sql, shape)
+			}
+			continue
+		}
+		if !ok || shape != tt.shape {
+			t.Errorf("shapeOf(%q) = %q, %v; want %q", tt.sql, shape, ok, tt.shape)
+		}
+	}
+}
+
+// TestCacheShapes: statements that differ only in constants share a
+// cached classification only when the classification never read a
+// constant. Each pair is classified in order through one cache; the
+// second must come out as a full parse says, which for these is stricter.
+func TestCacheShapes(t *testing.T) {
+	pairs := []struct{ first, second string }{
+		{"DELETE FROM t WHERE 1 = 2", "DELETE FROM t WHERE 1 = 1"},
+		{"DELETE FROM t WHERE 'a' = 'b'", "DELETE FROM t WHERE 'a' = 'a'"},
+		{"UPDATE t SET x = 1 WHERE id = 1 OR 1 = 2", "UPDATE t SET x = 1 WHERE id = 1 OR 1 = 1"},
+		{"DELETE FROM t WHERE 2 > 3", "DELETE FROM t WHERE 3 > 2"},
+		{"DELETE FROM t WHERE name LIKE 'a%'", "DELETE FROM t WHERE name LIKE '%'"},
+		{"DELETE FROM t WHERE 5 BETWEEN 1 AND 3", "DELETE FROM t WHERE 2 BETWEEN 1 AND 3"},
+		{"DELETE FROM t WHERE 1 IN (2, 3)", "DELETE FROM t WHERE 1 IN (1, 2)"},
+		{"DELETE FROM t WHERE 0::bool", "DELETE FROM t WHERE 1::bool"},
+		{"DELETE FROM t WHERE 'no'", "DELETE FROM t WHERE 'yes'"},
+		{"DELETE FROM t WHERE 'f'::boolean", "DELETE FROM t WHERE 't'::boolean"},
+		{"DELETE FROM t WHERE x = x + 1", "DELETE FROM t WHERE x = x + 0"},
+		{"DELETE FROM t WHERE 1 + 1 = 3", "DELETE FROM t WHERE 1 + 1 = 2"},
+		{"DELETE FROM t WHERE -1 = 1", "DELETE FROM t WHERE -1 = -1"},
+		{"DELETE FROM t WHERE 1 IS NOT DISTINCT FROM 2", "DELETE FROM t WHERE 1 IS NOT DISTINCT FROM 1"},
+		{"DELETE FROM t WHERE coalesce('f'::bool, false)", "DELETE FROM t WHERE coalesce('t'::bool, false)"},
+		{"DELETE FROM t WHERE id = 3 OR (2 = 2)", "DELETE FROM t WHERE id = 3 OR (2 = 2)"},
+		{"SELECT query_to_xml('SELECT 1', true, true, '')", "SELECT query_to_xml('DELETE FROM t RETURNING 1', true, true, '')"},
+		{"SELECT set_config('application_name', 'x', false)", "SELECT set_config('session_replication_role', 'replica', false)"},
+		{"WITH d AS (SELECT 1) SELECT * FROM d WHERE 1 = 1", "WITH d AS (DELETE FROM t WHERE 1 = 1 RETURNING *) SELECT * FROM d"},
+		{"SELECT ts_rewrite('a'::tsquery, 'SELECT 1')", "SELECT ts_rewrite('a'::tsquery, 'DELETE FROM t RETURNING 1')"},
+		{"SELECT 1::float(53)", "SELECT 1::float(99999999999)"},
+		{"SELECT * FROM t WHERE x = 'a' OR x = 'b'", "DELETE FROM t WHERE x = 'a' OR x = x"},
+	}
+	for _, p := range pairs {
+		c := NewCache(16)
+		c.Classify(p.first, withLookup)
+		want := Classify(p.second, withLookup)
+		if got := c.Classify(p.second, withLookup); !sameResult(got, want) {
+			t.Errorf("after %q, cache says %q is %s (%s); a full parse says %s (%s)",
+				p.first, p.second, got.Class, got.Reason, want.Class, want.Reason)
+		}
+	}
+
+	// What the shapes are for: pgbench's statements, new constants each
+	// time, parsed once per shape.
+	c := NewCache(16)
+	for i := range 50 {
+		for _, q := range []string{
+			"SELECT abalance FROM pgbench_accounts WHERE aid = %d;",
+			"UPDATE pgbench_accounts SET abalance = abalance + -%d WHERE aid = 7;",
+			"UPDATE pgbench_tellers SET tbalance = tbalance + 3 WHERE tid = %d;",
+			"INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 2, %d, -5, CURRENT_TIMESTAMP);",
+			"DELETE FROM t WHERE id = %d",
+		} {
+			sql := fmt.Sprintf(q, i*7919+1)
+			got, want := c.Classify(sql, withLookup), Classify(sql, withLookup)
+			if !sameResult(got, want) {
+				t.Fatalf("%q: cache %+v, full parse %+v", sql, got, want)
+			}
+		}
+	}
+	if h, m := c.Stats(); m != 5 || h != 245 {
+		t.Fatalf("pgbench statements: %d hits, %d misses; want one miss per shape", h, m)
+	}
+	if c.Classify("DELETE FROM t WHERE id = 1", withLookup).Statements[0].Text != "DELETE FROM t WHERE id = 1" {
+		t.Fatal("a shape hit carries another text")
+	}
+}

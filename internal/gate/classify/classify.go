@@ -85,7 +85,8 @@ type Result struct {
 	// Fingerprint is pg_query's fingerprint of the string (hex): equal
 	// for statements that differ only in constants. It identifies a
 	// statement shape in logs; never key a decision on it, because
-	// "WHERE 1=1" and "WHERE 1=2" share one.
+	// "WHERE 1=1" and "WHERE 1=2" share one. Empty in results from a
+	// [Cache], which does not pay the second parse it costs.
 	Fingerprint string `json:"fingerprint,omitempty"`
 }
 
@@ -113,23 +114,32 @@ var recoverPanics = true
 // classifies every statement; the strictest wins. SQL that does not parse
 // gives a Result of class Unknown, never an error: what cannot be parsed
 // does not run. Classify is safe for concurrent use.
-func Classify(sql string, opts Options) (res Result) {
+func Classify(sql string, opts Options) Result {
+	res, _ := classifyString(sql, opts, true)
+	return res
+}
+
+// classifyString is Classify; constRead reports that the result depends on
+// the values of constants in sql (see classifier.constRead), and
+// fingerprint asks for Result.Fingerprint, which costs a second parse.
+func classifyString(sql string, opts Options, fingerprint bool) (res Result, constRead bool) {
 	if recoverPanics {
 		defer func() {
 			if r := recover(); r != nil {
 				res = unknownResult(sql, "internal", fmt.Sprintf("classify: internal error: %v", r))
+				constRead = true
 			}
 		}()
 	}
 	if strings.IndexByte(sql, 0) >= 0 {
 		// The parser reads a C string and would stop at the NUL; what
 		// follows it must not slip past unread.
-		return unknownResult(sql, "parse.error", "does not parse: contains a NUL byte")
+		return unknownResult(sql, "parse.error", "does not parse: contains a NUL byte"), true
 	}
 	c := &classifier{opts: opts}
 	stmts, err := c.classifyText(sql, 0)
 	if err != nil {
-		return unknownResult(sql, "parse.error", "does not parse: "+err.Error())
+		return unknownResult(sql, "parse.error", "does not parse: "+err.Error()), true
 	}
 	res.Statements = stmts
 	res.Class = Read
@@ -142,10 +152,12 @@ func Classify(sql string, opts Options) (res Result) {
 			}
 		}
 	}
-	if fp, err := pg_query.Fingerprint(sql); err == nil {
-		res.Fingerprint = fp
+	if fingerprint {
+		if fp, err := pg_query.Fingerprint(sql); err == nil {
+			res.Fingerprint = fp
+		}
 	}
-	return res
+	return res, c.constRead
 }
 
 func unknownResult(sql, rule, reason string) Result {

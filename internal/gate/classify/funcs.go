@@ -223,7 +223,7 @@ func (c *classifier) sqlString(v *verdict, f *pg_query.FuncCall, qual string, de
 	_, name := funcName(f.Funcname)
 	i := sqlStringArg[name]
 	if i < len(f.Args) {
-		if s, ok := constString(f.Args[i]); ok {
+		if s, ok := c.constString(f.Args[i]); ok {
 			c.nestedText(v, s, "calls "+qual+", which runs: ", "func.sql-string", depth)
 			return
 		}
@@ -237,7 +237,7 @@ func (c *classifier) setConfig(v *verdict, f *pg_query.FuncCall) {
 		v.hit("func.set-config", "calls set_config without a setting name")
 		return
 	}
-	name, ok := constString(f.Args[0])
+	name, ok := c.constString(f.Args[0])
 	if !ok {
 		v.hit("func.set-config", "calls set_config with a setting name built at run time")
 		return
@@ -250,14 +250,15 @@ func (c *classifier) setConfig(v *verdict, f *pg_query.FuncCall) {
 }
 
 // constString returns a string constant, looking through casts.
-func constString(n *pg_query.Node) (string, bool) {
+func (c *classifier) constString(n *pg_query.Node) (string, bool) {
 	switch x := inner(n).(type) {
 	case *pg_query.A_Const:
+		c.constRead = true
 		if s := x.GetSval(); s != nil {
 			return s.Sval, true
 		}
 	case *pg_query.TypeCast:
-		return constString(x.Arg)
+		return c.constString(x.Arg)
 	}
 	return "", false
 }

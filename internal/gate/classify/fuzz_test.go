@@ -2,14 +2,16 @@ package classify
 
 import (
 	"reflect"
+	"strings"
 	"testing"
 
 	pg_query "github.com/pganalyze/pg_query_go/v6"
 )
 
 // FuzzClassify feeds arbitrary SQL: Classify must not panic, must answer
-// the same twice, must agree with the cache, and must never call read a
-// string whose parse tree holds a DROP or TRUNCATE anywhere.
+// the same twice, must agree with the cache (also for every other text of
+// the same shape, checkShapes), and must never call read a string whose
+// parse tree holds a DROP or TRUNCATE anywhere.
 func FuzzClassify(f *testing.F) {
 	for _, c := range ruleCases {
 		f.Add(c.sql)
@@ -30,9 +32,10 @@ func FuzzClassify(f *testing.F) {
 		if !reflect.DeepEqual(a, b) {
 			t.Fatalf("Classify(%q) not deterministic:\n%+v\n%+v", sql, a, b)
 		}
-		if c := cache.Classify(sql, withLookup); !reflect.DeepEqual(a, c) {
-			t.Fatalf("cache disagrees for %q", sql)
+		if c := cache.Classify(sql, withLookup); !sameResult(a, c) {
+			t.Fatalf("cache disagrees for %q:\n%+v\n%+v", sql, a, c)
 		}
+		checkShapes(t, sql)
 		if !a.Class.Valid() {
 			t.Fatalf("Classify(%q) = invalid class %q", sql, a.Class)
 		}
@@ -60,4 +63,70 @@ func hasDrop(tree *pg_query.ParseResult) bool {
 		return !found
 	})
 	return found
+}
+
+// sameResult compares results but for the fingerprint, which a Cache
+// does not compute.
+func sameResult(a, b Result) bool {
+	a.Fingerprint, b.Fingerprint = "", ""
+	return reflect.DeepEqual(a, b)
+}
+
+// Literal values to put in a shape's places: the ones the classifier's
+// rules care about (booleans, equal and unequal numbers, LIKE's '%', SQL
+// in a string, a dangerous setting's name) and plain ones.
+var shapeValues = map[string][]string{
+	"\x00i": {"1", "0", "2", "7", "2147483647", "00"},
+	"\x00f": {"1.5", "0.0", "1e3", "2147483648", "1.", "1.e-2", "99999999999999999999"},
+	"\x00s": {"'t'", "'f'", "''", "'%'", "'1'", "'a'", "'yes'", "'DELETE FROM orders RETURNING 1'",
+		"'session_replication_role'", "'replica'", "'a''b'", "'%%'"},
+}
+
+// checkShapes is the property the shape cache rests on: a cache that has
+// seen sql answers for any other text of sql's shape exactly what a full
+// parse of that text answers. The other texts put the same value in every
+// place (1 = 1) and different ones (1 = 2).
+func checkShapes(t *testing.T, sql string) {
+	shape, n, ok := shapeOf(sql)
+	if !ok || n == 0 || n > 16 {
+		return
+	}
+	c := NewCache(8)
+	c.Classify(sql, withLookup)
+	for k := range 12 {
+		for _, same := range []bool{true, false} {
+			v := fillShape(shape, k, same)
+			if vs, _, ok := shapeOf(v); !ok || vs != shape {
+				t.Fatalf("shape of %q is %q, its variant %q has %q (ok %v)", sql, shape, v, vs, ok)
+			}
+			want := Classify(v, withLookup)
+			if got := c.Classify(v, withLookup); !sameResult(want, got) {
+				t.Fatalf("after %q, the cache classifies %q as %s (%s), a full parse as %s (%s)",
+					sql, v, got.Class, got.Reason, want.Class, want.Reason)
+			}
+		}
+	}
+}
+
+// fillShape replaces a shape's markers with values: the k-th of each list,
+// or (same false) the (k+place)-th.
+func fillShape(shape string, k int, same bool) string {
+	var b strings.Builder
+	place := 0
+	for {
+		i := strings.IndexByte(shape, 0)
+		if i < 0 || i+1 >= len(shape) {
+			b.WriteString(shape)
+			return b.String()
+		}
+		b.WriteString(shape[:i])
+		vals := shapeValues[shape[i:i+2]]
+		j := k
+		if !same {
+			j += place
+		}
+		b.WriteString(vals[j%len(vals)])
+		place++
+		shape = shape[i+2:]
+	}
 }

@@ -58,7 +58,7 @@ func (c *classifier) setting(v *verdict, name string, vals []*pg_query.Node, wha
 	switch {
 	case name == "role" || name == "session_authorization":
 		if len(vals) == 1 {
-			if s, ok := constString(vals[0]); ok && strings.EqualFold(s, "none") {
+			if s, ok := c.constString(vals[0]); ok && strings.EqualFold(s, "none") {
 				v.hit("set", what+" NONE returns to the session's own role")
 				return
 			}
@@ -71,7 +71,7 @@ func (c *classifier) setting(v *verdict, name string, vals []*pg_query.Node, wha
 		// another schema, that schema's functions shadow the built-ins
 		// this classifier trusts by name.
 		for i, n := range vals {
-			s, ok := constString(n)
+			s, ok := c.constString(n)
 			if !ok {
 				if cr, isCol := inner(n).(*pg_query.ColumnRef); isCol && len(cr.Fields) == 1 {
 					s, ok = strVal(cr.Fields[0]), true

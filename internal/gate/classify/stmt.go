@@ -11,6 +11,11 @@ import (
 // classifier carries one Classify call's options.
 type classifier struct {
 	opts Options
+	// constRead is set when a verdict looked at the value of a constant
+	// (WHERE 1=1, query_to_xml('...'), set_config('name', ...)): only a
+	// classification that never did may be reused for the same statement
+	// with other constants (Cache's shapes).
+	constRead bool
 }
 
 // verdict accumulates what one statement does; the strictest hit wins.
@@ -235,7 +240,7 @@ func (c *classifier) stmt(node any, text string, depth int) verdict {
 		switch {
 		case x.WhereClause == nil:
 			v.hit("update.no-where", "UPDATE "+t+" without WHERE rewrites every row")
-		case truth(x.WhereClause) == 1:
+		case c.truth(x.WhereClause) == 1:
 			v.hit("update.always-true", "UPDATE "+t+" with a WHERE that is always true rewrites every row")
 		default:
 			v.hit("update", "UPDATE "+t+" with a WHERE")
@@ -249,7 +254,7 @@ func (c *classifier) stmt(node any, text string, depth int) verdict {
 		switch {
 		case x.WhereClause == nil:
 			v.hit("delete.no-where", "DELETE FROM "+t+" without WHERE removes every row")
-		case truth(x.WhereClause) == 1:
+		case c.truth(x.WhereClause) == 1:
 			v.hit("delete.always-true", "DELETE FROM "+t+" with a WHERE that is always true removes every row")
 		default:
 			v.hit("delete", "DELETE FROM "+t+" with a WHERE")
@@ -262,7 +267,7 @@ func (c *classifier) stmt(node any, text string, depth int) verdict {
 		v.table(t)
 		v.hit("merge", "MERGE into "+t)
 		v.rowsGuard, v.rowsCounted = true, true
-		if truth(x.JoinCondition) == 1 && mergeDeletes(x) {
+		if c.truth(x.JoinCondition) == 1 && mergeDeletes(x) {
 			v.hit("merge.delete-all", "MERGE into "+t+" ON a condition always true, WHEN MATCHED THEN DELETE, removes every row")
 		}
 		c.scan(&v, x, depth)
@@ -299,7 +304,7 @@ func (c *classifier) stmt(node any, text string, depth int) verdict {
 		c.copy(&v, x, depth)
 
 	case *pg_query.ExplainStmt:
-		if explainAnalyze(x.Options) {
+		if c.explainAnalyze(x.Options) {
 			v.hit("explain.analyze", "EXPLAIN ANALYZE runs the statement")
 			c.sub(&v, inner(x.Query), "EXPLAIN ANALYZE runs it: ", depth)
 			if v.rowsGuard {
@@ -367,7 +372,7 @@ func (c *classifier) stmt(node any, text string, depth int) verdict {
 		switch {
 		case !x.IsVacuumcmd:
 			v.hit("maintenance", "ANALYZE collects statistics")
-		case hasOption(x.Options, "full"):
+		case c.hasOption(x.Options, "full"):
 			v.hit("maintenance.rewrite", "VACUUM FULL rewrites tables under an exclusive lock")
 		default:
 			v.hit("maintenance", "VACUUM reclaims space without an exclusive lock")
@@ -536,31 +541,32 @@ func (c *classifier) copy(v *verdict, x *pg_query.CopyStmt, depth int) {
 	c.scan(v, x, depth)
 }
 
-func explainAnalyze(opts []*pg_query.Node) bool {
+func (c *classifier) explainAnalyze(opts []*pg_query.Node) bool {
 	for _, o := range opts {
 		d, ok := inner(o).(*pg_query.DefElem)
 		if !ok || d.Defname != "analyze" {
 			continue
 		}
-		return defTrue(d)
+		return c.defTrue(d)
 	}
 	return false
 }
 
-func hasOption(opts []*pg_query.Node, name string) bool {
+func (c *classifier) hasOption(opts []*pg_query.Node, name string) bool {
 	for _, o := range opts {
 		if d, ok := inner(o).(*pg_query.DefElem); ok && d.Defname == name {
-			return defTrue(d)
+			return c.defTrue(d)
 		}
 	}
 	return false
 }
 
 // defTrue reads an option's boolean: absent means true (EXPLAIN (ANALYZE)).
-func defTrue(d *pg_query.DefElem) bool {
+func (c *classifier) defTrue(d *pg_query.DefElem) bool {
 	if d.Arg == nil {
 		return true
 	}
+	c.constRead = true
 	switch a := inner(d.Arg).(type) {
 	case *pg_query.String:
 		b, ok := parseBool(a.Sval)
@@ -570,7 +576,7 @@ func defTrue(d *pg_query.DefElem) bool {
 	case *pg_query.Boolean:
 		return a.Boolval
 	case *pg_query.A_Const:
-		if t := truth(d.Arg); t != 0 {
+		if t := c.truth(d.Arg); t != 0 {
 			return t == 1
 		}
 	}

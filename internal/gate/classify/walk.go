@@ -125,10 +125,36 @@ func sameExpr(a, b *pg_query.Node) bool {
 	if a == nil || b == nil {
 		return false
 	}
-	return sameValue(reflect.ValueOf(a), reflect.ValueOf(b))
+	return (&comparer{}).same(reflect.ValueOf(a), reflect.ValueOf(b))
 }
 
-func sameValue(a, b reflect.Value) bool {
+// sameExpr is [sameExpr], noting in c.constRead when the answer depends on
+// the values of constants: when the trees are alike but for constants
+// ("1 = 1" and "1 = 2" are; "aid = 5" is not, whatever the 5).
+func (c *classifier) sameExpr(a, b *pg_query.Node) bool {
+	if a == nil || b == nil {
+		return false
+	}
+	loose := &comparer{loose: true}
+	if !loose.same(reflect.ValueOf(a), reflect.ValueOf(b)) {
+		return false
+	}
+	if !loose.sawConst {
+		return true
+	}
+	c.constRead = true
+	return sameExpr(a, b)
+}
+
+var aConstType = reflect.TypeFor[*pg_query.A_Const]()
+
+// comparer compares parse trees; loose takes any two constants as equal
+// (and notes that it saw some).
+type comparer struct {
+	loose, sawConst bool
+}
+
+func (cm *comparer) same(a, b reflect.Value) bool {
 	if a.Type() != b.Type() {
 		return false
 	}
@@ -137,13 +163,17 @@ func sameValue(a, b reflect.Value) bool {
 		if a.IsNil() || b.IsNil() {
 			return a.IsNil() == b.IsNil()
 		}
-		return sameValue(a.Elem(), b.Elem())
+		if cm.loose && a.Type() == aConstType {
+			cm.sawConst = true
+			return true
+		}
+		return cm.same(a.Elem(), b.Elem())
 	case reflect.Slice:
 		if a.Len() != b.Len() {
 			return false
 		}
 		for i := range a.Len() {
-			if !sameValue(a.Index(i), b.Index(i)) {
+			if !cm.same(a.Index(i), b.Index(i)) {
 				return false
 			}
 		}
@@ -155,7 +185,7 @@ func sameValue(a, b reflect.Value) bool {
 			if !f.IsExported() || f.Name == "Location" {
 				continue
 			}
-			if !sameValue(a.Field(i), b.Field(i)) {
+			if !cm.same(a.Field(i), b.Field(i)) {
 				return false
 			}
 		}

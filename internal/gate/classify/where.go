@@ -20,9 +20,10 @@ import (
 
 // truth is 1 when e is always true, -1 when always false (or always
 // NULL, which WHERE treats alike), 0 when it depends on the row.
-func truth(e *pg_query.Node) int {
+func (c *classifier) truth(e *pg_query.Node) int {
 	switch x := inner(e).(type) {
 	case *pg_query.A_Const:
+		c.constRead = true
 		if x.Isnull {
 			return -1
 		}
@@ -36,22 +37,23 @@ func truth(e *pg_query.Node) int {
 		}
 		return 0
 	case *pg_query.TypeCast:
-		if c, ok := inner(x.Arg).(*pg_query.A_Const); ok && isBoolType(x.TypeName) {
-			if i := c.GetIval(); i != nil && !c.Isnull {
+		if k, ok := inner(x.Arg).(*pg_query.A_Const); ok && isBoolType(x.TypeName) {
+			c.constRead = true
+			if i := k.GetIval(); i != nil && !k.Isnull {
 				return boolTruth(i.Ival != 0)
 			}
 		}
-		return truth(x.Arg)
+		return c.truth(x.Arg)
 	case *pg_query.BoolExpr:
 		switch x.Boolop {
 		case pg_query.BoolExprType_NOT_EXPR:
 			if len(x.Args) == 1 {
-				return -truth(x.Args[0])
+				return -c.truth(x.Args[0])
 			}
 		case pg_query.BoolExprType_AND_EXPR:
 			all := 1
 			for _, a := range x.Args {
-				switch truth(a) {
+				switch c.truth(a) {
 				case -1:
 					return -1
 				case 0:
@@ -62,24 +64,25 @@ func truth(e *pg_query.Node) int {
 		case pg_query.BoolExprType_OR_EXPR:
 			all := -1
 			for _, a := range x.Args {
-				switch truth(a) {
+				switch c.truth(a) {
 				case 1:
 					return 1
 				case 0:
 					all = 0
 				}
 			}
-			if complementary(x.Args) {
+			if c.complementary(x.Args) {
 				return 1
 			}
 			return all
 		}
 		return 0
 	case *pg_query.A_Expr:
-		return exprTruth(x)
+		return c.exprTruth(x)
 	case *pg_query.NullTest:
-		if c, ok := inner(x.Arg).(*pg_query.A_Const); ok {
-			isNull := c.Isnull
+		if k, ok := inner(x.Arg).(*pg_query.A_Const); ok {
+			c.constRead = true
+			isNull := k.Isnull
 			if x.Nulltesttype == pg_query.NullTestType_IS_NULL {
 				return boolTruth(isNull)
 			}
@@ -87,7 +90,7 @@ func truth(e *pg_query.Node) int {
 		}
 		return 0
 	case *pg_query.BooleanTest:
-		t := truth(x.Arg)
+		t := c.truth(x.Arg)
 		switch x.Booltesttype {
 		case pg_query.BoolTestType_IS_TRUE, pg_query.BoolTestType_IS_NOT_FALSE:
 			return t
@@ -106,7 +109,7 @@ func truth(e *pg_query.Node) int {
 		}
 		return 0
 	case *pg_query.CoalesceExpr:
-		if len(x.Args) > 0 && truth(x.Args[0]) == 1 {
+		if len(x.Args) > 0 && c.truth(x.Args[0]) == 1 {
 			return 1
 		}
 		return 0
@@ -157,15 +160,15 @@ func isBoolType(t *pg_query.TypeName) bool {
 
 // complementary finds, among OR branches, "x IS NULL" with "x IS NOT
 // NULL", or "x" with "NOT x": together they cover every row.
-func complementary(args []*pg_query.Node) bool {
+func (c *classifier) complementary(args []*pg_query.Node) bool {
 	for i, a := range args {
 		for _, b := range args[i+1:] {
 			na, oka := inner(a).(*pg_query.NullTest)
 			nb, okb := inner(b).(*pg_query.NullTest)
-			if oka && okb && na.Nulltesttype != nb.Nulltesttype && sameExpr(na.Arg, nb.Arg) {
+			if oka && okb && na.Nulltesttype != nb.Nulltesttype && c.sameExpr(na.Arg, nb.Arg) {
 				return true
 			}
-			if isNegation(a, b) || isNegation(b, a) {
+			if c.isNegation(a, b) || c.isNegation(b, a) {
 				return true
 			}
 		}
@@ -173,16 +176,16 @@ func complementary(args []*pg_query.Node) bool {
 	return false
 }
 
-func isNegation(a, b *pg_query.Node) bool {
+func (c *classifier) isNegation(a, b *pg_query.Node) bool {
 	n, ok := inner(b).(*pg_query.BoolExpr)
-	return ok && n.Boolop == pg_query.BoolExprType_NOT_EXPR && len(n.Args) == 1 && sameExpr(a, n.Args[0])
+	return ok && n.Boolop == pg_query.BoolExprType_NOT_EXPR && len(n.Args) == 1 && c.sameExpr(a, n.Args[0])
 }
 
-func exprTruth(x *pg_query.A_Expr) int {
+func (c *classifier) exprTruth(x *pg_query.A_Expr) int {
 	op := opName(x.Name)
 	switch x.Kind {
 	case pg_query.A_Expr_Kind_AEXPR_OP:
-		if sameExpr(x.Lexpr, x.Rexpr) && x.Lexpr != nil {
+		if c.sameExpr(x.Lexpr, x.Rexpr) && x.Lexpr != nil {
 			switch op {
 			case "=", ">=", "<=":
 				return 1
@@ -190,26 +193,28 @@ func exprTruth(x *pg_query.A_Expr) int {
 				return -1
 			}
 		}
-		l, lok := fold(x.Lexpr)
-		r, rok := fold(x.Rexpr)
-		if lok && rok {
-			if c, ok := compare(l, r); ok {
-				return compareTruth(op, c)
+		// The right side only when the left folds: "aid = 5" then never
+		// reads its constant (see classifier.constRead).
+		if l, lok := c.fold(x.Lexpr); lok {
+			r, rok := c.fold(x.Rexpr)
+			if cmp, ok := compare(l, r); ok && rok {
+				return compareTruth(op, cmp)
 			}
 		}
 	case pg_query.A_Expr_Kind_AEXPR_NOT_DISTINCT:
-		if sameExpr(x.Lexpr, x.Rexpr) {
+		if c.sameExpr(x.Lexpr, x.Rexpr) {
 			return 1
 		}
-		l, lok := fold(x.Lexpr)
-		r, rok := fold(x.Rexpr)
-		if lok && rok {
-			if c, ok := compare(l, r); ok {
-				return boolTruth(c == 0)
+		// The right side only when the left folds: "aid = 5" then never
+		// reads its constant (see classifier.constRead).
+		if l, lok := c.fold(x.Lexpr); lok {
+			r, rok := c.fold(x.Rexpr)
+			if cmp, ok := compare(l, r); ok && rok {
+				return boolTruth(cmp == 0)
 			}
 		}
 	case pg_query.A_Expr_Kind_AEXPR_DISTINCT:
-		if sameExpr(x.Lexpr, x.Rexpr) {
+		if c.sameExpr(x.Lexpr, x.Rexpr) {
 			return -1
 		}
 	case pg_query.A_Expr_Kind_AEXPR_IN:
@@ -217,11 +222,11 @@ func exprTruth(x *pg_query.A_Expr) int {
 		if !ok {
 			return 0
 		}
-		l, lok := fold(x.Lexpr)
+		l, lok := c.fold(x.Lexpr)
 		for _, it := range list.Items {
-			hit := sameExpr(x.Lexpr, it)
+			hit := c.sameExpr(x.Lexpr, it)
 			if !hit && lok {
-				if r, rok := fold(it); rok {
+				if r, rok := c.fold(it); rok {
 					c, ok := compare(l, r)
 					hit = ok && c == 0
 				}
@@ -235,8 +240,9 @@ func exprTruth(x *pg_query.A_Expr) int {
 		}
 	case pg_query.A_Expr_Kind_AEXPR_LIKE, pg_query.A_Expr_Kind_AEXPR_ILIKE:
 		// x LIKE '%' matches every non-NULL x.
-		if c, ok := inner(x.Rexpr).(*pg_query.A_Const); ok {
-			if s := c.GetSval(); s != nil && s.Sval != "" && strings.Trim(s.Sval, "%") == "" {
+		if k, ok := inner(x.Rexpr).(*pg_query.A_Const); ok {
+			c.constRead = true
+			if s := k.GetSval(); s != nil && s.Sval != "" && strings.Trim(s.Sval, "%") == "" {
 				if op == "~~" || op == "~~*" {
 					return 1
 				}
@@ -248,10 +254,13 @@ func exprTruth(x *pg_query.A_Expr) int {
 		if !ok || len(list.Items) != 2 {
 			return 0
 		}
-		v, ok1 := fold(x.Lexpr)
-		lo, ok2 := fold(list.Items[0])
-		hi, ok3 := fold(list.Items[1])
-		if ok1 && ok2 && ok3 {
+		v, ok1 := c.fold(x.Lexpr)
+		if !ok1 {
+			return 0 // and the bounds' constants were never read
+		}
+		lo, ok2 := c.fold(list.Items[0])
+		hi, ok3 := c.fold(list.Items[1])
+		if ok2 && ok3 {
 			c1, okc1 := compare(v, lo)
 			c2, okc2 := compare(v, hi)
 			if okc1 && okc2 {
@@ -299,9 +308,10 @@ type constant struct {
 }
 
 // fold evaluates constant arithmetic: 1, -1, 1+1, '1', 2*3.
-func fold(e *pg_query.Node) (constant, bool) {
+func (c *classifier) fold(e *pg_query.Node) (constant, bool) {
 	switch x := inner(e).(type) {
 	case *pg_query.A_Const:
+		c.constRead = true
 		if x.Isnull {
 			return constant{}, false
 		}
@@ -322,13 +332,22 @@ func fold(e *pg_query.Node) (constant, bool) {
 			return constant{num: 0, isNum: true}, true
 		}
 	case *pg_query.TypeCast:
-		return fold(x.Arg)
+		return c.fold(x.Arg)
 	case *pg_query.A_Expr:
 		if x.Kind != pg_query.A_Expr_Kind_AEXPR_OP {
 			return constant{}, false
 		}
 		op := opName(x.Name)
-		r, ok := fold(x.Rexpr)
+		var l constant
+		if x.Lexpr != nil {
+			// The left side first: "abalance + 5" then never reads its
+			// constant (see classifier.constRead).
+			var ok bool
+			if l, ok = c.fold(x.Lexpr); !ok || !toNum(&l) {
+				return constant{}, false
+			}
+		}
+		r, ok := c.fold(x.Rexpr)
 		if !ok || !toNum(&r) {
 			return constant{}, false
 		}
@@ -339,10 +358,6 @@ func fold(e *pg_query.Node) (constant, bool) {
 			case "+":
 				return r, true
 			}
-			return constant{}, false
-		}
-		l, ok := fold(x.Lexpr)
-		if !ok || !toNum(&l) {
 			return constant{}, false
 		}
 		switch op {

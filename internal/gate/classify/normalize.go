@@ -1,0 +1,188 @@
+package classify
+
+import (
+	"strings"
+	"unicode/utf8"
+)
+
+// shapeOf returns the shape of a one-statement SQL text: the text with
+// every numeric and plain string literal replaced by a marker of its
+// token type, everything else byte for byte. Two texts of one shape are
+// the same token sequence but for the literals' values, so the parser
+// builds them the same tree but for the constants in it; whether their
+// classification is the same too is the classifier's to say
+// (classifier.constRead), not the shape's.
+//
+// It is a lexer, not a parser, and a deliberately timid one: anything it
+// is not certain to split exactly as PostgreSQL's scanner does (comments,
+// dollar quotes, E'x' B'1' X'f' N'x' U&'x' strings, backslashes in strings,
+// Unicode identifiers with U&, numbers with junk, hexadecimal or
+// underscores, a NUL, invalid UTF-8, several statements, an unterminated
+// quote) makes it give up (ok false), and the text is parsed instead. It
+// does not allocate when it gives up early, and never needs the parser.
+//
+// The markers are "\x00i" (an integer that fits in 32 bits: the
+// grammar's ICONST), "\x00f" (any other number: FCONST) and "\x00s" (a
+// string: SCONST). A text holding a NUL is refused, so a marker never
+// stands for itself. n counts the literals replaced.
+func shapeOf(sql string) (shape string, n int, ok bool) {
+	if !utf8.ValidString(sql) || strings.IndexByte(sql, 0) >= 0 {
+		return "", 0, false
+	}
+	var b strings.Builder
+	last := 0 // sql[last:i] is still to be copied
+	i := 0
+	for i < len(sql) {
+		ch := sql[i]
+		switch {
+		case ch == 0 || ch == '\\' || ch == '{' || ch == '}' || ch == '$' && !isDigit(at(sql, i+1)):
+			// $ not followed by a digit: a dollar quote (or junk).
+			return "", 0, false
+		case ch == '$': // a parameter, $1
+			i++
+			for i < len(sql) && isDigit(sql[i]) {
+				i++
+			}
+			if isIdent(at(sql, i)) {
+				return "", 0, false
+			}
+		case ch == '-' && at(sql, i+1) == '-', ch == '/' && at(sql, i+1) == '*':
+			return "", 0, false // a comment
+		case ch == '.' && at(sql, i+1) == '.':
+			return "", 0, false // the scanner's DOT_DOT; "..5" is not ". .5"
+		case ch == ';':
+			// One statement only, and the semicolon last.
+			if strings.TrimLeft(sql[i+1:], " \t\n\r\f\v") != "" {
+				return "", 0, false
+			}
+			i++
+		case ch == '"':
+			end := quoted(sql, i, '"')
+			if end < 0 {
+				return "", 0, false
+			}
+			i = end
+		case ch == '\'':
+			// A prefix glued to the quote makes another kind of string
+			// (E'', B'', X'', N'', U&''), or a typed literal: give up.
+			if i > 0 && (isIdent(sql[i-1]) || sql[i-1] == '&' || sql[i-1] == '"' || sql[i-1] == '$') {
+				return "", 0, false
+			}
+			end := quoted(sql, i, '\'')
+			if end < 0 || strings.IndexByte(sql[i:end], '\\') >= 0 {
+				return "", 0, false
+			}
+			b.WriteString(sql[last:i])
+			b.WriteString("\x00s")
+			n++
+			i, last = end, end
+		case ch == '&' && (at(sql, i+1) == '\'' || at(sql, i+1) == '"'):
+			return "", 0, false // U&'...' or U&"..."
+		case ch == '.' && isDigit(at(sql, i+1)):
+			// .5 is a number, t.5 an error or worse: rare enough to parse.
+			return "", 0, false
+		case isDigit(ch):
+			end, isInt := number(sql, i)
+			if end < 0 {
+				return "", 0, false
+			}
+			b.WriteString(sql[last:i])
+			if isInt {
+				b.WriteString("\x00i")
+			} else {
+				b.WriteString("\x00f")
+			}
+			n++
+			i, last = end, end
+		case isIdentStart(ch):
+			for i < len(sql) && isIdent(sql[i]) {
+				i++
+			}
+		case ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' || ch == '\f' || ch == '\v',
+			strings.IndexByte("()[],:.+*/<>=~!@#%^&|`?-", ch) >= 0:
+			i++
+		default:
+			return "", 0, false
+		}
+	}
+	if n == 0 {
+		return sql, 0, true
+	}
+	b.WriteString(sql[last:])
+	return b.String(), n, true
+}
+
+func at(s string, i int) byte {
+	if i < len(s) {
+		return s[i]
+	}
+	return 0
+}
+
+func isDigit(c byte) bool { return c >= '0' && c <= '9' }
+
+// isIdentStart and isIdent follow PostgreSQL's scanner: letters,
+// underscore and any byte with the high bit set; then digits and $ too.
+func isIdentStart(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c == '_' || c >= 0x80
+}
+
+func isIdent(c byte) bool { return isIdentStart(c) || isDigit(c) || c == '$' }
+
+// quoted returns the index after the quoted token starting at sql[i]
+// (a doubled quote stands for itself), or -1 when it is not closed.
+func quoted(sql string, i int, q byte) int {
+	for j := i + 1; j < len(sql); j++ {
+		if sql[j] == q {
+			if at(sql, j+1) == q {
+				j++
+				continue
+			}
+			return j + 1
+		}
+	}
+	return -1
+}
+
+// number scans a decimal number at sql[i] (a digit) the way PostgreSQL's scanner
+// does (digits, a fraction, an exponent) and returns its end and whether
+// the grammar sees an integer (ICONST: digits only, fitting in 32 bits).
+// Anything glued to it that the scanner would take as junk or as another
+// kind of number (1abc, 0x1F, 1_000, 1.2.3, 1e) gives -1.
+func number(sql string, i int) (end int, isInt bool) {
+	j := i
+	for j < len(sql) && isDigit(sql[j]) {
+		j++
+	}
+	isInt = true
+	if at(sql, j) == '.' {
+		isInt = false
+		j++
+		for j < len(sql) && isDigit(sql[j]) {
+			j++
+		}
+	}
+	if c := at(sql, j); c == 'e' || c == 'E' {
+		isInt = false
+		j++
+		if c := at(sql, j); c == '+' || c == '-' {
+			j++
+		}
+		k := j
+		for j < len(sql) && isDigit(sql[j]) {
+			j++
+		}
+		if j == k {
+			return -1, false
+		}
+	}
+	if c := at(sql, j); isIdent(c) || c == '.' {
+		return -1, false
+	}
+	if isInt {
+		// ICONST only if it fits in an int32; longer is FCONST.
+		v := strings.TrimLeft(sql[i:j], "0")
+		isInt = len(v) < 10 || len(v) == 10 && v <= "2147483647"
+	}
+	return j, isInt
+}
