@@ -46,7 +46,7 @@ func ctxT(t testing.TB, d time.Duration) context.Context {
 // env is a real PostgreSQL 15, a state store with users and a quorum
 // policy (bob and carol approve, 2 of 2), and a gate in front.
 type env struct {
-	t    *testing.T
+	t    testing.TB
 	srv  *pgtest.Server
 	db   *state.DB
 	led  *ledger.Ledger
@@ -71,7 +71,7 @@ rules:
   - {name: no-admin, users: ["*"], databases: ["*"], classes: [privileged, unknown], action: deny, message: ask the DBA team}
 `
 
-func newEnv(t *testing.T, mod func(*Config)) *env {
+func newEnv(t testing.TB, mod func(*Config)) *env {
 	t.Helper()
 	srv := pgtest.Start(t, pgtest.Options{})
 	srv.Exec("postgres", "CREATE ROLE app_owner LOGIN PASSWORD 'brokered-secret'")
@@ -80,7 +80,7 @@ func newEnv(t *testing.T, mod func(*Config)) *env {
 	return startGate(t, srv, mod)
 }
 
-func startGate(t *testing.T, srv *pgtest.Server, mod func(*Config)) *env {
+func startGate(t testing.TB, srv *pgtest.Server, mod func(*Config)) *env {
 	t.Helper()
 	dir := t.TempDir()
 	e := &env{t: t, srv: srv, dir: dir}

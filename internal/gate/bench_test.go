@@ -1,0 +1,115 @@
+package gate
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/dualkey/dualkey/internal/gate/policy"
+	"github.com/dualkey/dualkey/internal/pgtest"
+)
+
+// benchPolicy is bench/gate.sh's: reads and writes allowed, no max_rows,
+// so the blast-radius guard stays out but every write is classified and
+// recorded.
+const benchPolicy = `
+tls: {require_tls: false}
+upstreams:
+  shop: {host: 127.0.0.1, port: %d, user: app_owner, password: brokered-secret, sslmode: disable}
+  bench: {host: 127.0.0.1, port: %d, user: app_owner, password: brokered-secret, sslmode: disable}
+rules:
+  - {name: bench, users: [alice], databases: [bench], classes: [read, write], action: allow}
+`
+
+// BenchmarkPgbench runs pgbench straight to a real PostgreSQL and through
+// the gate, back to back (direct, gate, gate, direct, so drift in the load
+// of a shared machine lands on both alike), and reports the gate's share
+// of direct's tps: the number issue 6 is about. Each sub-benchmark runs
+// once whatever b.N; DUALKEY_BENCH_SECONDS (default 5) is the length of
+// one pgbench run, DUALKEY_BENCH_CLIENTS (default 8) the clients.
+//
+//	go test -run XXX -bench Pgbench -benchtime 1x -cpuprofile cpu.out ./internal/gate/
+//
+// The profile is the gate's alone: pgbench and PostgreSQL are processes
+// of their own.
+func BenchmarkPgbench(b *testing.B) {
+	if testing.Short() {
+		b.Skip("starts PostgreSQL")
+	}
+	secs := envInt("DUALKEY_BENCH_SECONDS", 5)
+	clients := envInt("DUALKEY_BENCH_CLIENTS", 8)
+	srv := pgtest.Start(b, pgtest.Options{Settings: []string{"shared_buffers = 128MB"}})
+	srv.Exec("postgres", "CREATE ROLE app_owner LOGIN PASSWORD 'brokered-secret'")
+	srv.Exec("postgres", "CREATE DATABASE shop OWNER app_owner")
+	srv.Exec("postgres", "CREATE DATABASE bench OWNER app_owner")
+	e := startGate(b, srv, func(c *Config) {
+		pc, err := policy.Parse(fmt.Appendf(nil, benchPolicy, srv.Port, srv.Port), "bench.yaml")
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Policy, c.RecordReads = pc, false
+	})
+	srv.Pgbench("-i", "-s", "10", "-q", "bench")
+	srv.Exec("bench", "GRANT ALL ON ALL TABLES IN SCHEMA public TO app_owner")
+	direct := srv.URL("bench")
+	gate := e.url("alice", alicePW, "bench", "disable")
+	for _, w := range []struct{ name, mode, script string }{
+		{"select-simple", "simple", "-S"},
+		{"select-prepared", "prepared", "-S"},
+		{"tpcb-simple", "simple", ""},
+		{"tpcb-prepared", "prepared", ""},
+	} {
+		b.Run(w.name, func(b *testing.B) {
+			var d, g float64
+			for _, target := range []string{"direct", "gate", "gate", "direct"} {
+				url := direct
+				if target == "gate" {
+					url = gate
+				}
+				tps := runPgbench(b, url, w.mode, w.script, clients, secs)
+				if target == "gate" {
+					g += tps
+				} else {
+					d += tps
+				}
+			}
+			b.ReportMetric(d/2, "direct-tps")
+			b.ReportMetric(g/2, "gate-tps")
+			b.ReportMetric(g/d, "gate/direct")
+		})
+	}
+}
+
+func envInt(name string, def int) int {
+	if n, err := strconv.Atoi(os.Getenv(name)); err == nil && n > 0 {
+		return n
+	}
+	return def
+}
+
+var tpsRE = regexp.MustCompile(`tps = ([0-9.]+)`)
+
+func runPgbench(b *testing.B, url, mode, script string, clients, secs int) float64 {
+	b.Helper()
+	args := []string{"-n", "-M", mode, "-c", strconv.Itoa(clients), "-j", "2", "-T", strconv.Itoa(secs)}
+	if script != "" {
+		args = append(args, script)
+	}
+	cmd := exec.Command(pgtest.Bin("pgbench"), append(args, url)...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		b.Fatalf("pgbench %v: %v\n%s", args, err, out.String())
+	}
+	m := tpsRE.FindStringSubmatch(out.String())
+	if m == nil || strings.Contains(out.String(), "number of failed transactions: ") && !strings.Contains(out.String(), "number of failed transactions: 0 ") {
+		b.Fatalf("pgbench %v:\n%s", args, out.String())
+	}
+	tps, _ := strconv.ParseFloat(m[1], 64)
+	return tps
+}
