@@ -115,7 +115,7 @@ DUALKEY_PASSWORD or a prompt.`,
 	root.AddCommand(a.vaultCmd(), a.backupCmd(), a.snapshotsCmd(), a.lsCmd(), a.restoreCmd(), a.dumpCmd(),
 		a.verifyCmd(), a.forgetCmd(), a.pruneCmd(), a.keyCmd(), a.rebuildIndexCmd(), a.lockCmd(), a.pgCmd(), a.versionCmd())
 	root.AddCommand(a.usersCmd(), a.keysCmd(), a.quorumCmd(), a.approvalsCmd(), a.breakglassCmd(), a.auditCmd())
-	root.AddCommand(a.gateCmd())
+	root.AddCommand(a.gateCmd(), a.runCmd())
 	root.AddCommand(a.classifyCmd(), a.policyCmd())
 	a.addUsersPasswd(root)
 	return root

@@ -275,6 +275,18 @@ func Load(path string) (*Config, error) {
 // Every problem found is reported (joined), each naming name:line; unknown
 // keys are errors, so a misspelt key never falls back to a default.
 func Parse(data []byte, name string) (*Config, error) {
+	return ParseWith(data, name, Overrides{})
+}
+
+// Overrides are command-line flags that win over the file.
+type Overrides struct {
+	URL     string // --pg: pg.url
+	DataDir string // --data: data_dir
+}
+
+// ParseWith is Parse with flags applied before the defaults, so that
+// defaults depending on them follow (the URL's database).
+func ParseWith(data []byte, name string, o Overrides) (*Config, error) {
 	p := &parser{file: name}
 	var doc yaml.Node
 	if err := yaml.Unmarshal(data, &doc); err != nil {
@@ -297,6 +309,15 @@ func Parse(data []byte, name string) (*Config, error) {
 			}
 		}
 		p.config(root, c)
+	}
+	if o.URL != "" {
+		if err := checkURL(o.URL); err != nil {
+			p.errs = append(p.errs, fmt.Errorf("runner: --pg: %v", err))
+		}
+		c.PG.URL = o.URL
+	}
+	if o.DataDir != "" {
+		c.DataDir = o.DataDir
 	}
 	c.applyDefaults()
 	if len(p.errs) == 0 {
