@@ -658,6 +658,9 @@ func pgCommand(ctx context.Context, dir, name string, args ...string) (*exec.Cmd
 	return c, nil
 }
 
+// startGrace is how long a started server may take to write postmaster.pid.
+const startGrace = 30 * time.Second
+
 // startServer starts the restored server and waits until it has left
 // recovery: the postmaster says "ready" and a connection finds
 // pg_is_in_recovery() false.
@@ -677,6 +680,7 @@ func startServer(ctx context.Context, target string, o *RestoreOptions, res *Res
 	if err != nil {
 		return fmt.Errorf("pgagent: server log: %w", err)
 	}
+	logStart, _ := lf.Seek(0, io.SeekEnd) // what this start logs comes after
 	lf.Close()
 	if uid, gid, ok, err := pgUser(); err != nil {
 		return err
@@ -701,18 +705,31 @@ func startServer(ctx context.Context, target string, o *RestoreOptions, res *Res
 	url := fmt.Sprintf("postgres://%s@127.0.0.1:%d/postgres?sslmode=disable&connect_timeout=5", PGOSUser, o.Port)
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
+	started, seen := time.Now(), false
 	for {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("%w: %v%s", ErrRecovery, ctx.Err(), logTail(logFile))
 		case <-tick.C:
 		}
-		if pmStatus(target) == "ready" {
+		status := pmStatus(target)
+		if status != "" {
+			seen = true
+		}
+		if status == "ready" {
 			if ok, err := notInRecovery(ctx, url); ok {
 				return nil
 			} else if err != nil {
 				o.Log.Debug("restored server not accepting connections yet", "err", err)
 			}
+		}
+		// pg_ctl -W returns before the postmaster has written
+		// postmaster.pid; on a busy machine that takes longer than a
+		// tick, and "no server running" then means "not yet". Until the
+		// file has appeared, a start has failed only once the log says so
+		// (a bad setting) or after a long silence.
+		if !seen && time.Since(started) < startGrace && !loggedFatal(logFile, logStart) {
+			continue
 		}
 		if !running(ctx, target) {
 			// pg_ctl status can catch postmaster.pid while the server
@@ -770,6 +787,18 @@ func running(ctx context.Context, dir string) bool {
 		return false
 	}
 	return c.Run() == nil
+}
+
+// loggedFatal reports whether the server log, from offset on, has a FATAL
+// or PANIC line.
+func loggedFatal(p string, offset int64) bool {
+	f, err := os.Open(p)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.NewSectionReader(f, offset, 1<<20))
+	return err == nil && (bytes.Contains(b, []byte("FATAL:")) || bytes.Contains(b, []byte("PANIC:")))
 }
 
 func logTail(p string) string {

@@ -731,6 +731,20 @@ func TestRestorePointInTime(t *testing.T) {
 		}
 	})
 
+	// A server that cannot start (here: a setting it does not know) is a
+	// clear error with its log, whether it dies before or after writing
+	// postmaster.pid.
+	t.Run("start fails", func(t *testing.T) {
+		o := v.opts(newTarget(t))
+		o.Latest = true
+		o.Start, o.Port = true, freePort(t)
+		o.ServerSettings = []string{"listen_addresses=127.0.0.1", "dualkey_no_such_setting=1"}
+		_, err := Restore(ctx, v.r, o)
+		if !errors.Is(err, ErrRecovery) || !strings.Contains(err.Error(), "dualkey_no_such_setting") {
+			t.Fatalf("restore with a bad setting: %v, want ErrRecovery naming the setting from the log", err)
+		}
+	})
+
 	t.Run("latest and delta", func(t *testing.T) {
 		o := v.opts(newTarget(t))
 		o.Latest = true
