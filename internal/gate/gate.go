@@ -81,6 +81,10 @@ type Config struct {
 	// ClassifyCacheSize is the number of classified statement texts kept
 	// per database (default 4096).
 	ClassifyCacheSize int
+	// DryRunTimeout is the statement_timeout of a held UPDATE or DELETE's
+	// dry run (default 5 s; negative turns dry runs off). The session
+	// waits for it, so it bounds how long a hold can take to answer.
+	DryRunTimeout time.Duration
 }
 
 func (c *Config) applyDefaults() {
@@ -107,6 +111,9 @@ func (c *Config) applyDefaults() {
 	}
 	if c.ClassifyCacheSize <= 0 {
 		c.ClassifyCacheSize = 4096
+	}
+	if c.DryRunTimeout == 0 {
+		c.DryRunTimeout = 5 * time.Second
 	}
 }
 

@@ -81,10 +81,17 @@ func (s *session) consumeApproved(sql string, class classify.Class) (string, boo
 	return "", false
 }
 
+// impact is what the gate measured of a statement it holds.
+type impact struct {
+	guardRows int64  // rows the blast-radius guard counted and rolled back; -1 none
+	dryRows   int64  // rows a dry run counted and rolled back; -1 none
+	note      string // for the request's reason and the client's detail
+}
+
 // hold opens (or finds) the quorum request for sql and returns the error
-// that tells the client how to get it approved. rows >= 0 is the measured
-// impact of a guarded statement.
-func (s *session) hold(sql string, v verdict, rows int64, note string) *pgproto3.ErrorResponse {
+// that tells the client how to get it approved.
+func (s *session) hold(sql string, v verdict, im impact) *pgproto3.ErrorResponse {
+	rows, note := im.guardRows, im.note
 	ctx, cancel := context.WithTimeout(s.g.ctx, quorumTimeout)
 	defer cancel()
 	class := v.res.Class
@@ -98,6 +105,9 @@ func (s *session) hold(sql string, v verdict, rows int64, note string) *pgproto3
 	if rows >= 0 {
 		data["rows"] = rows
 		data["decision"] = "rolled back and held"
+	}
+	if im.dryRows >= 0 {
+		data["dry_run_rows"] = im.dryRows
 	}
 	if err != nil {
 		data["error"] = err.Error()
@@ -165,4 +175,87 @@ func clip(s string, n int) string {
 		n--
 	}
 	return s[:n]
+}
+
+// holdPolicy holds a statement the policy holds. An UPDATE, DELETE or
+// MERGE whose command tag counts its rows is dry-run first, so that the
+// approvers see what it would touch; not when this person's request for it
+// is already open (its reason has the count of the first time).
+func (s *session) holdPolicy(sql string, v verdict) *pgproto3.ErrorResponse {
+	im := impact{guardRows: -1, dryRows: -1}
+	if len(v.res.Statements) == 1 && v.res.Statements[0].Counted {
+		ctx, cancel := context.WithTimeout(s.g.ctx, quorumTimeout)
+		open, err := s.find(ctx, state.StatusOpen, sql, v.res.Class)
+		cancel()
+		if err == nil && len(open) == 0 {
+			im.dryRows, im.note = s.dryRun(sql)
+		}
+	}
+	return s.hold(sql, v, im)
+}
+
+// dryRunName names the dry run's prepared statement and portal.
+const dryRunName = "dualkey_dryrun"
+
+// dryRun measures the rows a held UPDATE, DELETE or MERGE would touch: it
+// runs it inside a transaction of the gate's own (a savepoint inside the
+// client's), under SET LOCAL statement_timeout, reads the command tag and
+// rolls back. Nothing it did survives, and the client sees none of it. It
+// returns the rows (-1 when there is no count) and a note for the request
+// saying what was measured or why nothing was.
+func (s *session) dryRun(sql string) (int64, string) {
+	timeout := s.g.cfg.DryRunTimeout
+	if timeout < 0 {
+		return -1, "no dry run: dry runs are turned off"
+	}
+	s.drain()
+	if s.r.dead() {
+		return -1, ""
+	}
+	if s.r.skipping() {
+		return -1, "no dry run: an earlier statement of the same pipeline failed, so the database skips what follows"
+	}
+	block, failed := s.r.txState()
+	if failed {
+		return -1, "no dry run: the session's transaction is aborted, so the database would refuse the statement"
+	}
+	if block {
+		s.inject("SAVEPOINT " + dryRunName)
+	} else {
+		s.inject("BEGIN")
+	}
+	s.inject(fmt.Sprintf("SET LOCAL statement_timeout = %d", timeout.Milliseconds()))
+	pr := &probe{rows: -1}
+	s.send(&pgproto3.Parse{Name: dryRunName, Query: sql}, &entry{kind: ekParse, suppress: true, probe: pr})
+	s.send(&pgproto3.Bind{DestinationPortal: dryRunName, PreparedStatement: dryRunName}, &entry{kind: ekBind, suppress: true, probe: pr})
+	s.send(&pgproto3.Execute{Portal: dryRunName}, &entry{kind: ekExecute, suppress: true, probe: pr})
+	// An error skips everything up to this Sync; inside the block it
+	// commits nothing. Then the cleanup, which an error cannot skip:
+	// closing the statement (which survives a rollback) and rolling back.
+	s.send(&pgproto3.Sync{}, &entry{kind: ekSync, suppress: true})
+	s.send(&pgproto3.Close{ObjectType: 'S', Name: dryRunName}, &entry{kind: ekClose, suppress: true})
+	if block {
+		s.inject("ROLLBACK TO SAVEPOINT " + dryRunName)
+		s.inject("RELEASE SAVEPOINT " + dryRunName)
+	} else {
+		s.inject("ROLLBACK")
+	}
+	s.send(&pgproto3.Sync{}, &entry{kind: ekSync, suppress: true})
+	s.flushUp()
+	s.r.waitEmpty(s.g.ctx)
+	if s.r.dead() {
+		return -1, ""
+	}
+	switch {
+	case pr.code == "57014":
+		return -1, fmt.Sprintf("no dry run count: stopped after %s (%s)", timeout, pr.msg)
+	case pr.code == "08P01" || pr.code == "42P02":
+		return -1, "no dry run: the statement has parameters, whose values the gate does not have when it holds it"
+	case pr.code != "":
+		return -1, fmt.Sprintf("dry run failed: %s (SQLSTATE %s); as it stands the statement would fail", pr.msg, pr.code)
+	case pr.rows < 0:
+		return -1, "no dry run count: the database gave none"
+	}
+	s.g.log.Info("gate: held statement dry-run", "session", s.id, "rows", pr.rows)
+	return pr.rows, fmt.Sprintf("dry run: touches %d rows (run in a transaction the gate rolled back)", pr.rows)
 }

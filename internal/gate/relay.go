@@ -43,6 +43,7 @@ type entry struct {
 	replace  *pgproto3.ErrorResponse // send this instead of the entry's ErrorResponse
 	onError  func()                  // the message failed or was skipped
 	guard    *guard
+	probe    *probe     // a dry run's messages: its tag or error goes here, not to the client
 	recs     []*stmtRec // statements to record as they complete
 	next     int
 }
@@ -50,6 +51,12 @@ type entry struct {
 // stmtRec is one statement's ledger record, completed with its rows.
 type stmtRec struct {
 	class, text, decision, rule, request string
+}
+
+// probe collects the outcome of a dry run (session.dryRun).
+type probe struct {
+	rows      int64  // from the command tag; -1 until it arrives
+	code, msg string // the error, if the statement failed
 }
 
 type guard struct {
@@ -164,6 +171,14 @@ func (r *relay) busy() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return len(r.queue) > 0
+}
+
+// skipping reports whether the upstream is skipping messages until Sync
+// after an error in an extended-protocol batch (and nothing is in flight).
+func (r *relay) skipping() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.skipPush
 }
 
 func (r *relay) txState() (block, failed bool) {
@@ -352,6 +367,14 @@ func (r *relay) handle(e *entry, typ byte, body []byte) error {
 	if e.guard == nil && (typ == 'C' || typ == 'I' || typ == 's' || typ == 'E') {
 		r.record(e, typ, body)
 	}
+	if p := e.probe; p != nil {
+		switch typ {
+		case 'C':
+			p.rows = tagRows(body)
+		case 'E':
+			p.code, p.msg = errorField(body, 'C'), errorField(body, 'M')
+		}
+	}
 	var err error
 	switch {
 	case e.guard != nil:
@@ -359,7 +382,7 @@ func (r *relay) handle(e *entry, typ byte, body []byte) error {
 	case typ == 'E' && e.replace != nil:
 		err = r.emitError(e.replace)
 	case e.suppress:
-		if typ == 'E' {
+		if typ == 'E' && e.probe == nil {
 			// An injected statement failed: say so, it is the upstream's word.
 			err = r.emit(typ, body)
 		}
@@ -467,14 +490,18 @@ func tagRows(body []byte) int64 {
 }
 
 // errorCode returns the SQLSTATE of an ErrorResponse body.
-func errorCode(body []byte) string {
+func errorCode(body []byte) string { return errorField(body, 'C') }
+
+// errorField returns one field of an ErrorResponse body ('C' the
+// SQLSTATE, 'M' the message), or "".
+func errorField(body []byte, field byte) string {
 	for len(body) > 1 {
 		f := body[0]
 		end := 1
 		for end < len(body) && body[end] != 0 {
 			end++
 		}
-		if f == 'C' {
+		if f == field {
 			return string(body[1:end])
 		}
 		if end >= len(body) {

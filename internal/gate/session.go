@@ -540,7 +540,7 @@ func (s *session) query(sql string) {
 	case actAllow:
 		if need, ok := guarded(v); need {
 			if !ok {
-				s.holdQuery(sql, v, -1, "the row limit cannot be measured for this statement (several statements, or a write hidden in WITH, DO or a function): send the UPDATE or DELETE on its own")
+				s.refuseQuery(s.hold(sql, v, impact{guardRows: -1, dryRows: -1, note: "the row limit cannot be measured for this statement (several statements, or a write hidden in WITH, DO or a function): send the UPDATE or DELETE on its own"}))
 				return
 			}
 			s.guardRun(sql, v, nil)
@@ -554,15 +554,11 @@ func (s *session) query(sql string) {
 			s.flushUp()
 			return
 		}
-		s.holdQuery(sql, v, -1, "")
+		s.refuseQuery(s.holdPolicy(sql, v))
 	default:
 		s.deny(sql, v)
 		s.refuseQuery(denyError(v))
 	}
-}
-
-func (s *session) holdQuery(sql string, v verdict, rows int64, note string) {
-	s.refuseQuery(s.hold(sql, v, rows, note))
 }
 
 // refuseQuery answers a simple query (or a function call) with err. The
@@ -602,7 +598,7 @@ func (s *session) parse(m *pgproto3.Parse) {
 			p.approved = true // consumed at each Execute
 			break
 		}
-		s.refuseExt(s.hold(m.Query, v, -1, ""))
+		s.refuseExt(s.holdPolicy(m.Query, v))
 		return
 	default:
 		s.deny(m.Query, v)
@@ -681,13 +677,13 @@ func (s *session) execute(m *pgproto3.Execute) {
 	if p.approved {
 		id, ok := s.consumeApproved(p.sql, p.v.res.Class)
 		if !ok {
-			s.refuseExt(s.hold(p.sql, p.v, -1, ""))
+			s.refuseExt(s.holdPolicy(p.sql, p.v))
 			return
 		}
 		decision, reqID = "approved", id
 	} else if need, ok := guarded(p.v); need {
 		if !ok {
-			s.refuseExt(s.hold(p.sql, p.v, -1, "the row limit cannot be measured for this statement: a write hidden in WITH, DO or a function"))
+			s.refuseExt(s.hold(p.sql, p.v, impact{guardRows: -1, dryRows: -1, note: "the row limit cannot be measured for this statement: a write hidden in WITH, DO or a function"}))
 			return
 		}
 		exec := *m
@@ -755,8 +751,10 @@ func (s *session) drain() {
 func (s *session) guardRun(sql string, v verdict, exec *pgproto3.Execute) {
 	s.drain()
 	block, failed := s.r.txState()
-	if failed {
-		// PostgreSQL refuses it anyway ("current transaction is aborted").
+	if failed || s.r.skipping() {
+		// PostgreSQL refuses it anyway ("current transaction is aborted"),
+		// or skips it (an earlier message of the batch failed: waiting
+		// for a guard report that never comes would hang the session).
 		if exec == nil {
 			s.send(&pgproto3.Query{String: sql}, &entry{kind: ekQuery, recs: s.recs(v, "allow", "")})
 			s.flushUp()
@@ -822,7 +820,7 @@ func (s *session) guardRun(sql string, v verdict, exec *pgproto3.Execute) {
 	} else {
 		s.inject("ROLLBACK")
 	}
-	herr := s.hold(sql, v, rep.rows, note)
+	herr := s.hold(sql, v, impact{guardRows: rep.rows, dryRows: -1, note: note})
 	if exec == nil {
 		s.refuseQuery(herr)
 	} else {

@@ -75,6 +75,13 @@ type Statement struct {
 	// tag then counts something else, so a row limit cannot be measured
 	// and the gate should hold such a statement when a limit applies.
 	RowsCounted bool `json:"rows_counted,omitempty"`
+	// Counted says the statement is one UPDATE, DELETE or MERGE, with or
+	// without a WHERE, whose command tag counts every row it changes:
+	// nothing inside it (a data-modifying WITH, SQL in a string) writes
+	// too. The gate's dry run of a held statement reads its rows from the
+	// tag, and only for such a statement. (A volatile function it calls
+	// may write elsewhere; the tag never counts that.)
+	Counted bool `json:"counted,omitempty"`
 }
 
 // Result is the classification of a whole query string.

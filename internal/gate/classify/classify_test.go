@@ -271,3 +271,32 @@ func TestDeepNesting(t *testing.T) {
 		t.Errorf("nested DELETE: %s", got.Class)
 	}
 }
+
+func TestCounted(t *testing.T) {
+	tests := []struct {
+		sql     string
+		counted bool
+	}{
+		{"DELETE FROM t", true},
+		{"DELETE FROM t WHERE id = 1", true},
+		{"UPDATE t SET a = 1 WHERE true", true},
+		{"UPDATE t SET a = 1", true},
+		{"DELETE FROM t WHERE id IN (SELECT id FROM u)", true},
+		{"MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN DELETE", true},
+		{"WITH d AS (DELETE FROM u RETURNING id) DELETE FROM t WHERE id IN (SELECT id FROM d)", false},
+		{"WITH d AS (SELECT 1) DELETE FROM t", true},
+		{"DELETE FROM t WHERE id = (SELECT nextval('s'))", true}, // a function's side effect, not rows
+		{"DELETE FROM t WHERE query_to_xml('DELETE FROM u RETURNING 1', true, true, '') IS NULL", false},
+		{"PREPARE p AS DELETE FROM t", false},
+		{"EXPLAIN ANALYZE DELETE FROM t", false},
+		{"SELECT 1", false},
+		{"TRUNCATE t", false},
+		{"DO $$ BEGIN DELETE FROM t; END $$", false},
+	}
+	for _, tt := range tests {
+		res := Classify(tt.sql, withLookup)
+		if got := res.Statements[0].Counted; got != tt.counted {
+			t.Errorf("%q: Counted %v, want %v", tt.sql, got, tt.counted)
+		}
+	}
+}

@@ -29,6 +29,8 @@ type verdict struct {
 	rowsGuard   bool // an UPDATE/DELETE/MERGE with a WHERE somewhere in it
 	rowsCounted bool // ... and it is the top-level statement, counted by the tag
 	hidden      bool // an UPDATE/DELETE/MERGE the tag does not count
+	target      bool // a top-level UPDATE/DELETE/MERGE, with or without WHERE
+	nestedWrite bool // a statement inside this one writes (WITH, DO, SQL in a string...)
 }
 
 // hit records that rule matched, with reason in words; the verdict keeps
@@ -58,6 +60,9 @@ func (v *verdict) absorb(in *verdict, prefix string) {
 		}
 	}
 	v.table(in.tables...)
+	if in.set && in.class != Read || in.nestedWrite || in.target || in.rowsGuard {
+		v.nestedWrite = true
+	}
 	if in.rowsGuard || in.hidden {
 		v.rowsGuard = true
 		v.hidden = true
@@ -81,6 +86,7 @@ func (c *classifier) classifyText(sql string, depth int) ([]Statement, error) {
 			Tables:      v.tables,
 			RowsGuard:   v.rowsGuard,
 			RowsCounted: v.rowsGuard && v.rowsCounted && !v.hidden,
+			Counted:     v.target && !v.nestedWrite && !v.hidden,
 		})
 	}
 	return out, nil
@@ -237,6 +243,7 @@ func (c *classifier) stmt(node any, text string, depth int) verdict {
 	case *pg_query.UpdateStmt:
 		t := rangeName(x.Relation)
 		v.table(t)
+		v.target = depth == 0
 		switch {
 		case x.WhereClause == nil:
 			v.hit("update.no-where", "UPDATE "+t+" without WHERE rewrites every row")
@@ -251,6 +258,7 @@ func (c *classifier) stmt(node any, text string, depth int) verdict {
 	case *pg_query.DeleteStmt:
 		t := rangeName(x.Relation)
 		v.table(t)
+		v.target = depth == 0
 		switch {
 		case x.WhereClause == nil:
 			v.hit("delete.no-where", "DELETE FROM "+t+" without WHERE removes every row")
@@ -265,6 +273,7 @@ func (c *classifier) stmt(node any, text string, depth int) verdict {
 	case *pg_query.MergeStmt:
 		t := rangeName(x.Relation)
 		v.table(t)
+		v.target = depth == 0
 		v.hit("merge", "MERGE into "+t)
 		v.rowsGuard, v.rowsCounted = true, true
 		if c.truth(x.JoinCondition) == 1 && mergeDeletes(x) {
