@@ -36,6 +36,7 @@ const (
 	heapUpdate    = 0x20
 	heapTruncate  = 0x30
 	heapHotUpdate = 0x40
+	heapInplace   = 0x70 // XLOG_HEAP_INPLACE
 	deleteIsSuper = 1 << 3
 	// storage/standbydefs.h
 	runningXacts = 0x10
@@ -48,7 +49,23 @@ type txState struct {
 	truncs    []smgrTrunc
 	heapTrunc []heapTrunc
 	dbDrops   []dbDrop
+	// sharedDels are the first blocks of shared catalogs (database 0)
+	// this transaction deleted a row from: DROP DATABASE deletes its
+	// pg_database row right after marking it invalid in place.
+	sharedDels []blockAt
 }
+
+// blockAt is one block a record at lsn referenced first.
+type blockAt struct {
+	lsn  LSN
+	xid  uint32
+	node RelFileNode
+	blk  uint32
+}
+
+// maxSharedDels bounds sharedDels; DROP DATABASE deletes from a handful
+// of shared catalogs.
+const maxSharedDels = 16
 
 type smgrTrunc struct {
 	lsn  LSN
@@ -84,6 +101,11 @@ type tracker struct {
 	files  map[RelFileNode]*fileState
 	err    error
 	capHit bool
+	// inplace are the last in-place updates of shared catalog rows
+	// (pg_database: DROP DATABASE marking the database invalid, VACUUM
+	// setting datfrozenxid), a ring of len(inplace).
+	inplace  [8]blockAt
+	inplaceN int
 	// orphans are files created before their transaction had an xid
 	// (xl_xid 0): TRUNCATE logs the new file before it first writes a
 	// catalog row. The backend's next record is its first with an xid.
@@ -137,6 +159,18 @@ func (t *tracker) record(rec *Record, events []Event) []Event {
 				break // INSERT ... ON CONFLICT taking back its own tuple
 			}
 			t.count(rec, 0)
+			if len(rec.Blocks) > 0 && rec.Blocks[0].Node.DB == 0 {
+				if s := t.tx(rec.XID); s != nil && len(s.sharedDels) < maxSharedDels {
+					b := &rec.Blocks[0]
+					s.sharedDels = append(s.sharedDels, blockAt{lsn: rec.LSN, xid: rec.XID, node: b.Node, blk: b.Block})
+				}
+			}
+		case heapInplace:
+			if len(rec.Blocks) > 0 && rec.Blocks[0].Node.DB == 0 {
+				b := &rec.Blocks[0]
+				t.inplace[t.inplaceN%len(t.inplace)] = blockAt{lsn: rec.LSN, xid: rec.XID, node: b.Node, blk: b.Block}
+				t.inplaceN++
+			}
 		case heapUpdate, heapHotUpdate:
 			t.count(rec, 1)
 		case heapTruncate:
@@ -205,7 +239,7 @@ func (t *tracker) record(rec *Record, events []Event) []Event {
 			spcs[i] = r.u32()
 		}
 		if s := t.tx(rec.XID); s != nil {
-			s.dbDrops = append(s.dbDrops, dbDrop{lsn: rec.LSN, db: db, spcs: spcs})
+			s.dbDrops = append(s.dbDrops, dbDrop{lsn: t.invalidatedAt(s, rec), db: db, spcs: spcs})
 		} else {
 			// No transaction to wait for: the files are gone already.
 			events = append(events, t.name(Event{Kind: DatabaseDrop, LSN: rec.LSN, XID: rec.XID, DB: db, Tablespaces: spcs}))
@@ -232,6 +266,33 @@ func (t *tracker) record(rec *Record, events []Event) []Event {
 		}
 	}
 	return events
+}
+
+// invalidatedAt is the restore point of the database drop rec in
+// transaction s. Since PostgreSQL 15.4, DROP DATABASE first marks the
+// database invalid with an in-place update of its pg_database row (WAL
+// flushed at once, not undone by recovery stopping before the commit),
+// then deletes the row, then removes the files: a restore stopping at the
+// drop record brings the database back unusable ("cannot connect to
+// invalid database"). The in-place update is the last one of a shared
+// catalog page, by this transaction or before it had an xid, before the
+// transaction's row delete on that page. Without one (older minor
+// releases) the drop record itself is the restore point.
+func (t *tracker) invalidatedAt(s *txState, rec *Record) LSN {
+	at := rec.LSN
+	for _, del := range s.sharedDels {
+		best := LSN(0)
+		for i := range min(t.inplaceN, len(t.inplace)) {
+			in := t.inplace[i]
+			if in.node == del.node && in.blk == del.blk && in.lsn < del.lsn && (in.xid == 0 || in.xid == rec.XID) && in.lsn > best {
+				best = in.lsn
+			}
+		}
+		if best != 0 && best < at {
+			at = best
+		}
+	}
+	return at
 }
 
 // claimOrphans gives the files created without an xid in database db to

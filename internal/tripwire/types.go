@@ -75,8 +75,10 @@ type Event struct {
 	// LSN is the start of the first record whose replay destroys data:
 	// restoring with recovery_target_lsn = LSN and
 	// recovery_target_inclusive = off stops just before the damage.
-	// For a database drop that is the drop record, for everything else
-	// the commit record (or the smgr truncate record).
+	// For a database drop that is the in-place update marking the
+	// database invalid (PostgreSQL 15.4 and later; before, the drop
+	// record), for everything else the commit record (or the smgr
+	// truncate record).
 	LSN LSN
 	// CommitLSN is the start of the transaction's commit record.
 	CommitLSN LSN

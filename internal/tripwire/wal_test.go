@@ -447,18 +447,29 @@ func TestRealWAL(t *testing.T) {
 		srv.Exec("postgres", "DROP DATABASE doomed")
 		events, dump := sc.finish(t, Options{})
 		e := only(t, events, DatabaseDrop)
-		var drop dumped
+		var drop, inplace dumped
 		for _, d := range dump {
 			if d.rmgr == "Database" && strings.HasPrefix(d.desc, "DROP") {
 				drop = d
+			}
+			// DROP DATABASE first marks the database invalid in place
+			// (PostgreSQL 15.4 and later): the restore point is there.
+			if d.rmgr == "Heap" && strings.HasPrefix(d.desc, "INPLACE") && drop.xid == 0 && strings.Contains(d.desc, "/0/1262") {
+				inplace = d
 			}
 		}
 		if drop.xid == 0 {
 			t.Fatal("pg_waldump shows no database drop")
 		}
 		checkTx(t, e, dump, drop.xid, commitTime(t, srv, drop.xid))
-		if e.LSN != drop.lsn {
-			t.Errorf("restore point %s, want the drop record %s", e.LSN, drop.lsn)
+		want := drop.lsn
+		if inplace.lsn != 0 {
+			want = inplace.lsn
+		} else if v := srv.Query("postgres", "SHOW server_version_num"); v >= "150004" {
+			t.Errorf("PostgreSQL %s: pg_waldump shows no in-place update of pg_database before the drop", v)
+		}
+		if e.LSN != want {
+			t.Errorf("restore point %s, want %s (in-place invalidation %s, drop record %s)", e.LSN, want, inplace.lsn, drop.lsn)
 		}
 		if e.DB != uint32(oid) || e.DBName != "doomed" || len(e.Tablespaces) != 1 || e.Tablespaces[0] != 1663 {
 			t.Errorf("event %+v, want database %d doomed in tablespace 1663", e, oid)
