@@ -38,6 +38,8 @@ type NameCache struct {
 // index), the table it belongs to.
 type relName struct {
 	name, owner string
+	// empty: the file had no pages when last read (pg_relation_size 0).
+	empty bool
 }
 
 var _ tripwire.Names = (*NameCache)(nil)
@@ -88,6 +90,16 @@ func (c *NameCache) Table(n tripwire.RelFileNode) (string, bool) {
 	return r.name, true
 }
 
+// KnownEmpty reports whether relfilenode n had no pages when the cache
+// last read it. With the WAL decoded since, it tells a TRUNCATE or DROP of
+// a table that never held a row (pgbench's TRUNCATE pgbench_history on an
+// empty table) from one that destroyed data.
+func (c *NameCache) KnownEmpty(n tripwire.RelFileNode) bool {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.rels[n].empty
+}
+
 // Refreshed returns when the last Refresh finished (zero before one did).
 func (c *NameCache) Refreshed() time.Time {
 	c.mu.RLock()
@@ -98,9 +110,11 @@ func (c *NameCache) Refreshed() time.Time {
 // classQuery lists every relation with files in the current database:
 // pg_relation_filenode also covers mapped catalogs (relfilenode 0), and a
 // tablespace of 0 means the database's default. The owner columns name the
-// indexed table of an index and the table a TOAST table belongs to.
+// indexed table of an index and the table a TOAST table belongs to; the
+// last column says a table's main fork has no pages.
 const classQuery = `SELECT c.oid, pg_relation_filenode(c.oid), c.reltablespace, n.nspname, c.relname,
-	COALESCE(i.indrelid, 0), COALESCE(o.oid, 0)
+	COALESCE(i.indrelid, 0), COALESCE(o.oid, 0),
+	c.relkind IN ('r', 't', 'm') AND pg_relation_size(c.oid) = 0
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_index i ON i.indexrelid = c.oid
@@ -171,6 +185,7 @@ func (c *NameCache) loadClass(ctx context.Context, conn *pgx.Conn, dbOID, dbSpc 
 	type row struct {
 		oid, node, spc, indrel, toastOwner uint32
 		name                               string
+		empty                              bool
 	}
 	rows, err := conn.Query(ctx, classQuery)
 	if err != nil {
@@ -181,7 +196,7 @@ func (c *NameCache) loadClass(ctx context.Context, conn *pgx.Conn, dbOID, dbSpc 
 	for rows.Next() {
 		var r row
 		var nsp, rel string
-		if err := rows.Scan(&r.oid, &r.node, &r.spc, &nsp, &rel, &r.indrel, &r.toastOwner); err != nil {
+		if err := rows.Scan(&r.oid, &r.node, &r.spc, &nsp, &rel, &r.indrel, &r.toastOwner, &r.empty); err != nil {
 			return err
 		}
 		r.name = nsp + "." + rel
@@ -220,7 +235,7 @@ func (c *NameCache) loadClass(ctx context.Context, conn *pgx.Conn, dbOID, dbSpc 
 		case 1664: // pg_global: shared catalogs, database 0 in the WAL
 			n.DB = 0
 		}
-		rn := relName{name: r.name}
+		rn := relName{name: r.name, empty: r.empty}
 		if o := owner(r); o != r.name {
 			rn.owner = o
 		}

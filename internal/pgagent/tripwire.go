@@ -59,11 +59,20 @@ type tripwireFeed struct {
 	dec     *tripwire.Decoder
 	tli     uint32
 	ddlSeen bool
+	// written holds every relfilenode a decoded record wrote a block of,
+	// for this process's life; overflow is set once it would exceed
+	// maxWritten, and from then on no file counts as empty by the cache.
+	written  map[tripwire.RelFileNode]struct{}
+	overflow bool
 }
+
+// maxWritten bounds the written set (about 40 bytes an entry): far more
+// relations than a server writes to between agent restarts, usually.
+const maxWritten = 1 << 18
 
 func newTripwireFeed(a *Agent) *tripwireFeed {
 	return &tripwireFeed{a: a, names: NewNameCache(a.opts.URL), q: make(chan walChunk, feedQueue),
-		kick: make(chan struct{}, 1), log: a.opts.Log}
+		kick: make(chan struct{}, 1), log: a.opts.Log, written: map[tripwire.RelFileNode]struct{}{}}
 }
 
 // feed hands data (valid only during the call) to the decoder's goroutine.
@@ -152,6 +161,17 @@ func (f *tripwireFeed) newDecoder() *tripwire.Decoder {
 // onRecord watches for DDL: a file created (smgr create, database
 // create); the next commit after one asks for a name refresh.
 func (f *tripwireFeed) onRecord(r *tripwire.Record) {
+	for i := range r.Blocks {
+		n := r.Blocks[i].Node
+		if _, ok := f.written[n]; !ok && !f.overflow {
+			if len(f.written) >= maxWritten {
+				f.overflow = true
+				clear(f.written)
+			} else {
+				f.written[n] = struct{}{}
+			}
+		}
+	}
 	switch {
 	case r.RmID == tripwire.RmSmgr && r.Info&0xF0 == 0x10, r.RmID == tripwire.RmDbase && r.Info&0xF0 <= 0x10:
 		f.ddlSeen = true
@@ -256,13 +276,44 @@ func (f *tripwireFeed) report(ctx context.Context, c walChunk, events []tripwire
 		for n < len(events) && events[n].CommitLSN == events[0].CommitLSN {
 			n++
 		}
-		d := Detection{Timeline: c.tli, Events: events[:n], Received: c.at, Detected: detected}
-		for _, e := range d.Events {
+		d := Detection{Timeline: c.tli, Received: c.at, Detected: detected}
+		for _, e := range events[:n] {
+			if f.lostNothing(&e) {
+				continue
+			}
+			d.Events = append(d.Events, e)
 			d.Objects = append(d.Objects, f.objects(ctx, e))
 		}
-		f.a.opts.OnDetect(ctx, d)
+		if len(d.Events) > 0 {
+			f.a.opts.OnDetect(ctx, d)
+		}
 		events = events[n:]
 	}
+}
+
+// lostNothing marks as Empty the dropped files of a truncate or drop that
+// the name cache last saw without a page and that no record decoded since
+// wrote to, and reports whether every dropped file is then empty. The
+// decoder knows only the files it saw created; a new agent (or one whose
+// decoding starts mid-stream) learns the rest from the cache: pgbench's
+// TRUNCATE pgbench_history on a table that never held a row destroys
+// nothing. The cache's size is read before it is stored, so a write after
+// that read is in WAL the decoder sees.
+func (f *tripwireFeed) lostNothing(e *tripwire.Event) bool {
+	if e.Kind != tripwire.Truncate && e.Kind != tripwire.RelationsDropped {
+		return false
+	}
+	all := true
+	for i := range e.Relations {
+		r := &e.Relations[i]
+		if !r.Empty && !f.overflow && f.names.KnownEmpty(r.Node) {
+			if _, w := f.written[r.Node]; !w {
+				r.Empty = true
+			}
+		}
+		all = all && r.Empty
+	}
+	return all && len(e.Relations) > 0
 }
 
 // objects names what e destroyed, each table once. When a relation with
