@@ -116,6 +116,7 @@ DUALKEY_PASSWORD or a prompt.`,
 		a.verifyCmd(), a.forgetCmd(), a.pruneCmd(), a.keyCmd(), a.rebuildIndexCmd(), a.lockCmd(), a.pgCmd(), a.versionCmd())
 	root.AddCommand(a.usersCmd(), a.keysCmd(), a.quorumCmd(), a.approvalsCmd(), a.breakglassCmd(), a.auditCmd())
 	root.AddCommand(a.gateCmd(), a.runCmd())
+	root.AddCommand(a.incidentsCmd())
 	root.AddCommand(a.classifyCmd(), a.policyCmd())
 	a.addUsersPasswd(root)
 	return root

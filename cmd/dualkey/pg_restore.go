@@ -19,6 +19,7 @@ import (
 
 	"github.com/dualkey/dualkey/internal/pgagent"
 	"github.com/dualkey/dualkey/internal/pgwal"
+	"github.com/dualkey/dualkey/internal/state"
 	"github.com/dualkey/dualkey/internal/vault/repo"
 	"github.com/dualkey/dualkey/internal/vault/restorer"
 )
@@ -69,16 +70,16 @@ vault received that WAL (an upper bound of the last commit); a restore with
 
 func (a *app) pgRestoreCmd() *cobra.Command {
 	var (
-		opts      pgagent.RestoreOptions
-		timeFlag  string
-		lsnFlag   string
-		xidFlag   string
-		incident  string
-		fetchCmd  string
-		serverSet []string
+		opts       pgagent.RestoreOptions
+		timeFlag   string
+		lsnFlag    string
+		xidFlag    string
+		incidentID string
+		fetchCmd   string
+		serverSet  []string
 	)
 	c := &cobra.Command{
-		Use:   "restore --target DIR (--time T | --lsn L | --before-xid X | --latest)",
+		Use:   "restore --target DIR (--time T | --lsn L | --before-xid X | --before-incident ID | --latest)",
 		Short: "Restore a PostgreSQL cluster to a point in time from base backups and WAL in the vault",
 		Long: `Restore the newest base backup that can reach the target into --target (missing
 or empty unless --delta), in parallel, and prepare it to recover from the vault:
@@ -90,6 +91,9 @@ and recovery_target_action 'promote'. Exactly one target:
                    "2006-01-02 15:04:05[.ffffff][+00]"; no zone: local time)
   --lsn L          WAL up to L (16/B374D848)
   --before-xid X   the state just before transaction X committed (txid_current())
+  --before-incident ID
+                   the state just before a tripwire incident (dualkey incidents
+                   list): WAL up to, not including, its restore point
   --latest         every byte of WAL the vault holds
 
 The server's restore_command needs the password: give it as a file
@@ -101,12 +105,24 @@ and the command waits until recovery has finished and it accepts connections.`,
 			if opts.Target == "" {
 				return usagef("--target is required")
 			}
-			if incident != "" {
-				// TODO(issue 7): resolve the incident's LSN and transaction from
-				// the tripwire's alerts and restore to just before it.
-				return usagef("--before-incident: incidents come with the tripwire (issue 7); use --before-xid or --lsn from the alert")
-			}
 			n := 0
+			if incidentID != "" {
+				n++
+				err := a.withState(ctx, func(db *state.DB) error {
+					in, err := a.lookupIncident(ctx, db, incidentID)
+					if err != nil {
+						return err
+					}
+					if opts.BeforeLSN, err = in.RestorePoint(); err != nil {
+						return err
+					}
+					a.say("incident %s: %s; restoring to just before %s", in.ID, in.Summary(), in.RestoreLSN)
+					return nil
+				})
+				if err != nil {
+					return err
+				}
+			}
 			if timeFlag != "" {
 				n++
 				t, err := pgagent.ParseTargetTime(timeFlag)
@@ -135,7 +151,7 @@ and the command waits until recovery has finished and it accepts connections.`,
 				n++
 			}
 			if n != 1 {
-				return usagef("give exactly one of --time, --lsn, --before-xid, --latest")
+				return usagef("give exactly one of --time, --lsn, --before-xid, --before-incident, --latest")
 			}
 			if opts.Start && opts.Port == 0 {
 				return usagef("--start needs --port")
@@ -211,7 +227,7 @@ and the command waits until recovery has finished and it accepts connections.`,
 	f.StringVar(&lsnFlag, "lsn", "", "restore up to this WAL position")
 	f.StringVar(&xidFlag, "before-xid", "", "restore the state just before this transaction committed")
 	f.BoolVar(&opts.Latest, "latest", false, "restore everything the vault holds")
-	f.StringVar(&incident, "before-incident", "", "restore to just before a tripwire incident (not yet available)")
+	f.StringVar(&incidentID, "before-incident", "", "restore to just before a tripwire incident (dualkey incidents list)")
 	f.BoolVar(&opts.Delta, "delta", false, "restore into a non-empty target, rewriting only files that differ")
 	f.BoolVar(&opts.Start, "start", false, "start the server and wait until recovery has finished")
 	f.IntVar(&opts.Port, "port", 0, "port to start the restored server on (with --start)")
