@@ -52,7 +52,8 @@ func (a *app) runGate(ctx context.Context, cfg *policy.Config) error {
 	gc := gate.Config{
 		Upstreams: map[string]gate.Upstream{}, Policy: cfg, State: q.db, Quorum: q.svc, Ledger: q.led,
 		RequireTLS: cfg.TLS.RequireTLS, Logger: a.log, RequestLifetime: cfg.RequestExpiry,
-		MaxMessageSize: cfg.Limits.MaxMessageBytes,
+		MaxMessageSize: cfg.Limits.MaxMessageBytes, MaxConnections: cfg.Limits.MaxConnections,
+		MaxConnectionsPerUser: cfg.Limits.MaxConnectionsPerUser, DryRunTimeout: cfg.Limits.DryRunTimeout,
 	}
 	fingerprint := ""
 	if cfg.TLS.Cert != "" {

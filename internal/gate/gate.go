@@ -81,6 +81,11 @@ type Config struct {
 	// ClassifyCacheSize is the number of classified statement texts kept
 	// per database (default 4096).
 	ClassifyCacheSize int
+	// MaxConnections bounds the sessions at once, everyone together, and
+	// MaxConnectionsPerUser one person's (0: no bound). A login beyond
+	// either is refused with 53300 after authentication, before the
+	// upstream is asked for a connection.
+	MaxConnections, MaxConnectionsPerUser int
 	// DryRunTimeout is the statement_timeout of a held UPDATE or DELETE's
 	// dry run (default 5 s; negative turns dry runs off). The session
 	// waits for it, so it bounds how long a hold can take to answer.
@@ -130,6 +135,8 @@ type Gate struct {
 	mu       sync.Mutex
 	ln       []net.Listener
 	sessions map[uint32]*session // by the BackendKeyData process ID we gave
+	open     int                 // sessions admitted (limits), everyone together
+	openBy   map[string]int      // ... by person
 	closed   bool
 	wg       sync.WaitGroup
 
@@ -164,7 +171,7 @@ func New(cfg Config) (*Gate, error) {
 		return nil, errors.New("gate: require_tls without a TLS certificate")
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	g := &Gate{cfg: cfg, log: cfg.Logger, dbs: map[string]*database{}, sessions: map[uint32]*session{},
+	g := &Gate{cfg: cfg, log: cfg.Logger, dbs: map[string]*database{}, sessions: map[uint32]*session{}, openBy: map[string]int{},
 		fails: map[string]failure{}, ctx: ctx, cancel: cancel}
 	g.mock = make([]byte, 32)
 	if _, err := rand.Read(g.mock); err != nil {
@@ -268,6 +275,40 @@ func (g *Gate) register(s *session) {
 		g.sessions[pid] = s
 		return
 	}
+}
+
+// admit counts a session of user against the connection limits; it
+// returns the refusal's message when a limit is reached. Every admit that
+// returns "" needs a release.
+func (g *Gate) admit(user string) string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if m := g.cfg.MaxConnections; m > 0 && g.open >= m {
+		return fmt.Sprintf("sorry, too many clients already: the dualkey gate allows %d sessions at once (limits.max_connections)", m)
+	}
+	if m := g.cfg.MaxConnectionsPerUser; m > 0 && g.openBy[user] >= m {
+		return fmt.Sprintf("too many connections for user %q: the dualkey gate allows %d sessions per person (limits.max_connections_per_user)", user, m)
+	}
+	g.open++
+	g.openBy[user]++
+	return ""
+}
+
+func (g *Gate) release(user string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.open--
+	if g.openBy[user]--; g.openBy[user] <= 0 {
+		delete(g.openBy, user)
+	}
+}
+
+// Sessions returns the number of sessions admitted and not yet ended,
+// everyone together and for user.
+func (g *Gate) Sessions(user string) (total, ofUser int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.open, g.openBy[user]
 }
 
 func (g *Gate) unregister(s *session) {

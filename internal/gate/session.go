@@ -191,6 +191,13 @@ func (s *session) run(m *pgproto3.StartupMessage) {
 		return
 	}
 	s.db = d
+	if msg := g.admit(user); msg != "" {
+		g.log.Warn("gate: connection limit", "user", user, "db", s.dbName, "from", s.remote)
+		s.refused(user, msg)
+		s.fatal("53300", msg)
+		return
+	}
+	defer g.release(user)
 	ctx, cancel := context.WithTimeout(g.ctx, startupTimeout)
 	defer cancel()
 	hj, err := s.connectUpstream(ctx, params)

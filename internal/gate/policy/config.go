@@ -293,6 +293,12 @@ func (p *parser) limits(n *yaml.Node, path string, l *Limits) {
 				l.MaxConnections = int(x)
 			}
 		},
+		"max_connections_per_user": func(v *yaml.Node, f string) {
+			if x, ok := p.integer(v, f, 0, 1<<20); ok {
+				l.MaxConnectionsPerUser = int(x)
+			}
+		},
+		"dry_run_timeout": func(v *yaml.Node, f string) { p.duration(v, f, &l.DryRunTimeout) },
 	})
 }
 

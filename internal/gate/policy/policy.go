@@ -120,7 +120,11 @@ type Rule struct {
 type Limits struct {
 	MaxRows         int64 // default blast-radius limit of allow rules without max_rows; 0 = none
 	MaxMessageBytes int   // largest client message (default 64 MiB)
-	MaxConnections  int   // 0 = unlimited
+	MaxConnections  int   // sessions at once, everyone together; 0 = unlimited
+	// MaxConnectionsPerUser bounds one person's sessions at once; 0 = unlimited.
+	MaxConnectionsPerUser int
+	// DryRunTimeout bounds the dry run of a held UPDATE or DELETE (0 = the gate's default, 5 s).
+	DryRunTimeout time.Duration
 }
 
 // Label names r the way decisions and logs do.

@@ -66,6 +66,20 @@ rules:
     action: allow
 `
 
+func TestParseLimits(t *testing.T) {
+	c, err := Parse([]byte(`tls: {require_tls: false}
+limits: {max_connections: 50, max_connections_per_user: 4, dry_run_timeout: 2s}
+upstreams: {db: {host: h, user: u}}
+rules: [{users: [a], databases: [db], classes: [read], action: allow}]
+`), "g.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l := c.Limits; l.MaxConnections != 50 || l.MaxConnectionsPerUser != 4 || l.DryRunTimeout != 2*time.Second {
+		t.Errorf("limits = %+v", l)
+	}
+}
+
 func TestParseExample(t *testing.T) {
 	c, err := Parse([]byte(example), "gate.yaml")
 	if err != nil {
@@ -193,8 +207,9 @@ func TestBrokenConfigs(t *testing.T) {
 		{"tls bool", "tls: {require_tls: maybe}\n" + ok, []string{"g.yaml:1: tls.require_tls: must be true or false"}},
 		{"expiry", "tls: {require_tls: false}\nrequest_expiry: soon\n" + ok, []string{`g.yaml:2: request_expiry: "soon" is not a positive duration`}},
 		{"webhook", "tls: {require_tls: false}\nwebhook: ftp://x\n" + ok, []string{"g.yaml:2: webhook:"}},
-		{"limits", "tls: {require_tls: false}\nlimits:\n  max_rows: -1\n  max_message_bytes: 10\n" + ok,
-			[]string{"g.yaml:3: limits.max_rows: -1 is out of range", "g.yaml:4: limits.max_message_bytes: 10 is out of range"}},
+		{"limits", "tls: {require_tls: false}\nlimits:\n  max_rows: -1\n  max_message_bytes: 10\n  max_connections_per_user: -2\n  dry_run_timeout: soon\n" + ok,
+			[]string{"g.yaml:3: limits.max_rows: -1 is out of range", "g.yaml:4: limits.max_message_bytes: 10 is out of range",
+				"g.yaml:5: limits.max_connections_per_user: -2 is out of range", `g.yaml:6: limits.dry_run_timeout: "soon" is not a positive duration`}},
 		{"upstream fields", "tls: {require_tls: false}\nupstreams:\n  db:\n    port: 99999\n    sslmode: sometimes\n    password: x\n    password_file: y\nrules: [{users: [a], databases: [db], classes: [read], action: allow}]\n",
 			[]string{"g.yaml:4: upstreams.db.port: 99999 is out of range", `g.yaml:5: upstreams.db.sslmode: "sometimes" is not one of`,
 				"g.yaml:4: upstreams.db.host: missing", "upstreams.db.user: missing", "password and password_file: give one"}},

@@ -1,0 +1,82 @@
+package gate
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/dualkey/dualkey/internal/state"
+)
+
+// TestMaxConnections: limits.max_connections (everyone) and
+// max_connections_per_user refuse a login beyond them with 53300 and a
+// message naming the limit; a session that ends frees its place.
+func TestMaxConnections(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.MaxConnections, c.MaxConnectionsPerUser = 3, 2 })
+	ctx := ctxT(t, time.Minute)
+	v, err := NewVerifier("erin-password", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.db.AddUser(ctx, state.User{Name: "erin", Groups: []string{"ops"}, Secret: v.String()}); err != nil {
+		t.Fatal(err)
+	}
+	connect := func(user, pw string) (*pgx.Conn, error) {
+		c, err := pgx.Connect(ctx, e.url(user, pw, "shop", "disable"))
+		if err == nil {
+			t.Cleanup(func() { c.Close(context.Background()) })
+		}
+		return c, err
+	}
+	refused := func(err error, want string) {
+		t.Helper()
+		var pe *pgconn.PgError
+		if !errors.As(err, &pe) || pe.Code != "53300" || !strings.Contains(pe.Message, want) {
+			t.Fatalf("got %v, want 53300 saying %q", err, want)
+		}
+	}
+	a1, err := connect("alice", alicePW)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := connect("alice", alicePW); err != nil {
+		t.Fatal(err)
+	}
+	_, err = connect("alice", alicePW)
+	refused(err, `too many connections for user "alice": the dualkey gate allows 2 sessions per person (limits.max_connections_per_user)`)
+	if _, err := connect("erin", "erin-password"); err != nil {
+		t.Fatalf("erin under her own limit: %v", err)
+	}
+	_, err = connect("erin", "erin-password")
+	refused(err, "sorry, too many clients already: the dualkey gate allows 3 sessions at once (limits.max_connections)")
+	// A wrong password is told as such, not as a full gate.
+	_, err = connect("erin", "wrong")
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != "28P01" {
+		t.Fatalf("wrong password at the limit: %v", err)
+	}
+
+	// alice leaves: her place is free once her session has ended.
+	a1.Close(ctx)
+	for {
+		if total, _ := e.g.Sessions("alice"); total < 3 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatal("the closed session was never released")
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	if _, err := connect("erin", "erin-password"); err != nil {
+		t.Fatalf("after a session ended: %v", err)
+	}
+	if total, erin := e.g.Sessions("erin"); total != 3 || erin != 2 {
+		t.Fatalf("sessions = %d, erin %d; want 3, 2", total, erin)
+	}
+}
