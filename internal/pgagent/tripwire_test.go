@@ -302,12 +302,24 @@ func BenchmarkTripwireFeed(b *testing.B) {
 		f := newTripwireFeed(a)
 		b.SetBytes(int64(len(wal)))
 		b.ReportAllocs()
+		events := 0
+		a.opts.OnDetect = func(_ context.Context, d Detection) { events += len(d.Events) }
 		for b.Loop() {
-			f.dec = f.newDecoder()
-			f.tli = 1
-			for off := 0; off < len(wal); off += 8192 {
+			// A decoder already under way (the capture starts mid-segment,
+			// where a new one would first read the vault), then the
+			// receive path: one 8 KiB message at a time.
+			f.dec, f.tli = f.newDecoder(), 1
+			ev, err := f.dec.Feed(tripwire.LSN(start), wal[:8192])
+			if err != nil {
+				b.Fatal(err)
+			}
+			f.report(context.Background(), walChunk{tli: 1, lsn: start}, ev)
+			for off := 8192; off < len(wal); off += 8192 {
 				f.decode(context.Background(), walChunk{tli: 1, lsn: start + pgwal.LSN(off), data: wal[off:min(off+8192, len(wal))]})
 			}
+		}
+		if events == 0 {
+			b.Fatal("the capture's DROP TABLE was not reported")
 		}
 	})
 }
