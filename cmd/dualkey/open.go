@@ -20,17 +20,36 @@ type vaultStore interface {
 	repo.Store
 }
 
+// storeOptions are what only 'vault init' sets.
+type storeOptions struct {
+	// noObjectLock accepts an S3 bucket without versioning and Object Lock.
+	noObjectLock bool
+}
+
 // openStore connects to the vault at the repository location: a directory
 // is opened in-process behind the same guard the server uses, with admin
-// rights (whoever can write the directory could delete it anyway); a URL
-// reaches a vault server, whose token decides what is allowed.
+// rights (whoever can write the directory could delete it anyway); so is an
+// S3 bucket ("s3:https://host/bucket/prefix", see s3store.go), whose Object
+// Lock no credential can lift; a URL reaches a vault server, whose token
+// decides what is allowed.
 func (a *app) openStore(ctx context.Context, create bool) (vaultStore, error) {
+	return a.openStoreWith(ctx, create, storeOptions{})
+}
+
+func (a *app) openStoreWith(ctx context.Context, create bool, opts storeOptions) (vaultStore, error) {
 	loc, err := a.repoLocation()
 	if err != nil {
 		return nil, err
 	}
 	if strings.HasPrefix(loc, "https://") || strings.HasPrefix(loc, "http://") {
 		return a.openRemote(ctx, loc)
+	}
+	if strings.HasPrefix(loc, "s3:") {
+		be, err := a.openS3(ctx, loc, create, opts)
+		if err != nil {
+			return nil, err
+		}
+		return guard.New(be, guard.Options{}).Session(guard.Admin), nil
 	}
 	dir := strings.TrimPrefix(loc, "local:")
 	var be *local.Backend

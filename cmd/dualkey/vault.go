@@ -10,7 +10,7 @@ import (
 
 func (a *app) vaultCmd() *cobra.Command {
 	c := &cobra.Command{Use: "vault", Short: "Create and serve vaults"}
-	c.AddCommand(a.vaultInitCmd(), a.vaultServeCmd(), a.vaultTokenCmd())
+	c.AddCommand(a.vaultInitCmd(), a.vaultServeCmd(), a.vaultTokenCmd(), a.vaultExtendLocksCmd())
 	c.AddCommand(a.vaultQuorumCmds()...)
 	return c
 }
@@ -21,6 +21,7 @@ func (a *app) vaultInitCmd() *cobra.Command {
 		policyFile string
 		approvers  []string
 		threshold  int
+		noLock     bool
 	)
 	c := &cobra.Command{
 		Use:   "init",
@@ -34,7 +35,11 @@ vault's clock from its commit. Without an approver policy it can never be lowere
 ... --threshold M stores the approver policy write-once in the config. Then
 shortening a lock, lowering the minimum retention, forgetting a locked
 snapshot, removing a key and rotating approvers succeed only with a quorum
-certificate the vault verifies itself; without a policy, never.`,
+certificate the vault verifies itself; without a policy, never.
+
+--repo s3:https://host[:port]/bucket[/prefix] stores the vault in a bucket
+that must have versioning and Object Lock (docs/object-lock.md); init refuses
+one without them unless --no-object-lock is given.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
@@ -42,7 +47,7 @@ certificate the vault verifies itself; without a policy, never.`,
 			if err != nil {
 				return err
 			}
-			st, err := a.openStore(ctx, true)
+			st, err := a.openStoreWith(ctx, true, storeOptions{noObjectLock: noLock})
 			if err != nil {
 				return err
 			}
@@ -69,5 +74,6 @@ certificate the vault verifies itself; without a policy, never.`,
 	c.Flags().StringVar(&policyFile, "quorum-policy", "", "approver policy (JSON) the vault enforces for guarded actions")
 	c.Flags().StringArrayVar(&approvers, "approver", nil, "an approver NAME=ed25519:KEY (repeat), with --threshold")
 	c.Flags().IntVar(&threshold, "threshold", 0, "with --approver: approvals needed for each guarded action")
+	c.Flags().BoolVar(&noLock, "no-object-lock", false, "s3: accept a bucket without versioning and Object Lock (its backups are then deletable by whoever holds the bucket's credentials)")
 	return c
 }

@@ -19,10 +19,13 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/xml"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,6 +39,7 @@ import (
 
 	"github.com/minio/minio-go/v7"
 	"github.com/minio/minio-go/v7/pkg/credentials"
+	"github.com/minio/minio-go/v7/pkg/signer"
 
 	"github.com/dualkey/dualkey/internal/pgtest"
 	s3be "github.com/dualkey/dualkey/internal/vault/backend/s3"
@@ -356,4 +360,48 @@ func tail(path string) string {
 		b = b[len(b)-4000:]
 	}
 	return string(bytes.TrimSpace(b))
+}
+
+// Retention returns the Object Lock mode and retain-until date of one
+// version, asked with GET ?retention under the root credentials. (A HEAD
+// does not do: versitygw 1.8 omits the lock headers for versions that are
+// no longer the latest, and names the GET's XML element
+// ObjectLockRetention, which minio-go does not parse. Both are accepted
+// here.) A version without retention gives "" and the zero time.
+func (s *Server) Retention(ctx context.Context, bucket, key, versionID string) (mode string, until time.Time, err error) {
+	u := url.URL{Scheme: "http", Host: s.Endpoint, Path: "/" + bucket + "/" + key}
+	q := url.Values{"retention": {""}}
+	if versionID != "" {
+		q.Set("versionId", versionID)
+	}
+	u.RawQuery = strings.Replace(q.Encode(), "retention=", "retention", 1)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return "", time.Time{}, err
+	}
+	req.Header.Set("X-Amz-Content-Sha256", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+	req = signer.SignV4(*req, s.AccessKey, s.SecretKey, "", Region)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", time.Time{}, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return "", time.Time{}, err
+	}
+	if bytes.Contains(body, []byte("<Code>NoSuchObjectLockConfiguration<")) {
+		return "", time.Time{}, nil
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", time.Time{}, fmt.Errorf("s3test: GET retention of %s %s: %s: %s", key, versionID, resp.Status, body)
+	}
+	var r struct {
+		Mode            string
+		RetainUntilDate time.Time
+	}
+	if err := xml.Unmarshal(body, &r); err != nil {
+		return "", time.Time{}, fmt.Errorf("s3test: retention of %s: %w: %s", key, err, body)
+	}
+	return r.Mode, r.RetainUntilDate, nil
 }

@@ -92,6 +92,10 @@ type Options struct {
 	// commit or extension). Zero means DefaultMaxLock. A config whose
 	// MinRetention exceeds it raises the bound to MinRetention.
 	MaxLock time.Duration
+	// LockGranularity is the step in which retention dates on object-locking
+	// storage ([Locker]) are rounded up. Zero means DefaultLockGranularity;
+	// negative means no rounding (tests).
+	LockGranularity time.Duration
 }
 
 // ApplyDefaults fills zero fields.
@@ -101,6 +105,9 @@ func (o *Options) ApplyDefaults() {
 	}
 	if o.MaxLock <= 0 {
 		o.MaxLock = DefaultMaxLock
+	}
+	if o.LockGranularity == 0 {
+		o.LockGranularity = DefaultLockGranularity
 	}
 }
 
@@ -125,6 +132,9 @@ type Store struct {
 	// verified remembers records whose certificate verified ("type/name" →
 	// request ID); see Store.verifiedAt.
 	verified map[string]cert.ID
+	// retained is a lower bound of the storage retention of objects this
+	// Store saved or extended on a [Locker], to skip needless updates.
+	retained map[backend.Handle]time.Time
 }
 
 // New returns a Store enforcing the vault rules on be.
@@ -137,6 +147,7 @@ func New(be backend.Backend, opts Options) *Store {
 		locks:    make(map[string]format.LockRecord),
 		indexes:  make(map[string][]format.ID),
 		verified: make(map[string]cert.ID),
+		retained: make(map[backend.Handle]time.Time),
 	}
 }
 
@@ -270,7 +281,7 @@ func (s *Store) writeLock(ctx context.Context, r format.LockRecord) error {
 		panic(fmt.Sprintf("guard: marshal lock record: %v", err)) // plain struct: a bug
 	}
 	name := format.Hash(data).String()
-	if err := s.be.Save(ctx, backend.Handle{Type: backend.Lock, Name: name}, data); err != nil {
+	if err := s.save(ctx, backend.Handle{Type: backend.Lock, Name: name}, data, r.Until); err != nil {
 		return fmt.Errorf("guard: write lock for snapshot %s: %w", r.Snapshot, err)
 	}
 	s.mu.Lock()

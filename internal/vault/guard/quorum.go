@@ -506,7 +506,7 @@ func (s *Store) consume(ctx context.Context, id cert.ID, op string, certificate 
 	if err != nil {
 		panic(fmt.Sprintf("guard: marshal consumed record: %v", err))
 	}
-	if err := s.be.Save(ctx, h, data); err != nil {
+	if err := s.savePermanent(ctx, h, data); err != nil {
 		if errors.Is(err, backend.ErrExists) {
 			return fmt.Errorf("request %s: %w: %w", id, ErrConsumed, ErrForbidden)
 		}
@@ -634,7 +634,7 @@ func (s *Store) prepareLower(ctx context.Context, q *quorumState, act Action, ce
 	}
 	return func() error {
 		h := backend.Handle{Type: backend.Change, Name: format.Hash(data).String()}
-		if err := s.be.Save(ctx, h, data); err != nil {
+		if err := s.savePermanent(ctx, h, data); err != nil {
 			return fmt.Errorf("save %v: %w", h, err)
 		}
 		out.MinRetention = format.Duration(d)
@@ -690,7 +690,7 @@ func (s *Store) prepareRotate(ctx context.Context, cur *cert.Policy, act Action,
 	}
 	return func() error {
 		h := backend.Handle{Type: backend.Policy, Name: format.Hash(data).String()}
-		if err := s.be.Save(ctx, h, data); err != nil {
+		if err := s.savePermanent(ctx, h, data); err != nil {
 			return fmt.Errorf("save %v: %w", h, err)
 		}
 		out.PolicySerial = p.Serial

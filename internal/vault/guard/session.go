@@ -119,8 +119,17 @@ func (s *Session) Save(ctx context.Context, h backend.Handle, data []byte) error
 			return fmt.Errorf("guard: save %v: name is not the hash of the content (%s): %w", h, id, ErrInvalid)
 		}
 	}
-	if err := s.st.be.Save(ctx, h, data); err != nil {
+	until, err := s.st.objectUntil(ctx, h, cfg)
+	if err != nil {
+		return fmt.Errorf("guard: save %v: lock date: %w", h, err)
+	}
+	if err := s.st.save(ctx, h, data, until); err != nil {
 		return fmt.Errorf("guard: save %v: %w", h, err)
+	}
+	if cfg != nil {
+		if err := s.st.lockKeys(ctx, until); err != nil {
+			return fmt.Errorf("guard: save %v: %w", h, err)
+		}
 	}
 	if cfg != nil {
 		s.st.mu.Lock()
@@ -236,8 +245,13 @@ func (s *Session) Commit(ctx context.Context, req format.CommitRequest) (format.
 	if err := s.st.writeLock(ctx, rec); err != nil {
 		return fail(err)
 	}
+	// On object-locking storage the packs (and their indexes) are locked
+	// as long as the snapshot before the snapshot appears.
+	if err := s.st.lockPacks(ctx, packs, rec.Until); err != nil {
+		return fail(err)
+	}
 	h := backend.Handle{Type: backend.Snapshot, Name: id.String()}
-	if err := s.st.be.Save(ctx, h, req.Snapshot); err != nil {
+	if err := s.st.save(ctx, h, req.Snapshot, rec.Until); err != nil {
 		return fail(fmt.Errorf("save %v: %w", h, err))
 	}
 	return rec, id, nil
@@ -341,6 +355,14 @@ func (s *Session) ExtendLock(ctx context.Context, snapshot format.ID, until time
 	}
 	if err := s.st.writeLock(ctx, rec); err != nil {
 		return fail(err)
+	}
+	if err := s.st.lockPacks(ctx, latest.Packs, until); err != nil {
+		return fail(err)
+	}
+	if l := s.st.locker(); l != nil {
+		if _, err := s.st.extend(ctx, l, h, until); err != nil {
+			return fail(fmt.Errorf("lock %v: %w", h, err))
+		}
 	}
 	return rec, nil
 }

@@ -212,6 +212,9 @@ func Prune(ctx context.Context, r *repo.Repository, opts PruneOptions) (*PruneRe
 			case errors.Is(err, guard.ErrLocked):
 				rep.Kept[p] = "locked: " + err.Error()
 				log.Info("pack kept: the vault refuses, a live lock lists it", "pack", p, "err", err)
+			case errors.Is(err, backend.ErrRetained):
+				rep.Kept[p] = "retained by object lock: " + err.Error()
+				log.Info("pack kept: the storage's object lock has not expired", "pack", p, "err", err)
 			default:
 				rep.Kept[p] = "remove failed: " + err.Error()
 				log.Warn("pack kept: remove failed", "pack", p, "err", err)

@@ -364,12 +364,18 @@ func (b *Backend) save(ctx context.Context, h backend.Handle, data []byte, until
 			return err
 		}
 		// No version exists, yet the server says the key does: versitygw
-		// 1.8 answers so for a key whose versions were all removed. Nobody
-		// won a race, so write unconditionally; should someone race this
-		// write after all, readers take the oldest version.
-		opts = uncond
-		if _, err := b.cl.PutObject(ctx, b.bucket, key, bytes.NewReader(data), int64(len(data)), opts); err != nil {
+		// 1.8 answers so for a key whose versions were all removed (and
+		// while a racing PUT is still being written). Write unconditionally,
+		// then check which version is the oldest, the one readers take: if
+		// a racer's is, with other bytes, this Save lost.
+		if _, err := b.cl.PutObject(ctx, b.bucket, key, bytes.NewReader(data), int64(len(data)), uncond); err != nil {
 			return mapErr(err)
+		}
+		b.mu.Lock()
+		delete(b.versions, key)
+		b.mu.Unlock()
+		if err := b.sameContent(ctx, key, data); err != nil {
+			return err
 		}
 	}
 	// The new version is not cached: its modification time (which the
@@ -689,35 +695,41 @@ func (b *Backend) retention(ctx context.Context, key, id string) (time.Time, err
 }
 
 // ExtendRetention makes h's object retained in COMPLIANCE mode until at
-// least until, and returns its retain-until date afterwards. A later date
-// already set is kept: retention is never shortened (S3 would refuse anyway).
-// Without Object Lock it does nothing and returns the zero time.
-func (b *Backend) ExtendRetention(ctx context.Context, h backend.Handle, until time.Time) (time.Time, error) {
+// least until, and returns its retain-until date afterwards and whether it
+// had to change it. A later date already set is kept: retention is never
+// shortened (S3 would refuse anyway). Without Object Lock it does nothing
+// and returns the zero time. Cost: one HEAD, and one PUT if extended.
+func (b *Backend) ExtendRetention(ctx context.Context, h backend.Handle, until time.Time) (time.Time, bool, error) {
 	if err := h.Validate(); err != nil {
-		return time.Time{}, fmt.Errorf("s3: extend retention: %w", err)
+		return time.Time{}, false, fmt.Errorf("s3: extend retention: %w", err)
 	}
 	t, err := b.extend(ctx, b.key(h), until)
 	if err != nil {
-		return time.Time{}, fmt.Errorf("s3: extend retention of %s: %w", h, err)
+		return time.Time{}, false, fmt.Errorf("s3: extend retention of %s: %w", h, err)
 	}
-	return t, nil
+	return t.until, t.changed, nil
 }
 
-func (b *Backend) extend(ctx context.Context, key string, until time.Time) (time.Time, error) {
+type extended struct {
+	until   time.Time
+	changed bool
+}
+
+func (b *Backend) extend(ctx context.Context, key string, until time.Time) (extended, error) {
 	if !b.locked || until.IsZero() {
-		return time.Time{}, nil
+		return extended{}, nil
 	}
 	v, err := b.resolve(ctx, key)
 	if err != nil {
-		return time.Time{}, err
+		return extended{}, err
 	}
 	cur, err := b.retention(ctx, key, v.id)
 	if err != nil {
-		return time.Time{}, err
+		return extended{}, err
 	}
 	want := retainDate(until)
 	if !cur.Before(want) || !want.After(b.now()) {
-		return cur, nil
+		return extended{until: cur}, nil
 	}
 	mode := minio.Compliance
 	err = b.cl.PutObjectRetention(ctx, b.bucket, key, minio.PutObjectRetentionOptions{
@@ -726,9 +738,9 @@ func (b *Backend) extend(ctx context.Context, key string, until time.Time) (time
 		VersionID:       v.id,
 	})
 	if err != nil {
-		return cur, mapErr(err)
+		return extended{until: cur}, mapErr(err)
 	}
-	return want, nil
+	return extended{until: want, changed: true}, nil
 }
 
 // Close releases idle connections.

@@ -306,8 +306,8 @@ func TestRetention(t *testing.T) {
 		t.Fatalf("Retention = %v, %v; want %v", got, err, soon)
 	}
 	// An earlier date is not applied.
-	if got, err := be.ExtendRetention(ctx, h, soon.Add(-time.Second)); err != nil || !got.Equal(soon.UTC()) {
-		t.Fatalf("ExtendRetention(earlier) = %v, %v; want %v kept", got, err, soon)
+	if got, changed, err := be.ExtendRetention(ctx, h, soon.Add(-time.Second)); err != nil || changed || !got.Equal(soon.UTC()) {
+		t.Fatalf("ExtendRetention(earlier) = %v, %v, %v; want %v kept", got, changed, err, soon)
 	}
 	// A save of the same bytes with a later date extends.
 	later := soon.Add(time.Second)

@@ -1,0 +1,280 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+
+	"github.com/dualkey/dualkey/internal/s3test"
+	"github.com/dualkey/dualkey/internal/vault/backend/s3"
+	"github.com/dualkey/dualkey/internal/vault/repo/repotest"
+)
+
+// s3CLI returns a cli for a vault in a new bucket of the test server,
+// holding the server's root credentials.
+func s3CLI(t *testing.T, srv *s3test.Server, opts s3test.BucketOptions) (*cli, s3.Config) {
+	t.Helper()
+	cfg := srv.NewBucket(t, opts)
+	c := newCLI(t, s3test.Location(cfg))
+	for _, kv := range s3test.Env(cfg) {
+		k, v, _ := strings.Cut(kv, "=")
+		c = c.with(k, v)
+	}
+	return c, cfg
+}
+
+// bucketObject is one version in the bucket as the root account sees it.
+type bucketObject struct {
+	key, version string
+	mode         string
+	until        time.Time
+}
+
+// objects lists every version under the vault's prefix with its retention,
+// read with the root credentials.
+func objects(t *testing.T, srv *s3test.Server, cfg s3.Config, typ string) []bucketObject {
+	t.Helper()
+	ctx := context.Background()
+	root, err := srv.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	prefix := cfg.Prefix + "/" + typ
+	if typ != "config" {
+		prefix += "/"
+	}
+	var out []bucketObject
+	for o := range root.ListObjectsIter(ctx, cfg.Bucket, minio.ListObjectsOptions{Prefix: prefix, Recursive: true, WithVersions: true}) {
+		if o.Err != nil {
+			t.Fatal(o.Err)
+		}
+		if o.IsDeleteMarker {
+			continue
+		}
+		mode, until, err := srv.Retention(ctx, cfg.Bucket, o.Key, o.VersionID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, bucketObject{key: o.Key, version: o.VersionID, mode: mode, until: until})
+	}
+	return out
+}
+
+// TestS3Vault runs the vault on S3 with Object Lock through the CLI:
+// init refuses a bucket without Object Lock; backup, restore and verify
+// work; every object is locked in COMPLIANCE mode until at least the date
+// its snapshot needs; the bucket's root account cannot delete or overwrite
+// a locked pack; extending a lock extends the objects; extend-locks rolls
+// the never-removed objects forward.
+func TestS3Vault(t *testing.T) {
+	srv := s3test.Start(t)
+
+	t.Run("init refuses a bucket without object lock", func(t *testing.T) {
+		c, _ := s3CLI(t, srv, s3test.BucketOptions{NoObjectLock: true})
+		if e := c.code(exitUsage, "vault", "init"); !strings.Contains(e, "--no-object-lock") || !strings.Contains(e, "Object Lock") {
+			t.Errorf("init on a plain bucket: %s", e)
+		}
+		_, errs, code := c.run("vault", "init", "--no-object-lock")
+		if code != exitOK || !strings.Contains(errs, "no Object Lock") {
+			t.Errorf("init --no-object-lock: exit %d, %s", code, errs)
+		}
+		c.ok("backup", makeTree(t))
+		if out := c.ok("vault", "extend-locks"); !strings.Contains(out, "no object lock") {
+			t.Errorf("extend-locks without object lock: %s", out)
+		}
+	})
+
+	t.Run("wrong credentials", func(t *testing.T) {
+		c, _ := s3CLI(t, srv, s3test.BucketOptions{})
+		c.ok("vault", "init")
+		if e := c.with("AWS_SECRET_ACCESS_KEY", "wrong").code(exitError, "snapshots"); !strings.Contains(e, "credentials refused") {
+			t.Errorf("snapshots with a wrong secret: %s", e)
+		}
+		if e := c.with("DUALKEY_REPO", "s3:http://127.0.0.1:1/nobucket").code(exitError, "snapshots"); !strings.Contains(e, "connection refused") {
+			t.Errorf("snapshots at an unreachable endpoint: %s", e)
+		}
+		empty, _ := s3CLI(t, srv, s3test.BucketOptions{})
+		empty.code(exitNoRepo, "snapshots")
+	})
+
+	c, cfg := s3CLI(t, srv, s3test.BucketOptions{})
+	c.ok("vault", "init", "--min-retention", "1h")
+	src := makeTree(t)
+	var first struct {
+		Snapshot  string    `json:"snapshot"`
+		LockUntil time.Time `json:"lock_until"`
+	}
+	c.json(&first, "backup", src)
+	packs1 := map[string]bool{}
+	for _, o := range objects(t, srv, cfg, "data") {
+		packs1[o.key] = true
+	}
+	c.ok("backup", src)
+
+	// Every object the backup wrote is locked until at least its
+	// snapshot's lock: packs, indexes, the snapshot, its lock record, and
+	// the config and key, which outlive every lock.
+	for _, typ := range []string{"config", "keys", "data", "index", "snapshots", "locks"} {
+		objs := objects(t, srv, cfg, typ)
+		if len(objs) == 0 {
+			t.Errorf("no %s objects in the bucket", typ)
+		}
+		for _, o := range objs {
+			if o.mode != "COMPLIANCE" || o.until.Before(first.LockUntil) {
+				t.Errorf("%s: retention %q until %v, want COMPLIANCE until at least %v", o.key, o.mode, o.until, first.LockUntil)
+			}
+		}
+	}
+
+	target := filepath.Join(t.TempDir(), "restore")
+	c.ok("restore", first.Snapshot[:8], "--target", target)
+	sameTree(t, src, filepath.Join(target, "src"))
+	c.ok("verify", "--read-data")
+
+	// The bucket's root account attacks a pack: deleting its version,
+	// with or without the governance bypass, fails; writing junk over it
+	// and hiding it behind a delete marker succeed at the S3 level and
+	// change nothing the vault reads.
+	root, err := srv.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for _, o := range objects(t, srv, cfg, "data") {
+		for _, bypass := range []bool{false, true} {
+			if err := root.RemoveObject(ctx, cfg.Bucket, o.key, minio.RemoveObjectOptions{VersionID: o.version, GovernanceBypass: bypass}); err == nil {
+				t.Fatalf("root deleted locked pack %s (bypass %v)", o.key, bypass)
+			}
+		}
+		if _, err := root.PutObject(ctx, cfg.Bucket, o.key, bytes.NewReader([]byte("junk")), 4, minio.PutObjectOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := root.RemoveObject(ctx, cfg.Bucket, o.key, minio.RemoveObjectOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, o := range objects(t, srv, cfg, "snapshots") {
+		if err := root.RemoveObject(ctx, cfg.Bucket, o.key, minio.RemoveObjectOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.ok("verify", "--read-data")
+	target2 := filepath.Join(t.TempDir(), "restore2")
+	c.ok("restore", "latest", "--target", target2)
+	sameTree(t, src, filepath.Join(target2, "src"))
+
+	// The vault itself refuses to forget, and prune deletes nothing.
+	c.code(exitRefused, "forget", first.Snapshot)
+	c.ok("prune", "--grace", "1ns")
+
+	// Extending a snapshot's lock extends its snapshot object and packs at
+	// once; the key and config follow with extend-locks. (Junk versions
+	// written by root above carry no retention: the latest date of each key
+	// is the vault's version's.)
+	latest := func(typ string) map[string]time.Time {
+		m := map[string]time.Time{}
+		for _, o := range objects(t, srv, cfg, typ) {
+			if o.until.After(m[o.key]) {
+				m[o.key] = o.until
+			}
+		}
+		return m
+	}
+	later := time.Now().Add(72 * time.Hour)
+	c.ok("lock", first.Snapshot[:8], "--for", "72h")
+	for k, until := range latest("snapshots") {
+		if strings.HasSuffix(k, first.Snapshot) && until.Before(later) {
+			t.Errorf("snapshot %s retained until %v after lock --for 72h", k, until)
+		}
+	}
+	for k, until := range latest("data") {
+		if packs1[k] && until.Before(later) {
+			t.Errorf("pack %s retained until %v after lock --for 72h", k, until)
+		}
+	}
+	for k, until := range latest("keys") {
+		if !until.Before(later) {
+			t.Fatalf("key %s already retained until %v: the test shows nothing", k, until)
+		}
+	}
+	c.ok("vault", "extend-locks")
+	for _, typ := range []string{"config", "keys"} {
+		for k, until := range latest(typ) {
+			if until.Before(later) {
+				t.Errorf("%s retained until %v after extend-locks, want at least %v", k, until, later)
+			}
+		}
+	}
+	// A second run has next to nothing to do. (versitygw 1.8 leaves the
+	// lock headers out of a HEAD of a version that is no longer the latest,
+	// so the keys root wrote over above look unlocked to the backend and get
+	// their date put again; on AWS none would.)
+	var rep struct{ Checked, Extended int }
+	c.json(&rep, "vault", "extend-locks")
+	if rep.Checked == 0 || rep.Extended >= rep.Checked {
+		t.Errorf("second extend-locks: %+v, want objects checked and fewer extended", rep)
+	}
+}
+
+// TestS3Prune: prune on Object Lock storage deletes the packs that only an
+// unlocked, forgotten snapshot used, every version of them, and keeps the
+// packs of a locked snapshot.
+func TestS3Prune(t *testing.T) {
+	srv := s3test.Start(t)
+	c, cfg := s3CLI(t, srv, s3test.BucketOptions{})
+	c.ok("vault", "init", "--min-retention", "0s")
+	kept := makeTree(t)
+	var a, b struct {
+		Snapshot string `json:"snapshot"`
+	}
+	c.json(&a, "backup", kept, "--lock-for", "1h")
+	packsA := map[string]bool{}
+	for _, o := range objects(t, srv, cfg, "data") {
+		packsA[o.key] = true
+	}
+
+	gone := t.TempDir()
+	if err := os.WriteFile(filepath.Join(gone, "random.bin"), repotest.Random(3<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c.json(&b, "backup", gone)
+	var onlyB []string
+	for _, o := range objects(t, srv, cfg, "data") {
+		if !packsA[o.key] {
+			onlyB = append(onlyB, o.key)
+		}
+	}
+	if len(onlyB) == 0 {
+		t.Fatal("the second backup added no pack")
+	}
+
+	c.code(exitRefused, "forget", a.Snapshot)
+	c.ok("forget", b.Snapshot)
+	c.ok("prune", "--grace", "1ns")
+	c.ok("prune", "--grace", "1ns")
+
+	left := map[string]bool{}
+	for _, o := range objects(t, srv, cfg, "data") {
+		left[o.key] = true
+	}
+	for _, k := range onlyB {
+		if left[k] {
+			t.Errorf("pack %s of the forgotten snapshot is still in the bucket", k)
+		}
+	}
+	for k := range packsA {
+		if !left[k] {
+			t.Errorf("pack %s of the locked snapshot was deleted", k)
+		}
+	}
+	target := filepath.Join(t.TempDir(), "restore")
+	c.ok("restore", a.Snapshot[:8], "--target", target)
+	sameTree(t, kept, filepath.Join(target, "src"))
+	c.ok("verify", "--read-data")
+}
