@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"os"
@@ -277,4 +278,82 @@ func TestS3Prune(t *testing.T) {
 	c.ok("restore", a.Snapshot[:8], "--target", target)
 	sameTree(t, kept, filepath.Join(target, "src"))
 	c.ok("verify", "--read-data")
+}
+
+// TestS3VaultServer: a vault server in front of an S3 bucket. A backup
+// agent holding an append token backs up; every object it causes is
+// locked in the bucket; neither it nor an admin token can forget the
+// locked snapshot; the server extends object locks itself at start.
+func TestS3VaultServer(t *testing.T) {
+	srv := s3test.Start(t)
+	admin, cfg := s3CLI(t, srv, s3test.BucketOptions{})
+	admin.ok("vault", "init", "--min-retention", "1h")
+	state := t.TempDir()
+	admin.code(exitUsage, "vault", "serve", "--listen", freePort(t)) // no --state-dir
+
+	addr := freePort(t)
+	cmd := admin.proc("vault", "serve", "--listen", addr, "--state-dir", state)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuf
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() })
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("server log:\n%s", logs.String())
+		}
+	})
+	sc := bufio.NewScanner(out)
+	fp := ""
+	for fp == "" && sc.Scan() {
+		fp, _ = strings.CutPrefix(sc.Text(), "tls fingerprint: ")
+		if fp == sc.Text() {
+			fp = ""
+		}
+	}
+	if fp == "" {
+		t.Fatal("server printed no fingerprint")
+	}
+	go func() {
+		for sc.Scan() {
+		}
+	}()
+	token := func(capName string) *cli {
+		tok := strings.TrimSpace(admin.ok("vault", "token", "create", "--cap", capName, "--name", capName+"-s3", "--state-dir", state))
+		f := filepath.Join(t.TempDir(), capName+".token")
+		if err := os.WriteFile(f, []byte(tok+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		c := newCLI(t, "https://"+addr).with("DUALKEY_TLS_FINGERPRINT", fp).with("DUALKEY_TOKEN_FILE", f)
+		c.env["DUALKEY_PASSWORD_FILE"] = admin.env["DUALKEY_PASSWORD_FILE"]
+		return c
+	}
+	agent, remoteAdmin := token("append"), token("admin")
+
+	src := makeTree(t)
+	var snap struct {
+		Snapshot  string    `json:"snapshot"`
+		LockUntil time.Time `json:"lock_until"`
+	}
+	agent.json(&snap, "backup", src)
+	for _, typ := range []string{"data", "index", "snapshots", "locks"} {
+		for _, o := range objects(t, srv, cfg, typ) {
+			if o.mode != "COMPLIANCE" || o.until.Before(snap.LockUntil) {
+				t.Errorf("%s: retention %q until %v, want COMPLIANCE until at least %v", o.key, o.mode, o.until, snap.LockUntil)
+			}
+		}
+	}
+	agent.code(exitRefused, "forget", snap.Snapshot)
+	remoteAdmin.code(exitRefused, "forget", snap.Snapshot)
+	target := filepath.Join(t.TempDir(), "restore")
+	agent.ok("restore", "latest", "--target", target)
+	sameTree(t, src, filepath.Join(target, "src"))
+	if !strings.Contains(logs.String(), "object locks extended") {
+		t.Errorf("the server did not extend object locks at start; log:\n%s", logs.String())
+	}
 }

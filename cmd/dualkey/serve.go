@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/dualkey/dualkey/internal/vault/backend"
 	"github.com/dualkey/dualkey/internal/vault/backend/local"
 	"github.com/dualkey/dualkey/internal/vault/guard"
 	"github.com/dualkey/dualkey/internal/vault/server"
@@ -26,6 +27,9 @@ func (a *app) stateDir(flag string) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	if strings.HasPrefix(loc, "s3:") {
+		return "", usagef("an S3 vault's server keeps its tokens and TLS key on its own host: give --state-dir")
+	}
 	if strings.Contains(loc, "://") {
 		return "", usagef("give --repo as the vault's directory on this host")
 	}
@@ -35,15 +39,19 @@ func (a *app) stateDir(flag string) (string, error) {
 func (a *app) vaultServeCmd() *cobra.Command {
 	var listen, state, cert, key string
 	c := &cobra.Command{
-		Use:   "serve --repo DIR --listen ADDR",
-		Short: "Serve a directory vault over HTTPS to clients holding capability tokens",
+		Use:   "serve --repo DIR|s3:URL --listen ADDR",
+		Short: "Serve a directory or S3 vault over HTTPS to clients holding capability tokens",
 		Long: `Serve the vault in --repo over HTTPS. The server, not the client, enforces the
 rules: an append token can add packs and commit snapshots but never delete or
 overwrite; snapshot times and locks come from this server's clock; only an admin
 token can delete, and never what a retention lock protects.
 
 A self-signed certificate is made on first start; clients pin it with
---tls-fingerprint (printed at start). Create tokens with 'dualkey vault token create'.`,
+--tls-fingerprint (printed at start). Create tokens with 'dualkey vault token create'.
+
+With --repo s3:https://host/bucket/prefix (credentials from AWS_ACCESS_KEY_ID and
+AWS_SECRET_ACCESS_KEY, --state-dir required) the server also extends every
+object's Object Lock hourly, as 'dualkey vault extend-locks' does.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
@@ -51,12 +59,25 @@ A self-signed certificate is made on first start; clients pin it with
 			if err != nil {
 				return err
 			}
-			if _, err := os.Stat(filepath.Join(loc, "config")); err != nil {
-				return codeError{exitNoRepo, fmt.Errorf("dualkey: %s is not a vault (run 'dualkey vault init' first): %w", loc, err)}
-			}
-			be, err := local.Open(loc)
-			if err != nil {
-				return err
+			var (
+				be  backend.Backend
+				lbe *local.Backend // a directory vault's, for CleanTemp
+			)
+			if strings.HasPrefix(loc, "s3:") {
+				if state == "" {
+					return usagef("an S3 vault's server keeps its tokens and TLS key on this host: give --state-dir")
+				}
+				if be, err = a.openS3(ctx, loc, false, storeOptions{}); err != nil {
+					return err
+				}
+			} else {
+				if _, err := os.Stat(filepath.Join(loc, "config")); err != nil {
+					return codeError{exitNoRepo, fmt.Errorf("dualkey: %s is not a vault (run 'dualkey vault init' first): %w", loc, err)}
+				}
+				if lbe, err = local.Open(loc); err != nil {
+					return err
+				}
+				be = lbe
 			}
 			sd, err := a.stateDir(state)
 			if err != nil {
@@ -73,15 +94,20 @@ A self-signed certificate is made on first start; clients pin it with
 			if a.verbose == 0 {
 				log = newInfoLogger(a.stderr)
 			}
-			srv, err := server.New(guard.New(be, guard.Options{}), ts, server.Options{Addr: listen, StateDir: sd,
+			store := guard.New(be, guard.Options{})
+			srv, err := server.New(store, ts, server.Options{Addr: listen, StateDir: sd,
 				CertFile: cert, KeyFile: key, Logger: log})
 			if err != nil {
 				return err
 			}
 			fmt.Fprintf(a.stdout, "vault server for %s on https://%s\ntls fingerprint: %s\n", loc, listen, srv.Fingerprint())
-			if n, err := be.CleanTemp(time.Hour); err == nil && n > 0 {
-				log.Info("removed stale temporary files", "count", n)
+			if lbe != nil {
+				if n, err := lbe.CleanTemp(time.Hour); err == nil && n > 0 {
+					log.Info("removed stale temporary files", "count", n)
+				}
 			}
+			// On object-locking storage, keep every object's lock rolling.
+			go guard.KeepObjectLocks(ctx, store.Session(guard.Admin), guard.DefaultExtendEvery, log)
 			err = srv.ListenAndServe(ctx)
 			if err == nil || ctx.Err() != nil {
 				fmt.Fprintln(a.stdout, "vault server stopped")

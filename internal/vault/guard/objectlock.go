@@ -406,3 +406,51 @@ func (s *Store) lockKeys(ctx context.Context, until time.Time) error {
 	}
 	return nil
 }
+
+// DefaultExtendEvery is how often [KeepObjectLocks] runs when asked by the
+// vault server and the PostgreSQL agent. Retention dates move in daily
+// steps (DefaultLockGranularity), so an hourly run extends each object at
+// most once a day and notices a new lock within the hour; a run over an
+// unchanged vault costs one HEAD per object it has not seen extended.
+const DefaultExtendEvery = time.Hour
+
+// ObjectLocker is a store that can keep the storage's object locks in step
+// with the vault's lock records: an in-process [Session].
+type ObjectLocker interface {
+	ExtendObjectLocks(ctx context.Context, log *slog.Logger) (LockReport, error)
+}
+
+// KeepObjectLocks runs st's ExtendObjectLocks now and then every interval
+// (DefaultExtendEvery if zero) until ctx ends, logging failures; it returns
+// at once if st is not an [ObjectLocker] (a vault server's client: that
+// server runs it itself). Commits and lock extensions lock what they need
+// themselves; this rolls the never-removed objects forward and repairs
+// what an interrupted commit left short.
+func KeepObjectLocks(ctx context.Context, st any, every time.Duration, log *slog.Logger) {
+	l, ok := st.(ObjectLocker)
+	if !ok {
+		return
+	}
+	if every <= 0 {
+		every = DefaultExtendEvery
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		rep, err := l.ExtendObjectLocks(ctx, log)
+		if err != nil && ctx.Err() == nil {
+			log.Warn("extending object locks failed; retrying at the next run", "err", err, "failed", len(rep.Failed))
+		}
+		if !rep.ObjectLock && err == nil {
+			return // nothing to keep on this storage
+		}
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
