@@ -153,6 +153,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	// when the vault is unreachable every stream fails within moments,
 	// and that is exactly when the slot grows.
 	go a.watchSlot(ctx)
+	// An in-process vault on S3 keeps its objects' Object Lock rolling
+	// (a vault server does that itself). See docs/object-lock.md.
+	if l, ok := a.r.Store().(interface{ KeepObjectLocks(context.Context, *slog.Logger) }); ok {
+		go l.KeepObjectLocks(ctx, a.opts.Log)
+	}
 	if a.tw != nil {
 		done := make(chan struct{})
 		go func() { defer close(done); a.tw.run(ctx) }()

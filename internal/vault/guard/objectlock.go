@@ -454,3 +454,11 @@ func KeepObjectLocks(ctx context.Context, st any, every time.Duration, log *slog
 		}
 	}
 }
+
+// KeepObjectLocks runs [KeepObjectLocks] on this session every
+// DefaultExtendEvery until ctx ends. Its signature names no guard type, so
+// a client such as the PostgreSQL agent can call it on an in-process store
+// without importing the vault's rule engine.
+func (s *Session) KeepObjectLocks(ctx context.Context, log *slog.Logger) {
+	KeepObjectLocks(ctx, s, DefaultExtendEvery, log)
+}
