@@ -155,7 +155,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	go a.watchSlot(ctx)
 	// An in-process vault on S3 keeps its objects' Object Lock rolling
 	// (a vault server does that itself). See docs/object-lock.md.
-	if l, ok := a.r.Store().(interface{ KeepObjectLocks(context.Context, *slog.Logger) }); ok {
+	type lockKeeper interface {
+		KeepObjectLocks(context.Context, *slog.Logger)
+	}
+	if l, ok := a.r.Store().(lockKeeper); ok {
 		go l.KeepObjectLocks(ctx, a.opts.Log)
 	}
 	if a.tw != nil {
