@@ -5,12 +5,15 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -19,6 +22,7 @@ import (
 	"github.com/dualkey/dualkey/internal/incident"
 	"github.com/dualkey/dualkey/internal/pgagent"
 	"github.com/dualkey/dualkey/internal/pgtest"
+	"github.com/dualkey/dualkey/internal/quorum"
 )
 
 // The tripwire end to end, as an operator meets it: `dualkey pg agent`
@@ -46,8 +50,21 @@ func TestIncidentsEndToEnd(t *testing.T) {
 	if err := os.WriteFile(pwFile, []byte("correct horse\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// The webhook the agent posts incidents to.
+	var hookMu sync.Mutex
+	var posts []quorum.Event
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var ev quorum.Event
+		if err := json.NewDecoder(r.Body).Decode(&ev); err != nil {
+			t.Errorf("webhook body: %v", err)
+		}
+		hookMu.Lock()
+		posts = append(posts, ev)
+		hookMu.Unlock()
+	}))
+	defer hook.Close()
 	c := newCLI(t, vaultDir).with("DUALKEY_PASSWORD_FILE", pwFile).
-		with("DUALKEY_STATE", filepath.Join(t.TempDir(), "state.db"))
+		with("DUALKEY_STATE", filepath.Join(t.TempDir(), "state.db")).with("DUALKEY_WEBHOOK", hook.URL)
 	c.ok("vault", "init")
 
 	pg := pgtest.Start(t, pgtest.Options{})
@@ -148,6 +165,30 @@ func TestIncidentsEndToEnd(t *testing.T) {
 	}
 	if alerts != len(ids) {
 		t.Errorf("%d alert records in the ledger, want %d", alerts, len(ids))
+	}
+	// And to the webhook, each with its incident (posted in the background
+	// after the store and the ledger).
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		hookMu.Lock()
+		n := len(posts)
+		hookMu.Unlock()
+		if n >= len(ids) {
+			break
+		}
+	}
+	hookMu.Lock()
+	var hooked []string
+	for _, ev := range posts {
+		var in incident.Incident
+		if ev.Type != quorum.EventIncident || json.Unmarshal(ev.Incident, &in) != nil || !strings.Contains(ev.Text, in.ID) {
+			t.Errorf("webhook post %+v", ev)
+		}
+		hooked = append(hooked, in.ID)
+	}
+	hookMu.Unlock()
+	slices.Sort(hooked)
+	if want := slices.Sorted(slices.Values(ids)); !slices.Equal(hooked, want) {
+		t.Errorf("webhook posts for %v, want %v", hooked, want)
 	}
 
 	end := serverLSN(t, pg)
