@@ -11,6 +11,7 @@ set -euo pipefail
 
 STATICCHECK_VERSION=v0.8.2 # staticcheck 2026.2.2; builds and runs with Go 1.26
 RESTIC_VERSION=v0.18.1     # the bar named in issue 3; Debian's 0.14 is too old
+VERSITYGW_VERSION=v1.8.0   # the S3 server internal/s3test starts: versioning and COMPLIANCE Object Lock
 
 mode=${1:-base}
 case $mode in
@@ -138,6 +139,14 @@ go_tool() {
 }
 
 go_tool staticcheck honnef.co/go/tools/cmd/staticcheck "$STATICCHECK_VERSION" "-version" "(${STATICCHECK_VERSION#v})"
+# versitygw prints no version of its own when built by go install; the
+# module version recorded in the binary says which it is.
+if ! { [[ -x $GOBIN/versitygw ]] &&
+	go version -m "$GOBIN/versitygw" 2>/dev/null | grep -q "^[[:space:]]*mod[[:space:]]*github.com/versity/versitygw[[:space:]]*$VERSITYGW_VERSION[[:space:]]"; }; then
+	quiet go install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+	say "installed versitygw $VERSITYGW_VERSION into $GOBIN"
+	installed=$((installed + 1))
+fi
 if [[ $mode == bench ]]; then
 	go_tool restic github.com/restic/restic/cmd/restic "$RESTIC_VERSION" "version" "restic ${RESTIC_VERSION#v}"
 fi
