@@ -147,9 +147,21 @@ func (f *tripwireFeed) refresher(ctx context.Context) {
 			return
 		case <-t.C:
 		case <-f.kick:
+			// A migration commits DDL many times a second: at most four
+			// refreshes a second (each reads every database's pg_class).
+			if wait := minRefreshGap - time.Since(f.names.Refreshed()); wait > 0 {
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(wait):
+				}
+			}
 		}
 	}
 }
+
+// minRefreshGap spaces refreshes asked for by DDL.
+const minRefreshGap = 250 * time.Millisecond
 
 func (f *tripwireFeed) newDecoder() *tripwire.Decoder {
 	o := f.a.opts.Tripwire
