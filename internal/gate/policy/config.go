@@ -436,6 +436,7 @@ func (p *parser) rules(n *yaml.Node, path string, c *Config) {
 		if maxRowsNode != nil && r.Action != Allow && r.Action != "" {
 			p.errf(maxRowsNode, f+".max_rows", "only an allow rule has a row limit")
 		}
+		r.label = r.Label(p.file)
 		c.Rules = append(c.Rules, r)
 	}
 }

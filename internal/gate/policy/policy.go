@@ -114,6 +114,8 @@ type Rule struct {
 	Message   string // shown to the person refused or held
 	Index     int    // position in rules, from 0
 	Line      int    // line of the rule in the file
+
+	label string // Label(File), made once by Parse: decisions name their rule on every statement
 }
 
 // Limits bound what one session may do.
@@ -170,7 +172,11 @@ func (c *Config) Decide(user string, groups []string, db string, class classify.
 		if !c.matches(r, user, groups, db, class) {
 			continue
 		}
-		d := Decision{Action: r.Action, Rule: r.Label(c.File), Message: r.Message}
+		label := r.label
+		if label == "" {
+			label = r.Label(c.File)
+		}
+		d := Decision{Action: r.Action, Rule: label, Message: r.Message}
 		if r.Action == Allow {
 			d.RowLimit = r.MaxRows
 			if d.RowLimit == 0 {
