@@ -14,10 +14,22 @@
 # (root and a writable /proc/sys/vm/drop_caches); the result says which.
 # Each timed step runs under /usr/bin/time -v: wall time, CPU%, max RSS.
 #
+# S3: the tools dualkey-s3 and restic-s3 do the same against one S3 server
+# this script starts on loopback (versitygw, installed by scripts/setup.sh,
+# with its POSIX backend in WORKDIR/s3; as the postgres OS user when run as
+# root), each in a bucket of its own created with versioning and Object Lock.
+# dualkey locks every object in COMPLIANCE mode (min retention 30 days, its
+# default) and extends the packs' locks at commit; restic writes plain
+# objects. The server shares the machine's cores with the tool: the numbers
+# compare the two clients on one server, not S3 services. "repo MiB" is what
+# the server stores on disk for the bucket (objects, versions, metadata).
+#
 # Usage: bench/vault.sh [WORKDIR]      (default $BENCH_WORK or /tmp/dualkey-bench)
-# Environment: BENCH_TOOLS="dualkey restic borg", BENCH_SETS="pgbench random source",
+# Environment: BENCH_TOOLS="dualkey restic borg dualkey-s3 restic-s3" (the last two:
+# the S3 section), BENCH_SETS="pgbench random source",
 # BENCH_RESULTS=file (markdown appended; default bench/results/<date>.md),
-# DUALKEY_BIN (default bin/dualkey), BENCH_KEEP_REPOS=1 keeps repositories.
+# DUALKEY_BIN (default bin/dualkey), BENCH_KEEP_REPOS=1 keeps repositories,
+# BENCH_NO_DROP=1 leaves the page cache alone (a smoke run on a shared machine).
 #
 # Settings, chosen to be each tool's recommended defaults on comparable terms:
 #   restic  0.18.1, default compression (auto = zstd "default" level), password file
@@ -29,13 +41,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 WORK=${1:-${BENCH_WORK:-/tmp/dualkey-bench}}
-TOOLS=${BENCH_TOOLS:-dualkey restic borg}
+TOOLS=${BENCH_TOOLS:-dualkey restic borg dualkey-s3 restic-s3}
 SETS=${BENCH_SETS:-pgbench random source}
 DUALKEY=${DUALKEY_BIN:-$ROOT/bin/dualkey}
 GOBIN=$(go env GOPATH 2>/dev/null || echo /root/go)/bin
 RESTIC=${RESTIC_BIN:-$GOBIN/restic}
 BORG=${BORG_BIN:-$(command -v borg || echo /usr/bin/borg)}
 RESULTS=${BENCH_RESULTS:-$ROOT/bench/results/$(date +%Y-%m-%d).md}
+VERSITYGW=${VERSITYGW_BIN:-$GOBIN/versitygw}
 TIME=/usr/bin/time
 
 say() { echo "vault-bench: $*" >&2; }
@@ -62,12 +75,73 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# --- the S3 server (only when an *-s3 tool is asked for) ---------------------------------
+S3_PID=
+S3_DIR=$WORK/s3
+S3_REGION=us-east-1
+EMPTY_SHA256=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
+s3_wanted() { [[ " $TOOLS " == *"-s3 "* ]]; }
+s3_curl() { # METHOD PATH [curl args...]: a request signed with the server's root keys
+	local method=$1 path=$2
+	shift 2
+	# S3 wants the payload's hash signed; these requests have no body.
+	curl -sS -o /dev/null -w '%{http_code}' -X "$method" --aws-sigv4 "aws:amz:$S3_REGION:s3" \
+		--user "$S3_KEY:$S3_SECRET" -H "x-amz-content-sha256: $EMPTY_SHA256" "$@" "http://$S3_ADDR$path"
+}
+start_s3() {
+	[[ -x $VERSITYGW ]] || die "versitygw missing; run scripts/setup.sh"
+	command -v curl >/dev/null || die "curl missing"
+	rm -rf "$S3_DIR"
+	mkdir -p "$S3_DIR/data" "$S3_DIR/versions" "$S3_DIR/meta"
+	cp "$VERSITYGW" "$S3_DIR/versitygw" # runnable by the server's user
+	S3_KEY=benchroot
+	S3_SECRET=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
+	S3_ADDR=127.0.0.1:$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+	local runas=()
+	if ((EUID == 0)) && id postgres >/dev/null 2>&1; then
+		chmod 755 "$S3_DIR"
+		chown -R postgres: "$S3_DIR"
+		runas=(runuser -u postgres --)
+	fi
+	"${runas[@]}" env ROOT_ACCESS_KEY_ID="$S3_KEY" ROOT_SECRET_ACCESS_KEY="$S3_SECRET" \
+		"$S3_DIR/versitygw" --region "$S3_REGION" --port "$S3_ADDR" posix \
+		--versioning-dir "$S3_DIR/versions" --sidecar "$S3_DIR/meta" "$S3_DIR/data" >"$RUN/versitygw.log" 2>&1 &
+	S3_PID=$!
+	local i
+	for i in $(seq 300); do
+		[[ $(s3_curl GET / 2>/dev/null) == 200 ]] && return
+		kill -0 "$S3_PID" 2>/dev/null || break
+		sleep 0.1
+	done
+	tail -n 20 "$RUN/versitygw.log" >&2
+	die "versitygw did not start on $S3_ADDR"
+}
+stop_s3() {
+	if [[ -n $S3_PID ]]; then
+		kill "$S3_PID" 2>/dev/null || true
+		wait "$S3_PID" 2>/dev/null || true
+		S3_PID=
+	fi
+	# Objects under COMPLIANCE retention cannot be deleted through S3, by
+	# design; the bench owns the server's folder and removes it from disk.
+	[[ ${BENCH_KEEP_REPOS:-} == 1 ]] || rm -rf "$S3_DIR"
+}
+make_bucket() { # NAME: versioning and Object Lock, as docs/object-lock.md asks
+	local code
+	code=$(s3_curl PUT "/$1" -H "x-amz-bucket-object-lock-enabled: true")
+	[[ $code == 200 ]] || die "create bucket $1: HTTP $code"
+}
+if s3_wanted; then
+	trap 'rc=$?; stop_s3; (exit $rc); cleanup' EXIT
+	start_s3
+fi
+
 # A throwaway password shared by all tools.
 PASSFILE=$RUN/password
 [[ -s $PASSFILE ]] || (umask 077 && head -c 24 /dev/urandom | base64 >"$PASSFILE")
 
 # Drop the page cache so each step reads from disk; record whether we could.
-if ((EUID == 0)) && sync && echo 3 2>/dev/null >/proc/sys/vm/drop_caches; then
+if [[ ${BENCH_NO_DROP:-} != 1 ]] && ((EUID == 0)) && sync && echo 3 2>/dev/null >/proc/sys/vm/drop_caches; then
 	CACHE_NOTE="page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every timed step"
 	drop_caches() { sync && echo 3 >/proc/sys/vm/drop_caches; }
 else
@@ -86,43 +160,52 @@ borg_env() {
 	export BORG_PASSCOMMAND="cat $PASSFILE" BORG_BASE_DIR=$RUN/borg-home-$1 BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
 }
 dualkey_env() { export DUALKEY_PASSWORD_FILE=$PASSFILE; }
+s3_env() { export AWS_ACCESS_KEY_ID=$S3_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET AWS_DEFAULT_REGION=$S3_REGION; }
+dualkey-s3_env() {
+	dualkey_env
+	s3_env
+}
+restic-s3_env() {
+	restic_env "$1"
+	s3_env
+}
 
 init_cmd() { # TOOL REPO
 	case $1 in
-	dualkey) CMD=("$DUALKEY" vault init --repo "$2") ;;
-	restic) CMD=("$RESTIC" -r "$2" init) ;;
+	dualkey | dualkey-s3) CMD=("$DUALKEY" vault init --repo "$2") ;;
+	restic | restic-s3) CMD=("$RESTIC" -r "$2" init) ;;
 	borg) CMD=("$BORG" init --encryption=repokey-blake2 "$2") ;;
 	esac
 }
 backup_cmd() { # TOOL REPO PATH N
 	case $1 in
-	dualkey) CMD=("$DUALKEY" backup --repo "$2" "$3") ;;
-	restic) CMD=("$RESTIC" -r "$2" backup --host bench "$3") ;;
+	dualkey | dualkey-s3) CMD=("$DUALKEY" backup --repo "$2" "$3") ;;
+	restic | restic-s3) CMD=("$RESTIC" -r "$2" backup --host bench "$3") ;;
 	borg) CMD=("$BORG" create --compression "zstd,3" "$2::b$4" "$3") ;;
 	esac
 }
 restore_cmd() { # TOOL REPO TARGET
 	RUN_IN=
 	case $1 in
-	dualkey) CMD=("$DUALKEY" restore --repo "$2" latest --target "$3") ;;
-	restic) CMD=("$RESTIC" -r "$2" restore latest --target "$3") ;;
+	dualkey | dualkey-s3) CMD=("$DUALKEY" restore --repo "$2" latest --target "$3") ;;
+	restic | restic-s3) CMD=("$RESTIC" -r "$2" restore latest --target "$3") ;;
 	# borg extracts into the current directory: the timed step runs in TARGET.
 	borg) CMD=("$BORG" extract "$2::b3") RUN_IN=$3 ;;
 	esac
 }
 tool_version() {
 	case $1 in
-	dualkey) "$DUALKEY" version 2>/dev/null | head -n 1 || "$DUALKEY" --version 2>/dev/null | head -n 1 || echo "dualkey (no version command)" ;;
-	restic) "$RESTIC" version ;;
+	dualkey | dualkey-s3) "$DUALKEY" version 2>/dev/null | head -n 1 || "$DUALKEY" --version 2>/dev/null | head -n 1 || echo "dualkey (no version command)" ;;
+	restic | restic-s3) "$RESTIC" version ;;
 	borg) "$BORG" --version ;;
 	esac
 }
 tool_present() {
 	case $1 in
-	dualkey) [[ -x $DUALKEY ]] ;;
-	restic) [[ -x $RESTIC ]] ;;
+	dualkey | dualkey-s3) [[ -x $DUALKEY ]] ;;
+	restic | restic-s3) [[ -x $RESTIC ]] ;;
 	borg) [[ -x $BORG ]] ;;
-	*) die "unknown tool $1 (dualkey, restic, borg)" ;;
+	*) die "unknown tool $1 (dualkey, restic, borg, dualkey-s3, restic-s3)" ;;
 	esac
 }
 
@@ -143,7 +226,16 @@ timed() {
 }
 
 # Sum of file sizes (apparent), so directory entries and block rounding do not count.
-bytes() { find "$1" -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%d\n", s }'; }
+bytes() { { find "$@" -type f -printf '%s\n' 2>/dev/null || true; } | awk '{ s += $1 } END { printf "%d\n", s }'; }
+# repo_bytes: the repository's size; for a bucket, what the server keeps for
+# it (objects, old versions, metadata).
+repo_bytes() {
+	if [[ -n ${bucket:-} ]]; then
+		bytes "$S3_DIR/data/$bucket" "$S3_DIR/versions/$bucket" "$S3_DIR/meta/$bucket"
+	else
+		bytes "$repo"
+	fi
+}
 # note_cmd LABEL records CMD with this run's paths replaced by placeholders.
 note_cmd() {
 	local line="${CMD[*]}"
@@ -181,10 +273,19 @@ for tool in $TOOLS; do
 	"${tool}_env" "$tool"
 	for set in $SETS; do
 		repo=$WORK/repos/$tool-$set
+		bucket=
 		live=$WORK/live/$set
 		target=$WORK/restore/$tool-$set
 		say "$tool / $set"
 		rm -rf "$repo" "$live" "$target" "$RUN/cache-restic-$tool" "$RUN/borg-home-$tool"
+		if [[ $tool == *-s3 ]]; then
+			bucket=$tool-$set-$(date +%s)
+			make_bucket "$bucket"
+			case $tool in
+			dualkey-s3) repo=s3:http://$S3_ADDR/$bucket/vault ;;
+			restic-s3) repo=s3:http://$S3_ADDR/$bucket/restic ;;
+			esac
+		fi
 		cp -a "$WORK/base/$set" "$live"
 		src_bytes=$(bytes "$live")
 
@@ -194,26 +295,26 @@ for tool in $TOOLS; do
 			die "$tool init failed"
 		}
 		note_cmd "$tool init"
-		r0=$(bytes "$repo")
+		r0=$(repo_bytes)
 
 		RUN_IN=
 		backup_cmd "$tool" "$repo" "$live" 1
 		note_cmd "$tool backup"
 		timed "$tool-$set-backup1" "${CMD[@]}"
 		b1=("$WALL" "$CPU" "$RSS")
-		r1=$(bytes "$repo")
+		r1=$(repo_bytes)
 
 		rsync -a --inplace --delete --checksum "$WORK/changed/$set/" "$live/"
 		src2_bytes=$(bytes "$live")
 		backup_cmd "$tool" "$repo" "$live" 2
 		timed "$tool-$set-backup2" "${CMD[@]}"
 		b2=("$WALL" "$CPU" "$RSS")
-		r2=$(bytes "$repo")
+		r2=$(repo_bytes)
 
 		backup_cmd "$tool" "$repo" "$live" 3
 		timed "$tool-$set-backup3" "${CMD[@]}"
 		b3=("$WALL" "$CPU" "$RSS")
-		r3=$(bytes "$repo")
+		r3=$(repo_bytes)
 
 		mkdir -p "$target"
 		restore_cmd "$tool" "$repo" "$target"
@@ -228,7 +329,7 @@ for tool in $TOOLS; do
 		fi
 		rm -rf "$target" "$live"
 		RUN_IN=
-		[[ ${BENCH_KEEP_REPOS:-} == 1 ]] || rm -rf "$repo"
+		[[ ${BENCH_KEEP_REPOS:-} == 1 || -n $bucket ]] || rm -rf "$repo"
 
 		ROWS+=("$(printf '| %s | %s | %s | %s s (%s%%, %s MiB/s, %s MiB) | %s s (%s%%) | %s | %s s | %s | %s s (%s%%, %s MiB/s, %s MiB) | %s | %s |' \
 			"$tool" "$set" "$(mib "$src_bytes")" \
@@ -259,6 +360,11 @@ report() {
 	echo "|---|---|---|---|---|---|---|---|---|---|---|"
 	printf '%s\n' "${ROWS[@]}"
 	echo
+	if s3_wanted; then
+		echo "S3: versitygw $(go version -m "$VERSITYGW" 2>/dev/null | awk '$1 == "mod" {print $3; exit}') (POSIX backend, versioning, Object Lock) on $S3_ADDR," \
+			"same machine; one bucket per tool and data set; credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."
+		echo
+	fi
 	echo "Commands (paths as run; passwords from a file via RESTIC_PASSWORD_FILE, BORG_PASSCOMMAND, DUALKEY_PASSWORD_FILE):"
 	echo
 	echo '```'
