@@ -184,6 +184,14 @@ func TestLockedObjectsSurviveRoot(t *testing.T) {
 	}
 	until := time.Now().Add(time.Hour)
 
+	// Nor can root turn the bucket's protection off.
+	if err := root.SuspendVersioning(ctx, cfg.Bucket); err == nil {
+		t.Error("root suspended versioning on an Object Lock bucket")
+	}
+	if enabled, _, _, _, err := root.GetObjectLockConfig(ctx, cfg.Bucket); err != nil || enabled != "Enabled" {
+		t.Errorf("object lock configuration after the attempt: %q, %v", enabled, err)
+	}
+
 	for _, typ := range []backend.Type{backend.Pack, backend.Index, backend.Snapshot, backend.Ledger, backend.Lock, backend.Key, backend.WAL} {
 		t.Run(string(typ), func(t *testing.T) {
 			data := []byte("precious " + string(typ) + " " + time.Now().String())
