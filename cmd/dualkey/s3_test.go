@@ -289,6 +289,9 @@ func TestS3Prune(t *testing.T) {
 // locked in the bucket; neither it nor an admin token can forget the
 // locked snapshot; the server extends object locks itself at start.
 func TestS3VaultServer(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a vault server process")
+	}
 	srv := s3test.Start(t)
 	admin, cfg := s3CLI(t, srv, s3test.BucketOptions{})
 	admin.ok("vault", "init", "--min-retention", "1h")

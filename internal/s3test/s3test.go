@@ -85,9 +85,14 @@ func Start(t testing.TB) *Server {
 	return shared
 }
 
-// Bin returns the path of the versitygw binary, installing it if missing.
+// Bin returns the path of the versitygw binary: DUALKEY_VERSITYGW if set,
+// else versitygw on PATH or in the Go bin folder, installed there with
+// InstallCmd if missing.
 func Bin() (string, error) {
 	if p := os.Getenv("DUALKEY_VERSITYGW"); p != "" {
+		if _, err := os.Stat(p); err != nil {
+			return "", fmt.Errorf("DUALKEY_VERSITYGW names %s: %w (unset it to use scripts/setup.sh's)", p, err)
+		}
 		return p, nil
 	}
 	if p, err := exec.LookPath("versitygw"); err == nil {
