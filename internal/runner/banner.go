@@ -33,6 +33,12 @@ func (r *Runner) Banner() string {
 		sched = "then every " + strings.TrimSuffix(strings.TrimSuffix(in.BaseEvery.String(), "0s"), "0m")
 	}
 	fmt.Fprintf(w, "agent\tstreams WAL into the vault (slot %s); base backup at first start, %s\n", in.Slot, sched)
+	if in.Tripwire {
+		fmt.Fprintf(w, "tripwire\tdecodes that WAL: drops, truncates, mass deletes become incidents, printed here\n")
+		fmt.Fprintf(w, "\t(%s incidents list%s)\n", exe, stateFlag(in))
+	} else {
+		fmt.Fprintf(w, "tripwire\toff (tripwire.enabled: false)\n")
+	}
 	tls := "no TLS"
 	if in.GateFingerprint != "" {
 		tls = "TLS " + in.GateFingerprint
@@ -96,7 +102,7 @@ func (r *Runner) Banner() string {
 		pgpw = "PGPASSWORD=$(cat " + in.Local.PasswordFile + ") "
 	}
 	fmt.Fprintf(&b, "  %s%s pg restore %s --target /tmp/dualkey-restore --latest --start --port 5499\n", pgpw, exe, repo)
-	fmt.Fprintf(&b, "  (or --time T, --lsn L, --before-xid X instead of --latest; docs/postgres.md)\n\n")
+	fmt.Fprintf(&b, "  (or --before-incident ID, --time T, --lsn L, --before-xid X instead of --latest; docs/postgres.md)\n\n")
 	return b.String()
 }
 

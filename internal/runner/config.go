@@ -34,7 +34,10 @@ type Config struct {
 	State string
 	PG    PGConfig
 	Agent AgentConfig
-	Gate  GateConfig
+	// Tripwire decodes the WAL the agent receives: drops, truncates and
+	// mass deletes become incidents (state, ledger, log).
+	Tripwire TripwireConfig
+	Gate     GateConfig
 	// Users are created on first start (and added when new ones appear):
 	// each gets a gate password; approvers get an approver key.
 	Users []User
@@ -94,6 +97,16 @@ type AgentConfig struct {
 	FirstBaseBackup bool
 }
 
+// TripwireConfig tunes the tripwire (docs/wal-decoding.md).
+type TripwireConfig struct {
+	Enabled bool // default true
+	// MassRows is how many rows of one table one transaction must delete
+	// or update to raise an incident (default 10000).
+	MassRows int64
+	// NamesEvery is how often table names are reread (default 30s).
+	NamesEvery time.Duration
+}
+
 // GateConfig is the gate's part: gate.yaml's keys (docs/gate.md) except
 // upstreams and state, which the runner supplies.
 type GateConfig struct {
@@ -148,7 +161,7 @@ const DefaultRules = `rules:
 
 // Default is the configuration of `dualkey run` without a config file.
 func Default() *Config {
-	c := &Config{Agent: AgentConfig{FirstBaseBackup: true}}
+	c := &Config{Agent: AgentConfig{FirstBaseBackup: true}, Tripwire: TripwireConfig{Enabled: true}}
 	c.applyDefaults()
 	if err := c.validateGate(nil); err != nil {
 		panic("runner: default gate config: " + err.Error()) // a bug
@@ -201,6 +214,12 @@ func (c *Config) applyDefaults() {
 	}
 	if c.Gate.Listen == "" {
 		c.Gate.Listen = DefaultListen
+	}
+	if c.Tripwire.MassRows == 0 {
+		c.Tripwire.MassRows = 10000
+	}
+	if c.Tripwire.NamesEvery == 0 {
+		c.Tripwire.NamesEvery = 30 * time.Second
 	}
 	if c.Users == nil {
 		c.Users = []User{
@@ -494,6 +513,17 @@ func (p *parser) config(root *yaml.Node, c *Config) {
 		"state": func(v *yaml.Node, f string) { p.str(v, f, &c.State) },
 		"pg":    func(v *yaml.Node, f string) { p.pg(v, f, c) },
 		"agent": func(v *yaml.Node, f string) { p.agent(v, f, &c.Agent) },
+		"tripwire": func(v *yaml.Node, f string) {
+			p.fields(v, f, map[string]func(*yaml.Node, string){
+				"enabled": func(v *yaml.Node, f string) { p.boolean(v, f, &c.Tripwire.Enabled) },
+				"mass_rows": func(v *yaml.Node, f string) {
+					if x, ok := p.integer(v, f, 1, 1<<50); ok {
+						c.Tripwire.MassRows = x
+					}
+				},
+				"names_every": func(v *yaml.Node, f string) { p.duration(v, f, &c.Tripwire.NamesEvery, false) },
+			})
+		},
 		"gate": func(v *yaml.Node, f string) {
 			if v.Kind != yaml.MappingNode {
 				p.errf(v, f, "must be a mapping")
@@ -507,6 +537,9 @@ func (p *parser) config(root *yaml.Node, c *Config) {
 	// The first-start agent default is on; only an explicit false turns it off.
 	if !p.has(root, "agent", "first_base_backup") {
 		c.Agent.FirstBaseBackup = true
+	}
+	if !p.has(root, "tripwire", "enabled") {
+		c.Tripwire.Enabled = true
 	}
 	approvers := 0
 	for _, u := range c.Users {

@@ -45,6 +45,7 @@ import (
 
 	"github.com/dualkey/dualkey/internal/gate"
 	"github.com/dualkey/dualkey/internal/gate/policy"
+	"github.com/dualkey/dualkey/internal/incident"
 	"github.com/dualkey/dualkey/internal/ledger"
 	"github.com/dualkey/dualkey/internal/pgagent"
 	"github.com/dualkey/dualkey/internal/pgserver"
@@ -77,6 +78,10 @@ type Options struct {
 	Log *slog.Logger
 	// Exe is how printed commands name the dualkey binary (default "dualkey").
 	Exe string
+	// OnIncident, if set, is called with each new incident the tripwire
+	// raised, after it was stored (from the tripwire's goroutine: return
+	// quickly).
+	OnIncident func(incident.Incident)
 }
 
 // Person is one person of the setup and where their secrets are.
@@ -108,6 +113,8 @@ type Info struct {
 	Slot  string
 	// BaseEvery is the base backup schedule (0: none).
 	BaseEvery time.Duration
+	// Tripwire says the WAL is decoded for drops, truncates, mass deletes.
+	Tripwire bool
 	// GateAddr is where the gate listens (host:port).
 	GateAddr        string
 	GateFingerprint string
@@ -268,11 +275,24 @@ func (r *Runner) onStop(f func(context.Context) error) { r.closers = append(r.cl
 // Run starts the runner, writes the banner to out, and runs until ctx
 // ends or a component fails; then it stops everything.
 func Run(ctx context.Context, cfg *Config, opts Options, out io.Writer) error {
+	var mu sync.Mutex
+	exe := orDefault(opts.Exe, "dualkey")
+	if opts.OnIncident == nil {
+		opts.OnIncident = func(in incident.Incident) {
+			mu.Lock()
+			defer mu.Unlock()
+			fmt.Fprintf(out, "INCIDENT %s: %s on database %s: %s, committed %s by transaction %d (seen %.0f ms later)\n",
+				in.ID, in.Kind, in.Database, strings.Join(in.Objects, ", "), in.CommitTime.Format(time.RFC3339), in.XID, in.DelayMS)
+			fmt.Fprintf(out, "  restore to just before it: %s pg restore --before-incident %s ... (see the banner)\n", exe, in.ID)
+		}
+	}
 	r, err := Start(ctx, cfg, opts)
 	if err != nil {
 		return err
 	}
+	mu.Lock()
 	io.WriteString(out, r.Banner())
+	mu.Unlock()
 	select {
 	case <-ctx.Done():
 		err = nil
@@ -812,9 +832,20 @@ func (r *Runner) startAgent(ctx, runCtx context.Context) error {
 		BaseEvery:   c.Agent.BaseEvery,
 		Log:         r.log.With("part", "agent"),
 	}
-	// TRIPWIRE / INCIDENTS (issue 7, item 2): the tripwire and incident
-	// options of pgagent.AgentOptions are set here (the state store r.db
-	// holds the incidents, r.led records them) once the agent has them.
+	// The tripwire: incidents go to the state store, the ledger and the log
+	// (and to OnIncident: `dualkey run` prints them).
+	if c.Tripwire.Enabled {
+		rec := &incident.Recorder{DB: r.db, Ledger: r.led, Log: r.log.With("part", "tripwire"),
+			OnRecord: func(in incident.Incident, isNew bool) {
+				if isNew && r.opts.OnIncident != nil {
+					r.opts.OnIncident(in)
+				}
+			}}
+		opts.OnDetect = rec.Detect
+		opts.Tripwire.MassRows = c.Tripwire.MassRows
+		opts.NamesEvery = c.Tripwire.NamesEvery
+	}
+	r.info.Tripwire = c.Tripwire.Enabled
 	r.agent = pgagent.NewAgent(r.repo, opts)
 	r.info.Slot = opts.Slot
 	r.info.BaseEvery = c.Agent.BaseEvery

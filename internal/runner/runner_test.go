@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/dualkey/dualkey/internal/incident"
 	"github.com/dualkey/dualkey/internal/ledger"
 	"github.com/dualkey/dualkey/internal/pgserver"
 	"github.com/dualkey/dualkey/internal/pgtest"
@@ -194,7 +196,8 @@ func TestRunLocal(t *testing.T) {
 	ctx := ctxT(t, 10*time.Minute)
 	dir := workDir(t)
 	cfg := testConfig(t, fmt.Sprintf("data_dir: %s\ngate:\n  listen: 127.0.0.1:0\n", filepath.Join(dir, "data")))
-	r, err := Start(ctx, cfg, Options{Log: testLog(t)})
+	incidents := make(chan incident.Incident, 16)
+	r, err := Start(ctx, cfg, Options{Log: testLog(t), OnIncident: func(in incident.Incident) { incidents <- in }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -242,7 +245,39 @@ func TestRunLocal(t *testing.T) {
 	if err := alice.QueryRow(ctx, "SELECT count(*) FROM pg_tables WHERE tablename = 't'").Scan(&n); err != nil || n != 0 {
 		t.Fatalf("table t still exists: %d, %v", n, err)
 	}
+
+	// Someone with the superuser's password goes around the gate (T2):
+	// the tripwire sees the drop in the WAL, as it saw the approved one.
+	if _, err := alice.Exec(ctx, "CREATE TABLE bypass (x int); INSERT INTO bypass VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
 	alice.Close(ctx)
+	su, err := pgx.Connect(ctx, fmt.Sprintf("postgres://postgres:%s@127.0.0.1:%d/app?sslmode=disable", readSecret(t, in.Local.PasswordFile), in.Local.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := su.Exec(ctx, "DROP TABLE bypass"); err != nil {
+		t.Fatal(err)
+	}
+	su.Close(ctx)
+	// Two drops in app, the approved one naming public.t. (The second may
+	// be named by its relfilenode when the agent's name cache has not
+	// caught up with a table this young.)
+	var drops []incident.Incident
+	for len(drops) < 2 {
+		select {
+		case inc := <-incidents:
+			t.Logf("incident %s %s %v", inc.ID, inc.Kind, inc.Objects)
+			if inc.Kind == "relations-dropped" && inc.Database == "app" {
+				drops = append(drops, inc)
+			}
+		case <-ctx.Done():
+			t.Fatalf("the tripwire did not report both drops: %+v", drops)
+		}
+	}
+	if !slices.Contains(drops[0].Objects, "public.t") {
+		t.Fatalf("first drop names %v, want public.t", drops[0].Objects)
+	}
 
 	// WAL reached the vault and a base backup exists, usable with it.
 	if err := r.FirstBackup(ctx); err != nil {
