@@ -15,15 +15,16 @@ import (
 // decision (a request, a hold, a consume) are written synchronously by the
 // session instead.
 type recorder struct {
-	led  *ledger.Ledger
-	log  *slog.Logger
-	q    chan ledger.Entry
-	done chan struct{}
-	once sync.Once
+	led     *ledger.Ledger
+	log     *slog.Logger
+	q       chan ledger.Entry
+	closing chan struct{} // closed by close: stop lingering
+	done    chan struct{}
+	once    sync.Once
 }
 
 func newRecorder(led *ledger.Ledger, log *slog.Logger) *recorder {
-	r := &recorder{led: led, log: log, q: make(chan ledger.Entry, 4096), done: make(chan struct{})}
+	r := &recorder{led: led, log: log, q: make(chan ledger.Entry, 4096), closing: make(chan struct{}), done: make(chan struct{})}
 	go r.run()
 	return r
 }
@@ -33,13 +34,15 @@ func newRecorder(led *ledger.Ledger, log *slog.Logger) *recorder {
 // 59% of the gate's CPU under pgbench TPC-B, and a ceiling of ~400 tps.
 const recordBatch = 256
 
-// recordLinger is how long the recorder waits for more records after the
-// first of a batch. Taking only what was already queued, most batches
-// under pgbench TPC-B (8 clients) held one record, so the ledger still
-// committed (with an fsync) once per statement: about 1 ms of the gate's
-// CPU per TPC-B transaction. Statement records are written off the query
-// path, so the wait delays only their arrival in the ledger, never a
-// client; Close writes what is queued at once.
+// recordLinger is how long the recorder lets a batch gather after its
+// first record. Taking only what was already queued, most batches under
+// pgbench TPC-B (8 clients) held one record, so the ledger still committed
+// (with an fsync) once per statement: about 1 ms of the gate's CPU per
+// TPC-B transaction. It sleeps rather than receive, so the records that
+// arrive meanwhile are queued without waking it one by one. Statement
+// records are written off the query path, so the wait delays only their
+// arrival in the ledger, never a client; close writes what is queued at
+// once.
 const recordLinger = 5 * time.Millisecond
 
 func (r *recorder) run() {
@@ -49,20 +52,26 @@ func (r *recorder) run() {
 	linger.Stop()
 	for e := range r.q {
 		batch = append(batch[:0], e)
-		linger.Reset(recordLinger)
+		if len(r.q) < recordBatch-1 {
+			linger.Reset(recordLinger)
+			select {
+			case <-linger.C:
+			case <-r.closing:
+				linger.Stop()
+			}
+		}
 	more:
 		for len(batch) < recordBatch {
 			select {
 			case e, ok := <-r.q:
 				if !ok {
-					break more // closing: write now
+					break more
 				}
 				batch = append(batch, e)
-			case <-linger.C:
+			default:
 				break more
 			}
 		}
-		linger.Stop()
 		r.write(batch)
 	}
 }
@@ -92,6 +101,6 @@ func (r *recorder) sync(ctx context.Context, e ledger.Entry) error {
 
 // close writes what is queued and stops.
 func (r *recorder) close() {
-	r.once.Do(func() { close(r.q) })
+	r.once.Do(func() { close(r.closing); close(r.q) })
 	<-r.done
 }
