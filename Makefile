@@ -1,4 +1,5 @@
-# Dualkey. `make run` shows the vault working; `make test` is what CI runs.
+# Dualkey. `make run` runs the whole system (dualkey run: vault, agent,
+# tripwire, gate, a local PostgreSQL); `make test` is what CI runs.
 # Every target that needs tools depends on `setup`, which installs only what
 # is missing and takes well under a second when nothing is.
 
@@ -12,7 +13,7 @@ BIN        := bin/dualkey
 FUZZTIME   ?= 20000x
 TESTFLAGS  ?=
 
-.PHONY: all setup setup-bench build run test test-short bench fuzz clean
+.PHONY: all setup setup-bench build run demo test test-short bench fuzz clean
 
 all: build
 
@@ -27,7 +28,14 @@ VERSION    := $(shell git describe --always --dirty 2>/dev/null || echo devel)
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/dualkey
 
+# Everything in one process on ./dualkey-data until Ctrl-C (docs/run.md);
+# RUNFLAGS passes flags, e.g. RUNFLAGS='--pg postgres://...'.
+RUNFLAGS   ?=
 run: setup build
+	$(BIN) run $(RUNFLAGS)
+
+# The vault alone: backups, restore, verify of a sample tree (scripts/demo.sh).
+demo: setup build
 	@scripts/demo.sh
 
 test: setup

@@ -61,6 +61,10 @@ bad values are errors naming file:line.
     base_every: 24h               base backups on a schedule ("off": none)
     first_base_backup: true       one at start when the vault has none of this server
     retain_warn: 1073741824       warn when the slot holds more WAL (bytes)
+  tripwire:
+    enabled: true                 decode the WAL: drops, truncates, mass deletes
+    mass_rows: 10000              rows one transaction deletes or updates in a table
+    names_every: 30s              how often table names are reread
   gate:                           gate.yaml's keys (docs/gate.md) but upstreams, state
     listen: 127.0.0.1:6543        when the default is taken, a free port
     tls: {generate: true}         generate, cert, key, require_tls (default true)

@@ -136,7 +136,7 @@ func TestRunConfigErrors(t *testing.T) {
 	help := c.ok("run", "--help")
 	for _, key := range []string{"data_dir", "vault:", "repo:", "password_file", "min_retention", "state:", "pg:", "url:", "gate_url",
 		"databases", "local:", "dir:", "port:", "settings", "agent:", "slot:", "synchronous", "flush_every", "base_every",
-		"first_base_backup", "retain_warn", "gate:", "listen", "tls:", "request_expiry", "webhook", "limits", "groups", "rules",
+		"first_base_backup", "retain_warn", "tripwire:", "enabled", "mass_rows", "names_every", "gate:", "listen", "tls:", "request_expiry", "webhook", "limits", "groups", "rules",
 		"users:", "name:", "approver:", "quorum:", "threshold"} {
 		if !strings.Contains(help, key) {
 			t.Errorf("run --help does not document %s", key)

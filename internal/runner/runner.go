@@ -613,14 +613,19 @@ func (r *Runner) openVault(ctx context.Context, pol *cert.Policy) error {
 	dir := c.Path(c.Vault.Repo)
 	r.info.Vault = dir
 	r.info.VaultPasswordFile = c.Path(c.Vault.PasswordFile)
+	_, statErr := os.Stat(filepath.Join(dir, "config"))
+	create := errors.Is(statErr, fs.ErrNotExist)
+	if _, err := os.Stat(r.info.VaultPasswordFile); !create && errors.Is(err, fs.ErrNotExist) {
+		// A new password would not open the vault that is there.
+		return fmt.Errorf("runner: the vault %s exists but its password file %s does not: set vault.password_file to the file holding its password (scripts/demo.sh keeps it in %s)",
+			dir, r.info.VaultPasswordFile, c.Path("password"))
+	}
 	pw, _, err := secret(r.info.VaultPasswordFile)
 	if err != nil {
 		return err
 	}
 	var be *local.Backend
-	create := false
-	if _, err := os.Stat(filepath.Join(dir, "config")); errors.Is(err, fs.ErrNotExist) {
-		create = true
+	if create {
 		be, err = local.Create(ctx, dir)
 		if err != nil {
 			return fmt.Errorf("runner: vault: %w", err)
