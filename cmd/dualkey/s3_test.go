@@ -451,3 +451,55 @@ func TestS3PostgresAgent(t *testing.T) {
 		t.Errorf("restored server has %s rows, want 21000", got)
 	}
 }
+
+// TestS3LedgerMirror: the audit ledger mirrored into a vault on S3 is
+// locked there; the bucket's root account can neither delete a mirror
+// object nor, by writing over it or hiding it, make audit verify see less.
+func TestS3LedgerMirror(t *testing.T) {
+	srv := s3test.Start(t)
+	v, cfg := s3CLI(t, srv, s3test.BucketOptions{})
+	v.ok("vault", "init", "--min-retention", "1h")
+	q, dir := quorumCLI(t)
+	m := q
+	for k, val := range v.env {
+		m = m.with(k, val)
+	}
+	m.ok("users", "add", "alice")
+	m.ok("users", "add", "bob")
+	pub := strings.TrimSpace(m.as(dir, "bob").ok("keys", "generate", "bob"))
+	m.ok("quorum", "init", "--approver", "bob="+pub, "--threshold", "1")
+	var rep struct{ LastSeq, MirroredSeq uint64 }
+	m.json(&rep, "audit", "verify")
+	if rep.LastSeq == 0 || rep.MirroredSeq != rep.LastSeq {
+		t.Fatalf("last seq %d, mirrored up to %d", rep.LastSeq, rep.MirroredSeq)
+	}
+	objs := objects(t, srv, cfg, "ledger")
+	if len(objs) == 0 {
+		t.Fatal("no ledger objects in the bucket")
+	}
+	minUntil := time.Now().Add(time.Hour - time.Minute)
+	root, err := srv.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for _, o := range objs {
+		if o.mode != "COMPLIANCE" || o.until.Before(minUntil) {
+			t.Errorf("%s: retention %q until %v, want COMPLIANCE until at least %v", o.key, o.mode, o.until, minUntil)
+		}
+		if err := root.RemoveObject(ctx, cfg.Bucket, o.key, minio.RemoveObjectOptions{VersionID: o.version, GovernanceBypass: true}); err == nil {
+			t.Fatalf("root deleted ledger object %s", o.key)
+		}
+		if _, err := root.PutObject(ctx, cfg.Bucket, o.key, bytes.NewReader([]byte("DKL1junk")), 8, minio.PutObjectOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := root.RemoveObject(ctx, cfg.Bucket, o.key, minio.RemoveObjectOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var after struct{ LastSeq, MirroredSeq uint64 }
+	m.json(&after, "audit", "verify")
+	if after.MirroredSeq != rep.MirroredSeq {
+		t.Errorf("after root's attack the mirror reaches seq %d, before %d", after.MirroredSeq, rep.MirroredSeq)
+	}
+}
