@@ -176,8 +176,12 @@ type Server struct {
 }
 
 // New describes the server whose data directory is base/data, logging
-// to base/postgres.log. Nothing is created.
+// to base/postgres.log. Nothing is created. A relative base is made
+// absolute: the programs run in base, not in the current directory.
 func New(base string, port int) *Server {
+	if abs, err := filepath.Abs(base); err == nil {
+		base = abs
+	}
 	return &Server{Dir: filepath.Join(base, "data"), Port: port, LogFile: filepath.Join(base, "postgres.log"), Base: base}
 }
 

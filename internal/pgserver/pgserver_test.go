@@ -119,6 +119,27 @@ func TestLocal(t *testing.T) {
 	}
 }
 
+// TestRelativeDir: a relative directory works (the programs run in it,
+// so every path handed to them must be absolute).
+func TestRelativeDir(t *testing.T) {
+	base := tempBase(t)
+	wd, _ := os.Getwd()
+	if err := os.Chdir(filepath.Dir(base)); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Chdir(wd)
+	s, _, err := StartLocal(ctxT(t), LocalOptions{Dir: "pg", Password: "pw"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Stop(context.Background(), "fast"); err != nil {
+		t.Fatal(err)
+	}
+	if !filepath.IsAbs(s.Dir) || !filepath.IsAbs(s.LogFile) {
+		t.Fatalf("paths %s, %s", s.Dir, s.LogFile)
+	}
+}
+
 // TestUnreachableDir: as root, a base directory the OS user cannot reach
 // is refused with an error saying so, before initdb.
 func TestUnreachableDir(t *testing.T) {

@@ -774,9 +774,15 @@ func (r *Runner) checkUpstream(ctx context.Context) error {
 // upstream is how the gate reaches database db.
 func (r *Runner) upstream(db string) (*policy.Upstream, error) {
 	c := r.cfg
+	// Absolute: gate.yaml is read from the data directory, and a relative
+	// password_file there would be taken from it.
 	if c.PG.URL == "" {
+		f, err := filepath.Abs(c.Path(filepath.Join("secrets", "pg-gate.password")))
+		if err != nil {
+			return nil, err
+		}
 		return &policy.Upstream{Name: db, Host: "127.0.0.1", Port: r.local.Port, DBName: db, User: GateRole,
-			PasswordFile: c.Path(filepath.Join("secrets", "pg-gate.password")), SSLMode: "disable"}, nil
+			PasswordFile: f, SSLMode: "disable"}, nil
 	}
 	raw := c.PG.GateURL
 	if raw == "" {
@@ -799,7 +805,10 @@ func (r *Runner) upstream(db string) (*policy.Upstream, error) {
 	up.SSLRootCert = pu.Query().Get("sslrootcert")
 	if pw, ok := pu.User.Password(); ok {
 		// The generated gate.yaml names a file, never the password.
-		f := c.Path(filepath.Join("secrets", "upstream.password"))
+		f, err := filepath.Abs(c.Path(filepath.Join("secrets", "upstream.password")))
+		if err != nil {
+			return nil, err
+		}
 		if err := writeSecret(f, pw); err != nil {
 			return nil, err
 		}
