@@ -312,7 +312,9 @@ func ParseWith(data []byte, name string, o Overrides) (*Config, error) {
 		line, msg := yamlErr(err)
 		return nil, &ConfigError{File: name, Line: line, Msg: msg}
 	}
-	c := &Config{File: name}
+	// What is on unless the file says otherwise, also when there is no
+	// file (flags only): p.config sees only a non-empty document.
+	c := &Config{File: name, Agent: AgentConfig{FirstBaseBackup: true}, Tripwire: TripwireConfig{Enabled: true}}
 	var gateNode *yaml.Node
 	var gateEnd int
 	if len(doc.Content) > 0 {

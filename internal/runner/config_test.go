@@ -89,3 +89,25 @@ func TestConfigExample(t *testing.T) {
 		t.Fatalf("defaults: %+v", d)
 	}
 }
+
+// TestConfigFlagsOnly: with no file (only --pg and --data), or an empty
+// one, what is on by default stays on: the tripwire and the first base
+// backup (they were off when no document reached the parser).
+func TestConfigFlagsOnly(t *testing.T) {
+	for _, data := range []string{"", "# nothing\n"} {
+		c, err := ParseWith([]byte(data), "", Overrides{URL: "postgres://postgres@127.0.0.1:5432/shop", DataDir: t.TempDir()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !c.Tripwire.Enabled || !c.Agent.FirstBaseBackup {
+			t.Errorf("%q: tripwire %v, first base backup %v; want both on", data, c.Tripwire.Enabled, c.Agent.FirstBaseBackup)
+		}
+	}
+	c, err := Parse([]byte("tripwire:\n  enabled: false\nagent:\n  first_base_backup: false\n"), "x.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Tripwire.Enabled || c.Agent.FirstBaseBackup {
+		t.Errorf("explicit false: tripwire %v, first base backup %v", c.Tripwire.Enabled, c.Agent.FirstBaseBackup)
+	}
+}
