@@ -95,6 +95,17 @@ func TestS3Vault(t *testing.T) {
 		}
 	})
 
+	t.Run("self-signed server", func(t *testing.T) {
+		tlsSrv := s3test.StartTLS(t)
+		c, _ := s3CLI(t, tlsSrv, s3test.BucketOptions{})
+		if e := c.code(exitError, "vault", "init"); !strings.Contains(e, "certificate") {
+			t.Errorf("init against an untrusted certificate: %s", e)
+		}
+		c = c.with("DUALKEY_S3_CACERT", tlsSrv.CACert)
+		c.ok("vault", "init")
+		c.ok("backup", makeTree(t))
+	})
+
 	t.Run("wrong credentials", func(t *testing.T) {
 		c, _ := s3CLI(t, srv, s3test.BucketOptions{})
 		c.ok("vault", "init")

@@ -11,13 +11,17 @@
 // that fails, the test fails naming the command. Nothing is skipped.
 //
 // The server is killed when the test process ends (parent-death signal);
-// folders left by a killed test process are removed by the next start.
+// its folder stays until the next test process using the harness starts,
+// which removes the folders of processes no longer running. [StartTLS] is
+// a second server speaking HTTPS with a self-signed certificate.
 package s3test
 
 import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/xml"
 	"errors"
@@ -42,6 +46,7 @@ import (
 	"github.com/minio/minio-go/v7/pkg/signer"
 
 	"github.com/dualkey/dualkey/internal/pgtest"
+	"github.com/dualkey/dualkey/internal/tlscert"
 	s3be "github.com/dualkey/dualkey/internal/vault/backend/s3"
 )
 
@@ -63,26 +68,43 @@ type Server struct {
 	AccessKey, SecretKey string
 	// Dir holds the server's objects, metadata and log.
 	Dir string
+	// Secure is set for the server of StartTLS, whose self-signed
+	// certificate (for 127.0.0.1) is the PEM file CACert.
+	Secure bool
+	CACert string
 
 	cmd *exec.Cmd
 	log string
 }
 
-var (
-	sharedOnce sync.Once
-	shared     *Server
-	sharedErr  error
-)
+type once struct {
+	sync.Once
+	s   *Server
+	err error
+}
 
-// Start returns the test binary's server, starting it on first use. It
-// fails t if versitygw cannot be found, installed or started.
+var plainServer, tlsServer once
+
+// Start returns the test binary's server (plain HTTP), starting it on first
+// use. It fails t if versitygw cannot be found, installed or started.
 func Start(t testing.TB) *Server {
 	t.Helper()
-	sharedOnce.Do(func() { shared, sharedErr = start() })
-	if sharedErr != nil {
-		t.Fatalf("s3test: %v", sharedErr)
+	plainServer.Do(func() { plainServer.s, plainServer.err = start(false) })
+	if plainServer.err != nil {
+		t.Fatalf("s3test: %v", plainServer.err)
 	}
-	return shared
+	return plainServer.s
+}
+
+// StartTLS is Start for a second server speaking HTTPS with a self-signed
+// certificate, for tests of a client's CA option.
+func StartTLS(t testing.TB) *Server {
+	t.Helper()
+	tlsServer.Do(func() { tlsServer.s, tlsServer.err = start(true) })
+	if tlsServer.err != nil {
+		t.Fatalf("s3test: %v", tlsServer.err)
+	}
+	return tlsServer.s
 }
 
 // Bin returns the path of the versitygw binary: DUALKEY_VERSITYGW if set,
@@ -153,7 +175,7 @@ func sweep() {
 	}
 }
 
-func start() (*Server, error) {
+func start(secure bool) (*Server, error) {
 	bin, err := Bin()
 	if err != nil {
 		return nil, err
@@ -174,13 +196,26 @@ func start() (*Server, error) {
 			return nil, err
 		}
 	}
+	s := &Server{AccessKey: "dualkeyroot", SecretKey: randHex(16), Dir: dir, Secure: secure, log: filepath.Join(dir, "versitygw.log")}
+	if secure {
+		certPEM, keyPEM, err := tlscert.SelfSigned("s3test", nil, time.Now())
+		if err != nil {
+			return nil, err
+		}
+		s.CACert = filepath.Join(dir, "cert.pem")
+		if err := os.WriteFile(s.CACert, certPEM, 0o644); err != nil {
+			return nil, err
+		}
+		if err := os.WriteFile(filepath.Join(dir, "key.pem"), keyPEM, 0o600); err != nil {
+			return nil, err
+		}
+	}
 	if err := os.Chmod(dir, 0o755); err != nil {
 		return nil, err
 	}
 	if err := pgtest.Own(dir); err != nil {
 		return nil, fmt.Errorf("hand %s to the server's user: %w", dir, err)
 	}
-	s := &Server{AccessKey: "dualkeyroot", SecretKey: randHex(16), Dir: dir, log: filepath.Join(dir, "versitygw.log")}
 	for attempt := 0; ; attempt++ {
 		port, err := freePort()
 		if err != nil {
@@ -204,11 +239,15 @@ func (s *Server) launch(exe string) error {
 		return err
 	}
 	defer logf.Close()
-	cmd := exec.Command(exe, "--region", Region, "--port", s.Endpoint,
-		"posix",
+	args := []string{"--region", Region, "--port", s.Endpoint}
+	if s.Secure {
+		args = append(args, "--cert", s.CACert, "--key", filepath.Join(s.Dir, "key.pem"))
+	}
+	args = append(args, "posix",
 		"--versioning-dir", filepath.Join(s.Dir, "versions"),
 		"--sidecar", filepath.Join(s.Dir, "meta"),
 		filepath.Join(s.Dir, "data"))
+	cmd := exec.Command(exe, args...)
 	cmd.Dir = s.Dir
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// The root keys go in the environment, not on a shared machine's
@@ -265,11 +304,34 @@ func (s *Server) launch(exe string) error {
 
 // Client returns a client holding the server's root credentials.
 func (s *Server) Client() (*minio.Client, error) {
+	tr, err := s.transport()
+	if err != nil {
+		return nil, err
+	}
 	return minio.New(s.Endpoint, &minio.Options{
 		Creds:        credentials.NewStaticV4(s.AccessKey, s.SecretKey, ""),
 		Region:       Region,
 		BucketLookup: minio.BucketLookupPath,
+		Secure:       s.Secure,
+		Transport:    tr,
 	})
+}
+
+// transport trusts the server's own certificate.
+func (s *Server) transport() (*http.Transport, error) {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	if s.Secure {
+		b, err := os.ReadFile(s.CACert)
+		if err != nil {
+			return nil, err
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(b) {
+			return nil, fmt.Errorf("s3test: no certificate in %s", s.CACert)
+		}
+		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
+	return tr, nil
 }
 
 // BucketOptions choose how NewBucket creates a bucket.
@@ -295,6 +357,7 @@ func (s *Server) NewBucket(t testing.TB, opts BucketOptions) s3be.Config {
 	}
 	return s3be.Config{
 		Endpoint:  s.Endpoint,
+		Secure:    s.Secure,
 		Bucket:    name,
 		Prefix:    "vault",
 		AccessKey: s.AccessKey,
@@ -374,7 +437,11 @@ func tail(path string) string {
 // ObjectLockRetention, which minio-go does not parse. Both are accepted
 // here.) A version without retention gives "" and the zero time.
 func (s *Server) Retention(ctx context.Context, bucket, key, versionID string) (mode string, until time.Time, err error) {
-	u := url.URL{Scheme: "http", Host: s.Endpoint, Path: "/" + bucket + "/" + key}
+	scheme := "http"
+	if s.Secure {
+		scheme = "https"
+	}
+	u := url.URL{Scheme: scheme, Host: s.Endpoint, Path: "/" + bucket + "/" + key}
 	q := url.Values{"retention": {""}}
 	if versionID != "" {
 		q.Set("versionId", versionID)
@@ -386,7 +453,11 @@ func (s *Server) Retention(ctx context.Context, bucket, key, versionID string) (
 	}
 	req.Header.Set("X-Amz-Content-Sha256", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
 	req = signer.SignV4(*req, s.AccessKey, s.SecretKey, "", Region)
-	resp, err := http.DefaultClient.Do(req)
+	tr, err := s.transport()
+	if err != nil {
+		return "", time.Time{}, err
+	}
+	resp, err := (&http.Client{Transport: tr}).Do(req)
 	if err != nil {
 		return "", time.Time{}, err
 	}

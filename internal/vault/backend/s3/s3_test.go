@@ -141,6 +141,38 @@ func TestRefusals(t *testing.T) {
 		})
 	}
 
+	// A server with a self-signed certificate: refused until its
+	// certificate is trusted (CACert), or verification is skipped.
+	tlsSrv := s3test.StartTLS(t)
+	tlsCfg := tlsSrv.NewBucket(t, s3test.BucketOptions{})
+	tlsCases := []struct {
+		name    string
+		f       func(*s3.Config)
+		wantErr string
+	}{
+		{"untrusted certificate", func(*s3.Config) {}, "certificate"},
+		{"cacert", func(c *s3.Config) { c.CACert = tlsSrv.CACert }, ""},
+		{"insecure", func(c *s3.Config) { c.InsecureTLS = true }, ""},
+		{"cacert not a certificate", func(c *s3.Config) { c.CACert = tlsSrv.Dir + "/versitygw.log" }, "no PEM certificate"},
+	}
+	for _, tt := range tlsCases {
+		t.Run("tls/"+tt.name, func(t *testing.T) {
+			c := tlsCfg
+			tt.f(&c)
+			ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			be, err := s3.Create(ctx, c, s3.Options{})
+			switch {
+			case tt.wantErr == "" && err != nil:
+				t.Fatalf("Create: %v", err)
+			case tt.wantErr == "":
+				be.Close()
+			case err == nil || !strings.Contains(err.Error(), tt.wantErr):
+				t.Fatalf("Create error = %v, want one containing %q", err, tt.wantErr)
+			}
+		})
+	}
+
 	// The same plain bucket is accepted when the user says so.
 	be, err := s3.Create(ctx, plain, s3.Options{NoObjectLock: true})
 	if err != nil {
