@@ -15,6 +15,12 @@
 //     packs it needs and an Until time on the vault's clock. A snapshot is
 //     locked while any of its records is live; a pack while any live record
 //     lists it. Extending writes a new record; nothing shortens a lock.
+//   - storage lock: on a backend that can lock objects itself (a [Locker]:
+//     S3 with COMPLIANCE-mode Object Lock), the date until which the
+//     storage refuses to delete or overwrite an object, whoever asks. The
+//     Store sets it on every object it writes and moves it later as lock
+//     records demand (objectlock.go, docs/object-lock.md); it never moves it
+//     earlier, so the vault's own rules and the storage's agree.
 //   - vault clock: [Options.Now]. Clients never supply a time that decides
 //     retention, so a client with a wrong (or lying) clock cannot backdate a
 //     snapshot into early deletion (threat T3 in DESIGN.md).

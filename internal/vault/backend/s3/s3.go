@@ -284,7 +284,7 @@ func transport(cfg Config) (*http.Transport, error) {
 // that SaveLocked and ExtendRetention set real retention.
 func (b *Backend) ObjectLock() bool { return b.locked }
 
-// Location returns the s3:... location without credentials.
+// where returns the s3:... location, for messages (it holds no credentials).
 func (b *Backend) where() string {
 	scheme := "http"
 	if b.cl.EndpointURL().Scheme == "https" {
