@@ -64,6 +64,8 @@ var (
 	ErrDataDir = errors.New("runner: data directory not usable")
 	// ErrPortInUse means the gate's (or the local server's) port is taken.
 	ErrPortInUse = errors.New("runner: port in use")
+	// ErrInUse means another runner uses the data directory.
+	ErrInUse = errors.New("runner: data directory in use")
 	// ErrUpstream means the PostgreSQL server given by URL cannot be
 	// reached, or lacks what the agent needs (replication).
 	ErrUpstream = errors.New("runner: PostgreSQL server not usable")
@@ -323,6 +325,21 @@ func (r *Runner) prepareDir() error {
 	}
 	probe.Close()
 	os.Remove(probe.Name())
+	// One runner per data directory: a second would stop the first one's
+	// local server (taking it for one left by a killed run) and race it on
+	// every file. The lock ends with the process, however it ends.
+	lock, err := os.OpenFile(c.Path("run.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrDataDir, err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		b, _ := os.ReadFile(lock.Name())
+		lock.Close()
+		return fmt.Errorf("%w: another dualkey run (pid %s) uses %s", ErrInUse, strings.TrimSpace(string(b)), c.DataDir)
+	}
+	lock.Truncate(0)
+	fmt.Fprintf(lock, "%d\n", os.Getpid())
+	r.onStop(func(context.Context) error { return lock.Close() })
 	if _, err := os.Stat(c.Path(c.Vault.Repo)); errors.Is(err, fs.ErrNotExist) {
 		r.info.Created = true
 	}

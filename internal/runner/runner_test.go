@@ -212,6 +212,12 @@ func TestRunLocal(t *testing.T) {
 		}
 	}
 
+	// A second runner on the same directory is refused, and the first
+	// goes on.
+	if _, err := Start(ctx, cfg, Options{}); !errors.Is(err, ErrInUse) {
+		t.Fatalf("second runner on one data directory: %v, want ErrInUse", err)
+	}
+
 	alice := gateConn(t, ctx, in, "alice", "app")
 	if _, err := alice.Exec(ctx, "CREATE TABLE t (id int PRIMARY KEY, v text)"); err != nil {
 		t.Fatal(err)
