@@ -85,6 +85,9 @@ func (r *Runner) Banner() string {
 	}
 	if len(approvers) > 0 {
 		fmt.Fprintf(&b, "\napprove a held statement (each approver, ID from the error or the list):\n")
+		if isPostgresDSN(in.State) {
+			fmt.Fprintf(&b, "  (first: export DUALKEY_STATE='<the state DSN of dualkey.yaml>' DUALKEY_LEDGER_KEY=%s)\n", in.LedgerKey)
+		}
 		fmt.Fprintf(&b, "  %s approvals list%s\n", exe, stateFlag(in))
 		fmt.Fprintf(&b, "  %s approvals show ID%s\n", exe, stateFlag(in))
 		for _, p := range approvers {
@@ -110,7 +113,8 @@ func (r *Runner) Banner() string {
 // ledger key when the CLI would not look for it where it is.
 func stateFlag(in Info) string {
 	if isPostgresDSN(in.State) {
-		return " --state '" + in.State + "' (with DUALKEY_LEDGER_KEY=" + in.LedgerKey + ")"
+		// The DSN holds a password: the banner names the variable, not it.
+		return ` --state "$DUALKEY_STATE"`
 	}
 	return " --state " + in.State
 }

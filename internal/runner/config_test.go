@@ -111,3 +111,20 @@ func TestConfigFlagsOnly(t *testing.T) {
 		t.Errorf("explicit false: tripwire %v, first base backup %v", c.Tripwire.Enabled, c.Agent.FirstBaseBackup)
 	}
 }
+
+// TestBannerPostgresState: with a PostgreSQL state the printed commands
+// name the variable holding the DSN, never a redacted (useless) one.
+func TestBannerPostgresState(t *testing.T) {
+	r := &Runner{opts: Options{Exe: "dualkey"}, info: Info{State: "postgres://u:***@h/db", LedgerKey: "d/ledger.key",
+		Databases: []string{"app"}, GateAddr: "127.0.0.1:1",
+		People: []Person{{Name: "alice", PasswordFile: "p"}, {Name: "bob", Approver: true, ConfigDir: "c", PassphraseFile: "f"}}}}
+	b := r.Banner()
+	for _, l := range strings.Split(b, "\n") {
+		if strings.Contains(l, "dualkey approvals") && (strings.Contains(l, "***") || !strings.Contains(l, `--state "$DUALKEY_STATE"`)) {
+			t.Errorf("command line %q", l)
+		}
+	}
+	if !strings.Contains(b, "DUALKEY_LEDGER_KEY=d/ledger.key") {
+		t.Fatalf("banner:\n%s", b)
+	}
+}
