@@ -135,6 +135,10 @@ type Store struct {
 	// retained is a lower bound of the storage retention of objects this
 	// Store saved or extended on a [Locker], to skip needless updates.
 	retained map[backend.Handle]time.Time
+	// minRet caches minRetention for lock dates of arriving objects
+	// (minRetCached); minRetAt is when it was read.
+	minRet   time.Duration
+	minRetAt time.Time
 }
 
 // New returns a Store enforcing the vault rules on be.

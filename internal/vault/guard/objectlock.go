@@ -152,7 +152,7 @@ func (s *Store) objectUntil(ctx context.Context, h backend.Handle, cfg *format.C
 	if cfg != nil {
 		minRet = time.Duration(cfg.MinRetention)
 	} else {
-		m, err := s.minRetention(ctx)
+		m, err := s.minRetCached(ctx)
 		switch {
 		case h.Type == backend.Key && errors.Is(err, backend.ErrNotExist):
 			// Init saves the first key before the config; the config's
@@ -461,4 +461,32 @@ func KeepObjectLocks(ctx context.Context, st any, every time.Duration, log *slog
 // without importing the vault's rule engine.
 func (s *Session) KeepObjectLocks(ctx context.Context, log *slog.Logger) {
 	KeepObjectLocks(ctx, s, DefaultExtendEvery, log)
+}
+
+// minRetCacheFor is how long minRetCached reuses the minimum retention.
+// With an approver policy, reading it lists the policy and change records:
+// two LIST requests per WAL piece (five a second from an agent) would cost
+// more than the WAL itself. The minimum only ever goes down, so a stale
+// value locks new objects a little longer, never shorter.
+const minRetCacheFor = time.Minute
+
+// minRetCached is minRetention, reread at most every minRetCacheFor; for the
+// lock dates of arriving objects only (retention decisions use
+// minRetention).
+func (s *Store) minRetCached(ctx context.Context) (time.Duration, error) {
+	now := s.now()
+	s.mu.Lock()
+	m, at := s.minRet, s.minRetAt
+	s.mu.Unlock()
+	if !at.IsZero() && now.Sub(at) < minRetCacheFor && !now.Before(at) {
+		return m, nil
+	}
+	m, err := s.minRetention(ctx)
+	if err != nil {
+		return 0, err
+	}
+	s.mu.Lock()
+	s.minRet, s.minRetAt = m, now
+	s.mu.Unlock()
+	return m, nil
 }

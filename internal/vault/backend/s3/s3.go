@@ -18,8 +18,7 @@
 // Layout under the prefix: "config", then "<type>/<name>" for every other
 // object (packs too: S3 has no folders to fan out).
 //
-// Costs: Save is one PUT (a HEAD-like version listing first, to keep the
-// write-once promise); Load and Stat resolve a key's version once per
+// Costs: Save is one conditional PUT; Load and Stat resolve a key's version once per
 // process (one LIST, cached: objects never change) and then cost one GET or
 // none; List is one LIST per 1000 versions.
 package s3
@@ -311,9 +310,12 @@ func (b *Backend) Save(ctx context.Context, h backend.Handle, data []byte) error
 // if until is zero, not in the future, or the bucket has no Object Lock).
 // An existing object with the same bytes makes it succeed, after extending
 // that object's retention to until; other bytes fail with
-// backend.ErrExists. The PUT carries If-None-Match, so two racing writers
-// cannot both create the key on a server that honours it; on one that does
-// not, the loser adds a second version, which readers ignore.
+// backend.ErrExists. The PUT carries If-None-Match: *, so it never adds a
+// version to an existing key, and a new object costs one request; only
+// when the server answers 412 is the existing object read and compared.
+// The server must honour If-None-Match (AWS S3 since 2024, MinIO,
+// versitygw); on one that ignores it, a second save of a key adds a second
+// version, which readers ignore, and a save of other bytes is not refused.
 func (b *Backend) SaveLocked(ctx context.Context, h backend.Handle, data []byte, until time.Time) error {
 	if err := h.Validate(); err != nil {
 		return fmt.Errorf("s3: save: %w", err)
@@ -329,13 +331,6 @@ func (b *Backend) SaveLocked(ctx context.Context, h backend.Handle, data []byte,
 
 func (b *Backend) save(ctx context.Context, h backend.Handle, data []byte, until time.Time) error {
 	key := b.key(h)
-	switch err := b.sameContent(ctx, key, data); {
-	case err == nil:
-		_, err := b.extend(ctx, key, until)
-		return err
-	case !errors.Is(err, backend.ErrNotExist):
-		return err
-	}
 	opts := minio.PutObjectOptions{
 		ContentType: "application/octet-stream",
 		// One PUT per object: packs are at most tens of MiB.
@@ -355,7 +350,7 @@ func (b *Backend) save(ctx context.Context, h backend.Handle, data []byte, until
 		if !isCode(err, "PreconditionFailed") && statusCode(err) != http.StatusPreconditionFailed {
 			return mapErr(err)
 		}
-		// A concurrent Save of h won the race, normally.
+		// The key exists: a retry, or a concurrent Save of h that won.
 		switch err := b.sameContent(ctx, key, data); {
 		case err == nil:
 			_, err := b.extend(ctx, key, until)
