@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -30,42 +31,9 @@ func TestRunCommand(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	work, err := os.MkdirTemp("", "dualkey-run-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	os.Chmod(work, 0o755) // the local server's OS user passes through when root
-	defer os.RemoveAll(work)
-	data := filepath.Join(work, "dualkey-data")
-
 	c := &cli{t: t, env: map[string]string{}}
-	p := c.proc("run", "--data", data)
-	p.Dir = work
-	stdout, err := p.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var stderr strings.Builder
-	p.Stderr = &stderr
-	if err := p.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer p.Process.Kill()
-	sc := bufio.NewScanner(stdout)
-	var banner strings.Builder
-	for sc.Scan() {
-		banner.WriteString(sc.Text() + "\n")
-		if strings.Contains(sc.Text(), "--before-xid X instead of --latest") {
-			break
-		}
-	}
-	t.Logf("banner:\n%s", banner.String())
-	b := banner.String()
-	m := regexp.MustCompile(`(?m)^gate +(\S+) \(TLS`).FindStringSubmatch(b)
-	if m == nil {
-		t.Fatalf("no gate address in the banner; stderr:\n%s", stderr.String())
-	}
-	addr := m[1]
+	rp := startRun(t, c, nil)
+	b, addr, data := rp.banner, rp.addr, rp.data
 	pw, err := os.ReadFile(filepath.Join(data, "people", "alice", "password"))
 	if err != nil {
 		t.Fatal(err)
@@ -107,19 +75,118 @@ func TestRunCommand(t *testing.T) {
 	}
 	conn.Close(ctx)
 
-	if err := p.Process.Signal(syscall.SIGINT); err != nil {
+	rp.stop(t)
+}
+
+// runProc is a `dualkey run` process and what its banner said.
+type runProc struct {
+	p                  *exec.Cmd
+	stdout             io.Reader
+	stderr             *strings.Builder
+	banner, addr, data string
+}
+
+// startRun starts `dualkey run --data DIR` in a new directory (as cred's
+// user when set) and reads its banner.
+func startRun(t *testing.T, c *cli, cred *syscall.Credential) *runProc {
+	t.Helper()
+	work, err := os.MkdirTemp("", "dualkey-run-")
+	if err != nil {
 		t.Fatal(err)
 	}
-	rest, _ := io.ReadAll(stdout)
-	if err := p.Wait(); err != nil {
-		t.Fatalf("dualkey run after SIGINT: %v\nstdout: %s\nstderr:\n%s", err, rest, stderr.String())
+	os.Chmod(work, 0o755) // the local server's OS user passes through when root
+	t.Cleanup(func() { os.RemoveAll(work) })
+	if cred != nil {
+		os.Chown(work, int(cred.Uid), int(cred.Gid))
+	}
+	rp := &runProc{data: filepath.Join(work, "dualkey-data"), stderr: &strings.Builder{}}
+	rp.p = c.proc("run", "--data", rp.data)
+	rp.p.Dir = work
+	if cred != nil {
+		rp.p.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	}
+	if rp.stdout, err = rp.p.StdoutPipe(); err != nil {
+		t.Fatal(err)
+	}
+	rp.p.Stderr = rp.stderr
+	if err := rp.p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rp.p.Process.Kill(); rp.p.Wait() })
+	sc := bufio.NewScanner(rp.stdout)
+	var banner strings.Builder
+	for sc.Scan() {
+		banner.WriteString(sc.Text() + "\n")
+		if strings.Contains(sc.Text(), "--before-xid X instead of --latest") {
+			break
+		}
+	}
+	rp.banner = banner.String()
+	t.Logf("banner:\n%s", rp.banner)
+	m := regexp.MustCompile(`(?m)^gate +(\S+) \(TLS`).FindStringSubmatch(rp.banner)
+	if m == nil {
+		t.Fatalf("no gate address in the banner; stderr:\n%s", rp.stderr.String())
+	}
+	rp.addr = m[1]
+	return rp
+}
+
+// stop sends SIGINT, as Ctrl-C does, and checks the clean stop.
+func (rp *runProc) stop(t *testing.T) {
+	t.Helper()
+	if err := rp.p.Process.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	rest, _ := io.ReadAll(rp.stdout)
+	if err := rp.p.Wait(); err != nil {
+		t.Fatalf("dualkey run after SIGINT: %v\nstdout: %s\nstderr:\n%s", err, rest, rp.stderr.String())
 	}
 	if !strings.Contains(string(rest), "stopped; the vault holds WAL up to") {
-		t.Fatalf("no clean stop: %s\nstderr:\n%s", rest, stderr.String())
+		t.Fatalf("no clean stop: %s\nstderr:\n%s", rest, rp.stderr.String())
 	}
-	if pgserver.New(filepath.Join(data, "pg"), 0).Status(ctx) {
+	if pgserver.New(filepath.Join(rp.data, "pg"), 0).Status(context.Background()) {
 		t.Fatal("the local server still runs")
 	}
+}
+
+// TestRunCommandUnprivileged: run by an ordinary user (nobody), the local
+// server runs as that user, owns its directory, and all of it works.
+func TestRunCommandUnprivileged(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts PostgreSQL")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("TestRunCommand already runs unprivileged")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	c := &cli{t: t, env: map[string]string{}}
+	rp := startRun(t, c, &syscall.Credential{Uid: 65534, Gid: 65534})
+	fi, err := os.Stat(filepath.Join(rp.data, "pg", "data"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if uid := fi.Sys().(*syscall.Stat_t).Uid; uid != 65534 {
+		t.Fatalf("the local server's data is owned by uid %d, want 65534", uid)
+	}
+	pw, err := os.ReadFile(filepath.Join(rp.data, "people", "alice", "password"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := pgx.Connect(ctx, fmt.Sprintf("postgres://alice:%s@%s/app?sslmode=require", strings.TrimSpace(string(pw)), rp.addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(ctx, "CREATE TABLE n (x int); INSERT INTO n VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	_, err = conn.Exec(ctx, "TRUNCATE n")
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != "42501" {
+		t.Fatalf("TRUNCATE: %v, want held", err)
+	}
+	conn.Close(ctx)
+	rp.stop(t)
 }
 
 // TestRunConfigErrors: a bad config fails with exit 2 naming the line; an
