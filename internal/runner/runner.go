@@ -872,7 +872,15 @@ func (r *Runner) startAgent(ctx, runCtx context.Context) error {
 					r.opts.OnIncident(in)
 				}
 			}}
-		opts.OnDetect = rec.Detect
+		opts.OnDetect = func(ctx context.Context, d pgagent.Detection) {
+			// A stop arriving while an incident is being recorded must not
+			// cut it short (the ledger record was lost so): finish it, in
+			// bounded time. The agent's Run waits for this before it
+			// returns, and the ledger closes after the agent.
+			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			defer cancel()
+			rec.Detect(dctx, d)
+		}
 		opts.Tripwire.MassRows = c.Tripwire.MassRows
 		opts.NamesEvery = c.Tripwire.NamesEvery
 	}
