@@ -19,8 +19,9 @@
 // object (packs too: S3 has no folders to fan out).
 //
 // Costs: Save is one conditional PUT; Load and Stat resolve a key's version once per
-// process (one LIST, cached: objects never change) and then cost one GET or
-// none; List is one LIST per 1000 versions.
+// process (cached: objects never change; the first lookup of a type lists
+// the whole type, one LIST per 1000 versions) and then cost one GET or none;
+// List is one LIST per 1000 versions.
 package s3
 
 import (
@@ -132,7 +133,10 @@ type Backend struct {
 	now    func() time.Time
 
 	mu       sync.Mutex
-	versions map[string]version // key → the object's version, once found
+	versions map[string]version    // key → the object's version, once found
+	listed   map[backend.Type]bool // types fully listed into versions
+
+	listMu sync.Mutex // held while listOnce lists a type
 }
 
 // version is the version of a key that this package treats as the object.
@@ -226,6 +230,7 @@ func connect(ctx context.Context, cfg Config) (*Backend, error) {
 		tr:       tr,
 		now:      time.Now,
 		versions: make(map[string]version),
+		listed:   make(map[backend.Type]bool),
 	}
 	if b.prefix != "" {
 		b.prefix += "/"
@@ -441,6 +446,40 @@ func (b *Backend) resolve(ctx context.Context, key string) (version, error) {
 	return v, nil
 }
 
+// resolveHandle is resolve for h's key, after listing h's whole type once
+// per process: a restore or a commit touching hundreds of packs then costs
+// one LIST per 1000 objects instead of one per object. A key not in that
+// listing (written since) is still looked up on its own.
+func (b *Backend) resolveHandle(ctx context.Context, h backend.Handle) (string, version, error) {
+	key := b.key(h)
+	b.mu.Lock()
+	v, ok := b.versions[key]
+	b.mu.Unlock()
+	if ok {
+		return key, v, nil
+	}
+	if h.Type != backend.Config {
+		if err := b.listOnce(ctx, h.Type); err != nil {
+			return key, version{}, err
+		}
+	}
+	v, err := b.resolve(ctx, key)
+	return key, v, err
+}
+
+// listOnce lists type t into the version cache unless done before.
+func (b *Backend) listOnce(ctx context.Context, t backend.Type) error {
+	b.listMu.Lock()
+	defer b.listMu.Unlock()
+	b.mu.Lock()
+	done := b.listed[t]
+	b.mu.Unlock()
+	if done {
+		return nil
+	}
+	return b.List(ctx, t, func(backend.Info) error { return nil })
+}
+
 // get reads [offset, offset+length) of version v of key; length 0 means to
 // the end.
 func (b *Backend) get(ctx context.Context, key string, v version, offset, length int64) ([]byte, error) {
@@ -483,12 +522,21 @@ func (b *Backend) Load(ctx context.Context, h backend.Handle, offset, length int
 	if offset < 0 || length < 0 {
 		return nil, fmt.Errorf("s3: load %s: invalid range: offset %d, length %d", h, offset, length)
 	}
-	key := b.key(h)
-	v, err := b.resolve(ctx, key)
+	key, v, err := b.resolveHandle(ctx, h)
 	if err != nil {
 		return nil, fmt.Errorf("s3: load %s: %w", h, err)
 	}
 	data, err := b.get(ctx, key, v, offset, length)
+	if errors.Is(err, backend.ErrNotExist) {
+		// Removed by another process since this one cached it, and
+		// perhaps written again: look again.
+		b.mu.Lock()
+		delete(b.versions, key)
+		b.mu.Unlock()
+		if v, err = b.resolve(ctx, key); err == nil {
+			data, err = b.get(ctx, key, v, offset, length)
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("s3: load %s: %w", h, err)
 	}
@@ -504,11 +552,33 @@ func (b *Backend) Stat(ctx context.Context, h backend.Handle) (backend.Info, err
 	if err := ctx.Err(); err != nil {
 		return backend.Info{}, fmt.Errorf("s3: stat %s: %w", h, err)
 	}
-	v, err := b.resolve(ctx, b.key(h))
+	v, err := b.stat(ctx, h)
 	if err != nil {
 		return backend.Info{}, fmt.Errorf("s3: stat %s: %w", h, err)
 	}
 	return backend.Info{Handle: h, Size: v.size, ModTime: v.modTime}, nil
+}
+
+// stat finds h's version and checks with a HEAD that it is still there:
+// the vault relies on Stat to know an object exists now (a commit checks
+// its packs), and another process may have removed it since this one
+// cached it.
+func (b *Backend) stat(ctx context.Context, h backend.Handle) (version, error) {
+	key, v, err := b.resolveHandle(ctx, h)
+	if err != nil {
+		return version{}, err
+	}
+	_, err = b.cl.StatObject(ctx, b.bucket, key, minio.StatObjectOptions{VersionID: v.id})
+	if err == nil {
+		return v, nil
+	}
+	if !errors.Is(mapErr(err), backend.ErrNotExist) {
+		return version{}, mapErr(err)
+	}
+	b.mu.Lock()
+	delete(b.versions, key)
+	b.mu.Unlock()
+	return b.resolve(ctx, key) // removed, or removed and written again
 }
 
 // List calls fn for each object of type t; see [backend.Backend]. Keys whose
@@ -572,7 +642,13 @@ func (b *Backend) List(ctx context.Context, t backend.Type, fn func(backend.Info
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("s3: list %s: %w", t, err)
 	}
-	return flush()
+	if err := flush(); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	b.listed[t] = true
+	b.mu.Unlock()
+	return nil
 }
 
 // Remove deletes every version of h, delete markers included; see

@@ -379,3 +379,50 @@ func TestRetention(t *testing.T) {
 		t.Fatalf("Stat after Remove: %v, want ErrNotExist", err)
 	}
 }
+
+// TestTwoProcesses: a backend caches which version is each object; another
+// process removing the object, and writing the name again, is noticed by
+// Stat and Load.
+func TestTwoProcesses(t *testing.T) {
+	srv := s3test.Start(t)
+	ctx := context.Background()
+	cfg := srv.NewBucket(t, s3test.BucketOptions{})
+	a, err := s3.Create(ctx, cfg, s3.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	if err := a.Save(ctx, backend.Handle{Type: backend.Config, Name: backend.ConfigName}, []byte("{}")); err != nil {
+		t.Fatal(err)
+	}
+	b, err := s3.Open(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	h := backend.Handle{Type: backend.Index, Name: strings.Repeat("ab", 32)}
+	if err := a.Save(ctx, h, []byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := b.Load(ctx, h, 0, 0); err != nil || string(got) != "first" {
+		t.Fatalf("b.Load = %q, %v", got, err)
+	}
+	if err := a.Remove(ctx, h); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Stat(ctx, h); !errors.Is(err, backend.ErrNotExist) {
+		t.Fatalf("b.Stat after a.Remove: %v, want ErrNotExist", err)
+	}
+	if _, err := b.Load(ctx, h, 0, 0); !errors.Is(err, backend.ErrNotExist) {
+		t.Fatalf("b.Load after a.Remove: %v, want ErrNotExist", err)
+	}
+	if err := a.Save(ctx, h, []byte("second")); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := b.Load(ctx, h, 0, 0); err != nil || string(got) != "second" {
+		t.Fatalf("b.Load after the name was written again = %q, %v", got, err)
+	}
+	if fi, err := b.Stat(ctx, h); err != nil || fi.Size != int64(len("second")) {
+		t.Fatalf("b.Stat after the name was written again = %+v, %v", fi, err)
+	}
+}
