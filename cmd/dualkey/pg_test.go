@@ -52,6 +52,11 @@ type agentProc struct {
 
 func startAgentProc(t *testing.T, c *cli, args ...string) *agentProc {
 	t.Helper()
+	if c.env["DUALKEY_STATE"] == "" {
+		// The tripwire records incidents in the state store, by default
+		// ./dualkey-data: not in the source tree.
+		c = c.with("DUALKEY_STATE", filepath.Join(t.TempDir(), "state.db"))
+	}
 	p := &agentProc{cmd: c.proc(append([]string{"pg", "agent"}, args...)...), out: &syncBuf{}, done: make(chan error, 1)}
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	if err := p.cmd.Start(); err != nil {
