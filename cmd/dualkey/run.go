@@ -143,7 +143,7 @@ func (a *app) runConfig(path string, given bool) (*runner.Config, error) {
 // runOverride applies --pg and --data by re-parsing the file with them set.
 func runOverride(cfg *runner.Config, pgURL, dataDir string) (*runner.Config, error) {
 	var data []byte
-	name := "--pg/--data"
+	name := "" // no file: the defaults
 	if cfg.File != "" {
 		b, err := os.ReadFile(cfg.File)
 		if err != nil {
