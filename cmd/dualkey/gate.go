@@ -55,6 +55,9 @@ func (a *app) runGate(ctx context.Context, cfg *policy.Config) error {
 		MaxMessageSize: cfg.Limits.MaxMessageBytes, MaxConnections: cfg.Limits.MaxConnections,
 		MaxConnectionsPerUser: cfg.Limits.MaxConnectionsPerUser, DryRunTimeout: cfg.Limits.DryRunTimeout,
 	}
+	if cfg.Limits.NoDryRun {
+		gc.DryRunTimeout = -1
+	}
 	fingerprint := ""
 	if cfg.TLS.Cert != "" {
 		host, _, _ := net.SplitHostPort(cfg.Listen)

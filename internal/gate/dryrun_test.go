@@ -35,6 +35,7 @@ func TestDryRun(t *testing.T) {
 	e := newEnv(t, func(c *Config) { c.DryRunTimeout = 500 * time.Millisecond })
 	e.srv.Exec("shop", `CREATE TABLE dry (id int PRIMARY KEY, v int);
 		INSERT INTO dry SELECT g, g FROM generate_series(1, 20) g;
+		CREATE SEQUENCE dry_seq; ALTER SEQUENCE dry_seq OWNER TO app_owner;
 		CREATE TABLE locked (id int);
 		INSERT INTO locked VALUES (1), (2);
 		ALTER TABLE dry OWNER TO app_owner; ALTER TABLE locked OWNER TO app_owner`)
@@ -78,6 +79,12 @@ func TestDryRun(t *testing.T) {
 		want(hold(c, "UPDATE dry SET v = v + 1 WHERE 1 = 1 RETURNING *"), "dry run: touches 20 rows")
 		// With a parameter the dry run cannot run at Parse; it says so.
 		want(hold(c, "DELETE FROM dry WHERE true OR id = $1", 3), "no dry run: the statement has parameters")
+		// A function with effects beyond the rows (a sequence here: a
+		// rollback does not undo nextval) is never run unapproved.
+		want(hold(c, "UPDATE dry SET v = nextval('dry_seq')"), "no dry run: it calls a function")
+		if got := e.srv.Query("shop", "SELECT last_value || ':' || is_called FROM dry_seq"); got != "1:false" {
+			t.Fatalf("dry_seq = %s: the held UPDATE's nextval ran", got)
+		}
 		// The session still works, and nothing of the dry runs is left.
 		var n int
 		if err := c.QueryRow(ctx, "SELECT count(*) FROM dry").Scan(&n); err != nil || n != 20 {

@@ -180,14 +180,21 @@ func clip(s string, n int) string {
 // holdPolicy holds a statement the policy holds. An UPDATE, DELETE or
 // MERGE whose command tag counts its rows is dry-run first, so that the
 // approvers see what it would touch; not when this person's request for it
-// is already open (its reason has the count of the first time).
+// is already open (its reason has the count of the first time), and not
+// when it calls a function that could act outside the transaction.
 func (s *session) holdPolicy(sql string, v verdict) *pgproto3.ErrorResponse {
 	im := impact{guardRows: -1, dryRows: -1}
 	if len(v.res.Statements) == 1 && v.res.Statements[0].Counted {
 		ctx, cancel := context.WithTimeout(s.g.ctx, quorumTimeout)
 		open, err := s.find(ctx, state.StatusOpen, sql, v.res.Class)
 		cancel()
-		if err == nil && len(open) == 0 {
+		switch {
+		case err != nil || len(open) > 0:
+		case v.res.Statements[0].SideEffects:
+			// Running it would run the function, approved or not, and a
+			// rollback does not undo a sequence, dblink or a signal.
+			im.note = "no dry run: it calls a function that may act beyond its rows (volatile, unknown, or with side effects a rollback does not undo)"
+		default:
 			im.dryRows, im.note = s.dryRun(sql)
 		}
 	}

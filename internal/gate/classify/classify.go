@@ -82,6 +82,13 @@ type Statement struct {
 	// tag, and only for such a statement. (A volatile function it calls
 	// may write elsewhere; the tag never counts that.)
 	Counted bool `json:"counted,omitempty"`
+	// SideEffects says the statement calls a function that is neither a
+	// built-in that only computes nor one the catalog reports immutable or
+	// stable: a volatile or unknown function, nextval/setval, dblink,
+	// pg_notify, large objects, server control. Such a call may act where
+	// a rollback does not reach (a sequence, another database), so the
+	// gate never dry-runs it.
+	SideEffects bool `json:"side_effects,omitempty"`
 }
 
 // Result is the classification of a whole query string.

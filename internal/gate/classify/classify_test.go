@@ -300,3 +300,28 @@ func TestCounted(t *testing.T) {
 		}
 	}
 }
+
+func TestSideEffects(t *testing.T) {
+	tests := []struct {
+		sql     string
+		effects bool
+	}{
+		{"DELETE FROM t", false},
+		{"DELETE FROM t WHERE lower(name) = 'x' AND now() > created", false},
+		{"UPDATE t SET a = abs(b) + length(c)", false},
+		{"DELETE FROM t WHERE id = (SELECT nextval('s'))", true},
+		{"UPDATE t SET a = setval('s', 1)", true},
+		{"DELETE FROM t WHERE dblink_exec('db', 'DROP TABLE x') IS NULL", true},
+		{"DELETE FROM t WHERE pg_terminate_backend(42)", true},
+		{"UPDATE t SET a = vol_f(a)", true},
+		{"UPDATE t SET a = stable_f(a) + imm_g(a)", false},
+		{"UPDATE t SET a = nosuchfunction(a)", true},
+		{"DELETE FROM t WHERE id IN (SELECT pg_notify('c', 'x')::int)", true},
+		{"DELETE FROM t WHERE query_to_xml('SELECT 1', true, true, '') IS NULL", true},
+	}
+	for _, tt := range tests {
+		if got := Classify(tt.sql, withLookup).Statements[0].SideEffects; got != tt.effects {
+			t.Errorf("%q: SideEffects %v, want %v", tt.sql, got, tt.effects)
+		}
+	}
+}

@@ -179,6 +179,7 @@ func (c *classifier) funcCall(v *verdict, f *pg_query.FuncCall, depth int) {
 		qual = schema + "." + name
 	}
 	if rule, ok := sideEffects[name]; ok {
+		v.effects = true
 		switch rule {
 		case "func.sql-string":
 			c.sqlString(v, f, qual, depth)
@@ -193,10 +194,12 @@ func (c *classifier) funcCall(v *verdict, f *pg_query.FuncCall, depth int) {
 		return // func.builtin: reads only
 	}
 	if c.opts.Lookup == nil {
+		v.effects = true
 		v.hit("func.unknown", fmt.Sprintf("calls %s: not a known built-in, and no catalog lookup to tell what it does", qual))
 		return
 	}
 	vol, found := c.opts.Lookup(schema, name)
+	v.effects = v.effects || !found || (vol != 'i' && vol != 's')
 	switch {
 	case !found:
 		v.hit("func.unknown", fmt.Sprintf("calls %s: not a known built-in, and the catalog has no such function", qual))

@@ -31,6 +31,7 @@ type verdict struct {
 	hidden      bool // an UPDATE/DELETE/MERGE the tag does not count
 	target      bool // a top-level UPDATE/DELETE/MERGE, with or without WHERE
 	nestedWrite bool // a statement inside this one writes (WITH, DO, SQL in a string...)
+	effects     bool // calls a function that is neither a computing built-in nor immutable/stable
 }
 
 // hit records that rule matched, with reason in words; the verdict keeps
@@ -60,6 +61,7 @@ func (v *verdict) absorb(in *verdict, prefix string) {
 		}
 	}
 	v.table(in.tables...)
+	v.effects = v.effects || in.effects
 	if in.set && in.class != Read || in.nestedWrite || in.target || in.rowsGuard {
 		v.nestedWrite = true
 	}
@@ -87,6 +89,7 @@ func (c *classifier) classifyText(sql string, depth int) ([]Statement, error) {
 			RowsGuard:   v.rowsGuard,
 			RowsCounted: v.rowsGuard && v.rowsCounted && !v.hidden,
 			Counted:     v.target && !v.nestedWrite && !v.hidden,
+			SideEffects: v.effects,
 		})
 	}
 	return out, nil
@@ -118,7 +121,7 @@ func (c *classifier) nestedText(v *verdict, sql, prefix, errRule string, depth i
 		return
 	}
 	for _, s := range stmts {
-		in := verdict{class: s.Class, rule: s.Rule, reason: s.Reason, set: true, tables: s.Tables, hidden: s.RowsGuard}
+		in := verdict{class: s.Class, rule: s.Rule, reason: s.Reason, set: true, tables: s.Tables, hidden: s.RowsGuard, effects: s.SideEffects}
 		v.absorb(&in, prefix)
 	}
 }

@@ -299,6 +299,11 @@ func (p *parser) limits(n *yaml.Node, path string, l *Limits) {
 			}
 		},
 		"dry_run_timeout": func(v *yaml.Node, f string) { p.duration(v, f, &l.DryRunTimeout) },
+		"dry_run": func(v *yaml.Node, f string) {
+			on := true
+			p.boolean(v, f, &on)
+			l.NoDryRun = !on
+		},
 	})
 }
 

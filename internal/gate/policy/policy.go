@@ -127,6 +127,8 @@ type Limits struct {
 	MaxConnectionsPerUser int
 	// DryRunTimeout bounds the dry run of a held UPDATE or DELETE (0 = the gate's default, 5 s).
 	DryRunTimeout time.Duration
+	// NoDryRun turns dry runs off (dry_run: false).
+	NoDryRun bool
 }
 
 // Label names r the way decisions and logs do.

@@ -68,14 +68,14 @@ rules:
 
 func TestParseLimits(t *testing.T) {
 	c, err := Parse([]byte(`tls: {require_tls: false}
-limits: {max_connections: 50, max_connections_per_user: 4, dry_run_timeout: 2s}
+limits: {max_connections: 50, max_connections_per_user: 4, dry_run_timeout: 2s, dry_run: false}
 upstreams: {db: {host: h, user: u}}
 rules: [{users: [a], databases: [db], classes: [read], action: allow}]
 `), "g.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if l := c.Limits; l.MaxConnections != 50 || l.MaxConnectionsPerUser != 4 || l.DryRunTimeout != 2*time.Second {
+	if l := c.Limits; l.MaxConnections != 50 || l.MaxConnectionsPerUser != 4 || l.DryRunTimeout != 2*time.Second || !l.NoDryRun {
 		t.Errorf("limits = %+v", l)
 	}
 }
