@@ -17,16 +17,23 @@ import (
 type recorder struct {
 	led     *ledger.Ledger
 	log     *slog.Logger
-	q       chan ledger.Entry
+	q       chan queued
 	closing chan struct{} // closed by close: stop lingering
 	done    chan struct{}
 	once    sync.Once
 }
 
 func newRecorder(led *ledger.Ledger, log *slog.Logger) *recorder {
-	r := &recorder{led: led, log: log, q: make(chan ledger.Entry, 4096), closing: make(chan struct{}), done: make(chan struct{})}
+	r := &recorder{led: led, log: log, q: make(chan queued, 4096), closing: make(chan struct{}), done: make(chan struct{})}
 	go r.run()
 	return r
+}
+
+// queued is a record, or (flushed set) a request to be told when every
+// record queued before it is written.
+type queued struct {
+	e       ledger.Entry
+	flushed chan struct{}
 }
 
 // recordBatch bounds how many queued records go into one ledger
@@ -50,8 +57,13 @@ func (r *recorder) run() {
 	batch := make([]ledger.Entry, 0, recordBatch)
 	linger := time.NewTimer(recordLinger)
 	linger.Stop()
-	for e := range r.q {
-		batch = append(batch[:0], e)
+	for it := range r.q {
+		if it.flushed != nil {
+			close(it.flushed) // everything before it is written
+			continue
+		}
+		batch = append(batch[:0], it.e)
+		var flushed chan struct{}
 		if len(r.q) < recordBatch-1 {
 			linger.Reset(recordLinger)
 			select {
@@ -63,16 +75,23 @@ func (r *recorder) run() {
 	more:
 		for len(batch) < recordBatch {
 			select {
-			case e, ok := <-r.q:
+			case it, ok := <-r.q:
 				if !ok {
 					break more
 				}
-				batch = append(batch, e)
+				if it.flushed != nil {
+					flushed = it.flushed
+					break more
+				}
+				batch = append(batch, it.e)
 			default:
 				break more
 			}
 		}
 		r.write(batch)
+		if flushed != nil {
+			close(flushed)
+		}
 	}
 }
 
@@ -91,7 +110,14 @@ func (r *recorder) write(es []ledger.Entry) {
 }
 
 // add queues e.
-func (r *recorder) add(e ledger.Entry) { r.q <- e }
+func (r *recorder) add(e ledger.Entry) { r.q <- queued{e: e} }
+
+// flush returns when every record queued before it is written.
+func (r *recorder) flush() {
+	ch := make(chan struct{})
+	r.q <- queued{flushed: ch}
+	<-ch
+}
 
 // sync writes e now and returns the ledger's error.
 func (r *recorder) sync(ctx context.Context, e ledger.Entry) error {
