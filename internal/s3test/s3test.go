@@ -185,12 +185,6 @@ func start(secure bool) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	// The server's user may not be able to reach the Go bin folder (often
-	// under /root): it runs a copy inside its own folder.
-	exe := filepath.Join(dir, "versitygw")
-	if err := copyFile(bin, exe); err != nil {
-		return nil, fmt.Errorf("copy %s: %w", bin, err)
-	}
 	for _, d := range []string{"data", "versions", "meta"} {
 		if err := os.Mkdir(filepath.Join(dir, d), 0o700); err != nil {
 			return nil, err
@@ -215,6 +209,16 @@ func start(secure bool) (*Server, error) {
 	}
 	if err := pgtest.Own(dir); err != nil {
 		return nil, fmt.Errorf("hand %s to the server's user: %w", dir, err)
+	}
+	// The server's user may not be able to reach the Go bin folder (often
+	// under /root): it runs a hard link (or, across file systems, an 80 MB
+	// copy) inside its own folder. Made after Own, which would otherwise
+	// hand the shared inode, and so the installed binary, to that user.
+	exe := filepath.Join(dir, "versitygw")
+	if err := os.Link(bin, exe); err != nil {
+		if err := copyFile(bin, exe); err != nil {
+			return nil, fmt.Errorf("copy %s: %w", bin, err)
+		}
 	}
 	for attempt := 0; ; attempt++ {
 		port, err := freePort()
