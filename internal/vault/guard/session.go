@@ -127,11 +127,11 @@ func (s *Session) Save(ctx context.Context, h backend.Handle, data []byte) error
 		return fmt.Errorf("guard: save %v: %w", h, err)
 	}
 	if cfg != nil {
+		// Init saved the first key before this config said how long to
+		// lock it.
 		if err := s.st.lockKeys(ctx, until); err != nil {
 			return fmt.Errorf("guard: save %v: %w", h, err)
 		}
-	}
-	if cfg != nil {
 		s.st.mu.Lock()
 		s.st.cfg = cfg
 		s.st.mu.Unlock()
