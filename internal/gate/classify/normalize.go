@@ -65,7 +65,7 @@ func shapeOf(sql string) (shape string, n int, ok bool) {
 		case ch == '\'':
 			// A prefix glued to the quote makes another kind of string
 			// (E'', B'', X'', N'', U&''), or a typed literal: give up.
-			if i > 0 && (isIdent(sql[i-1]) || sql[i-1] == '&' || sql[i-1] == '"' || sql[i-1] == '$') {
+			if i > 0 && (isIdent(sql[i-1]) || strings.IndexByte("&\"$.", sql[i-1]) >= 0) {
 				return "", 0, false
 			}
 			end := quoted(sql, i, '\'')
@@ -176,8 +176,8 @@ func number(sql string, i int) (end int, isInt bool) {
 			return -1, false
 		}
 	}
-	if c := at(sql, j); isIdent(c) || c == '.' {
-		return -1, false
+	if c := at(sql, j); isIdent(c) || c == '.' || c == '\'' || c == '"' {
+		return -1, false // junk, or glued to a quote: parse such odd text
 	}
 	if isInt {
 		// ICONST only if it fits in an int32; longer is FCONST.
