@@ -196,6 +196,11 @@ func Start(ctx context.Context, cfg *Config, opts Options) (_ *Runner, err error
 	if err := r.listen(); err != nil {
 		return nil, err
 	}
+	// Then the server: one given by URL is checked before anything is
+	// created for it, so a wrong URL leaves no half-made data directory.
+	if err := r.startPG(ctx); err != nil {
+		return nil, err
+	}
 	if err := r.openState(ctx); err != nil {
 		return nil, err
 	}
@@ -207,9 +212,6 @@ func Start(ctx context.Context, cfg *Config, opts Options) (_ *Runner, err error
 		return nil, err
 	}
 	if err := r.openLedger(ctx, true); err != nil {
-		return nil, err
-	}
-	if err := r.startPG(ctx); err != nil {
 		return nil, err
 	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))

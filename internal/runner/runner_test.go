@@ -404,9 +404,14 @@ func TestRunURL(t *testing.T) {
 		{dead, "cannot connect"},
 	} {
 		cfg := testConfig(t, fmt.Sprintf("data_dir: %s\npg:\n  url: %s\ngate:\n  listen: 127.0.0.1:0\n", filepath.Join(dir, "data"), tt.url))
+		cfg.DataDir = filepath.Join(dir, "fresh")
 		_, err := Start(ctx, cfg, Options{})
 		if !errors.Is(err, ErrUpstream) || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("Start with %s: %v, want ErrUpstream saying %q", tt.url, err, tt.want)
+		}
+		// Checked before anything was made for it.
+		if _, err := os.Stat(filepath.Join(cfg.DataDir, "vault")); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("a vault was made for an unusable server: %v", err)
 		}
 	}
 	noLeaks(t, ctx)
