@@ -23,7 +23,8 @@ const maxCachedText = 64 << 10
 //   - the exact text;
 //   - the text's shape (shapeOf: the text with its numeric and string
 //     literals replaced by markers), for one INSERT, UPDATE, DELETE or
-//     SELECT whose classification never looked at a constant's value, so
+//     SELECT whose classification never looked at a constant's value, and
+//     whose every literal is a constant in the parse tree (constsAt), so
 //     that "SELECT abalance FROM pgbench_accounts WHERE aid = 48213" is
 //     parsed once, not once per key. A classification that did look
 //     ("WHERE 1=1" against "WHERE 1=2", query_to_xml('...'),
@@ -94,14 +95,21 @@ func (c *Cache) Classify(sql string, opts Options) Result {
 
 	// Classify outside the lock: parsing is the slow part, and two
 	// sessions classifying the same new text at once only waste a parse.
-	res, constRead := classifyString(sql, opts, false)
+	res, constRead, tree := classifyString(sql, opts, false)
+	if byShape && !constRead && shapeable(res) {
+		var starts []int
+		shapeAt(sql, &starts)
+		byShape = constsAt(sql, tree, starts)
+	} else {
+		byShape = false
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.miss++
 	if len(sql) > maxCachedText {
 		return res
 	}
-	if byShape && !constRead && shapeable(res) {
+	if byShape {
 		c.put(c.shapes, shape, true, res)
 	} else {
 		c.put(c.items, sql, false, res)

@@ -149,6 +149,8 @@ func TestCacheShapes(t *testing.T) {
 		{"WITH d AS (SELECT 1) SELECT * FROM d WHERE 1 = 1", "WITH d AS (DELETE FROM t WHERE 1 = 1 RETURNING *) SELECT * FROM d"},
 		{"SELECT ts_rewrite('a'::tsquery, 'SELECT 1')", "SELECT ts_rewrite('a'::tsquery, 'DELETE FROM t RETURNING 1')"},
 		{"SELECT 1::float(53)", "SELECT 1::float(99999999999)"},
+		{"SELECT 1::float(53)", "SELECT 1::float(0)"}, // the grammar checks the precision: 0 does not parse
+		{"SELECT 'a'\n'b'", "SELECT 'a'\n'DELETE'"},
 		{"SELECT * FROM t WHERE x = 'a' OR x = 'b'", "DELETE FROM t WHERE x = 'a' OR x = x"},
 	}
 	for _, p := range pairs {

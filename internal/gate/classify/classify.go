@@ -129,31 +129,32 @@ var recoverPanics = true
 // gives a Result of class Unknown, never an error: what cannot be parsed
 // does not run. Classify is safe for concurrent use.
 func Classify(sql string, opts Options) Result {
-	res, _ := classifyString(sql, opts, true)
+	res, _, _ := classifyString(sql, opts, true)
 	return res
 }
 
 // classifyString is Classify; constRead reports that the result depends on
-// the values of constants in sql (see classifier.constRead), and
-// fingerprint asks for Result.Fingerprint, which costs a second parse.
-func classifyString(sql string, opts Options, fingerprint bool) (res Result, constRead bool) {
+// the values of constants in sql (see classifier.constRead), tree is the
+// parse tree (nil when it did not parse), and fingerprint asks for
+// Result.Fingerprint, which costs a second parse.
+func classifyString(sql string, opts Options, fingerprint bool) (res Result, constRead bool, tree *pg_query.ParseResult) {
 	if recoverPanics {
 		defer func() {
 			if r := recover(); r != nil {
 				res = unknownResult(sql, "internal", fmt.Sprintf("classify: internal error: %v", r))
-				constRead = true
+				constRead, tree = true, nil
 			}
 		}()
 	}
 	if strings.IndexByte(sql, 0) >= 0 {
 		// The parser reads a C string and would stop at the NUL; what
 		// follows it must not slip past unread.
-		return unknownResult(sql, "parse.error", "does not parse: contains a NUL byte"), true
+		return unknownResult(sql, "parse.error", "does not parse: contains a NUL byte"), true, nil
 	}
 	c := &classifier{opts: opts}
 	stmts, err := c.classifyText(sql, 0)
 	if err != nil {
-		return unknownResult(sql, "parse.error", "does not parse: "+err.Error()), true
+		return unknownResult(sql, "parse.error", "does not parse: "+err.Error()), true, nil
 	}
 	res.Statements = stmts
 	res.Class = Read
@@ -171,7 +172,7 @@ func classifyString(sql string, opts Options, fingerprint bool) (res Result, con
 			res.Fingerprint = fp
 		}
 	}
-	return res, c.constRead
+	return res, c.constRead, c.tree
 }
 
 func unknownResult(sql, rule, reason string) Result {

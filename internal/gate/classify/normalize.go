@@ -3,6 +3,8 @@ package classify
 import (
 	"strings"
 	"unicode/utf8"
+
+	pg_query "github.com/pganalyze/pg_query_go/v6"
 )
 
 // shapeOf returns the shape of a one-statement SQL text: the text with
@@ -26,6 +28,12 @@ import (
 // string: SCONST). A text holding a NUL is refused, so a marker never
 // stands for itself. n counts the literals replaced.
 func shapeOf(sql string) (shape string, n int, ok bool) {
+	return shapeAt(sql, nil)
+}
+
+// shapeAt is shapeOf, appending to *starts (when not nil) the offset of
+// each literal it replaced.
+func shapeAt(sql string, starts *[]int) (shape string, n int, ok bool) {
 	if !utf8.ValidString(sql) || strings.IndexByte(sql, 0) >= 0 {
 		return "", 0, false
 	}
@@ -75,6 +83,9 @@ func shapeOf(sql string) (shape string, n int, ok bool) {
 			b.WriteString(sql[last:i])
 			b.WriteString("\x00s")
 			n++
+			if starts != nil {
+				*starts = append(*starts, i)
+			}
 			i, last = end, end
 		case ch == '&' && (at(sql, i+1) == '\'' || at(sql, i+1) == '"'):
 			return "", 0, false // U&'...' or U&"..."
@@ -87,6 +98,9 @@ func shapeOf(sql string) (shape string, n int, ok bool) {
 				return "", 0, false
 			}
 			b.WriteString(sql[last:i])
+			if starts != nil {
+				*starts = append(*starts, i)
+			}
 			if isInt {
 				b.WriteString("\x00i")
 			} else {
@@ -185,4 +199,41 @@ func number(sql string, i int) (end int, isInt bool) {
 		isInt = len(v) < 10 || len(v) == 10 && v <= "2147483647"
 	}
 	return j, isInt
+}
+
+// constsAt reports whether the parse tree has a constant (A_Const) for
+// every literal at starts: at the literal itself, or at a minus sign
+// before it (the grammar folds "-5" into one constant located at the "-").
+// A literal the grammar consumed without leaving a constant, such as the
+// precision in float(53), which it checks (float(0) does not parse) and
+// turns into a type name, makes the text's parse depend on a value: such
+// a shape must not be cached.
+func constsAt(sql string, tree *pg_query.ParseResult, starts []int) bool {
+	at := map[int]bool{}
+	walk(tree, func(m any) bool {
+		if k, ok := m.(*pg_query.A_Const); ok {
+			at[int(k.Location)] = true
+		}
+		return true
+	})
+	for _, s := range starts {
+		if at[s] {
+			continue
+		}
+		found := false
+		for j := s - 1; j >= 0 && !found; j-- {
+			c := sql[j]
+			if c == '-' {
+				found = at[j]
+				continue
+			}
+			if c != ' ' && c != '\t' && c != '\n' && c != '\r' && c != '\f' && c != '\v' {
+				break
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
 }

@@ -16,6 +16,7 @@ type classifier struct {
 	// classification that never did may be reused for the same statement
 	// with other constants (Cache's shapes).
 	constRead bool
+	tree      *pg_query.ParseResult // the top-level string's
 }
 
 // verdict accumulates what one statement does; the strictest hit wins.
@@ -77,6 +78,9 @@ func (c *classifier) classifyText(sql string, depth int) ([]Statement, error) {
 	tree, err := pg_query.Parse(sql)
 	if err != nil {
 		return nil, err
+	}
+	if depth == 0 {
+		c.tree = tree
 	}
 	out := make([]Statement, 0, len(tree.Stmts))
 	for _, raw := range tree.Stmts {
