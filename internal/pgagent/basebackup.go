@@ -214,7 +214,8 @@ func BaseBackup(ctx context.Context, r *repo.Repository, connURL string, opts Ba
 	if host == "" {
 		host = "pg-" + sys.SystemID
 	}
-	aopts := archiver.Options{
+	var wal format.WALRange // filled in before the commit, once EndLSN is known
+	aopts := archiver.Options{WAL: &wal,
 		Tags: append([]string{BaseTag}, opts.Tags...), Hostname: host, LockFor: opts.LockFor,
 		Workers: opts.Workers, Progress: opts.Progress, Log: opts.Log, Kind: snapshot.KindPGBase,
 		PageSize: func(p string, fi os.FileInfo) int {
@@ -233,6 +234,7 @@ func BaseBackup(ctx context.Context, r *repo.Repository, connURL string, opts Ba
 				return err
 			}
 			sn.Meta = meta
+			wal = bb.meta.walRange()
 			return nil
 		},
 	}
@@ -243,6 +245,19 @@ func BaseBackup(ctx context.Context, r *repo.Repository, connURL string, opts Ba
 	opts.Log.Info("base backup stored", "snapshot", res.ID, "start_lsn", bb.meta.StartLSN, "end_lsn", bb.meta.EndLSN,
 		"size", bb.meta.Size, "added", res.Summary.BytesAdded)
 	return &BaseBackupResult{ID: res.ID, Lock: res.Lock, Summary: res.Summary, Meta: bb.meta}, nil
+}
+
+// walRange is the WAL the backup needs, widened to whole segments (restore
+// fetches whole segments): from the start of StartLSN's segment to the end
+// of EndLSN's, on the later of its start and end timelines (the vault keeps
+// the pieces of earlier timelines in the range too).
+func (m BaseMeta) walRange() format.WALRange {
+	seg := pgwal.DefaultSegmentSize
+	return format.WALRange{
+		Timeline: max(m.Timeline, m.EndTimeline),
+		Start:    uint64(pgwal.SegmentStart(pgwal.SegmentOf(m.StartLSN, seg), seg)),
+		End:      uint64(pgwal.SegmentStart(pgwal.SegmentOf(m.EndLSN, seg)+1, seg)),
+	}
 }
 
 func atoiOr(s string, def int) int {

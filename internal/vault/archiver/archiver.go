@@ -65,6 +65,10 @@ type Options struct {
 	// nothing is committed (the uploaded blobs stay unreferenced until
 	// prune removes them).
 	BeforeCommit func(*snapshot.Snapshot) error
+	// WAL, if it points to a range when the snapshot is committed (after
+	// BeforeCommit, which may fill it in), is the WAL a PostgreSQL base
+	// backup needs; see repo.(*Repository).CommitWAL.
+	WAL *format.WALRange
 	// now is the clock for the snapshot's client time (tests).
 	now func() time.Time
 }
@@ -433,7 +437,12 @@ func (a *archiver) run(ctx context.Context, paths []string, parent *repo.Snapsho
 	for id := range a.blobs {
 		blobs = append(blobs, id)
 	}
-	id, lock, err := a.r.Commit(ctx, sn, blobs, a.opts.LockFor)
+	var wal *format.WALRange
+	if a.opts.WAL != nil && a.opts.WAL.Timeline != 0 {
+		w := *a.opts.WAL
+		wal = &w
+	}
+	id, lock, err := a.r.CommitWAL(ctx, sn, blobs, a.opts.LockFor, wal)
 	if err != nil {
 		return nil, err
 	}

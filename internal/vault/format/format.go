@@ -165,6 +165,57 @@ type LockRecord struct {
 	Supersedes []ID `json:"supersedes,omitempty"`
 	// Certificate is the quorum certificate that authorized a shortening.
 	Certificate []byte `json:"certificate,omitempty"`
+	// WAL, in the record of a PostgreSQL base backup, is the WAL the
+	// backup needs to become consistent, as declared by the client at
+	// commit. While the record is live the vault keeps every WAL piece
+	// the range needs ([WALRange.Needs]). Nil in other records and in
+	// records written before the field existed.
+	WAL *WALRange `json:"wal,omitempty"`
+}
+
+// WALRange is the WAL a base backup needs: bytes [Start, End) of Timeline.
+// The agent widens the backup's StartLSN and EndLSN to whole WAL segments,
+// since restore fetches whole segments. Carried in plaintext so the vault,
+// which has no key, can match it against WAL piece headers.
+//
+// Invariants (checked by Validate): Timeline is at least 1; Start < End.
+type WALRange struct {
+	Timeline uint32 `json:"timeline"`
+	Start    uint64 `json:"start"` // LSN of the first byte needed
+	End      uint64 `json:"end"`   // LSN just past the last byte needed
+}
+
+// Validate checks the invariants above.
+func (r WALRange) Validate() error {
+	switch {
+	case r.Timeline == 0:
+		return fmt.Errorf("%w: wal range: timeline 0", ErrFormat)
+	case r.End <= r.Start:
+		return fmt.Errorf("%w: wal range: end %X is not after start %X", ErrFormat, r.End, r.Start)
+	}
+	return nil
+}
+
+// Needs reports whether the WAL piece with header hd may hold bytes a
+// restore of the range reads: a piece of Timeline or of an earlier timeline
+// whose bytes overlap [Start, End), or the history file of Timeline or of
+// an earlier one. Earlier timelines count because a timeline's first
+// segment takes the bytes before its switch point from its ancestors; that
+// keeps a little WAL of a branch not taken too, never too little.
+func (r WALRange) Needs(hd WALHeader) bool {
+	if hd.Timeline > r.Timeline {
+		return false
+	}
+	if hd.History {
+		return true
+	}
+	return hd.Start < r.End && r.Start < hd.End
+}
+
+// String formats the range as PostgreSQL writes positions:
+// "timeline 1, 0/1000000-0/3000000".
+func (r WALRange) String() string {
+	return fmt.Sprintf("timeline %d, %X/%X-%X/%X", r.Timeline, r.Start>>32, uint32(r.Start), r.End>>32, uint32(r.End))
 }
 
 // Lock reasons.
@@ -185,6 +236,11 @@ func ParseLockRecord(data []byte) (LockRecord, error) {
 	}
 	if r.Snapshot.IsZero() || r.Until.IsZero() || r.Time.IsZero() {
 		return r, fmt.Errorf("%w: lock record: missing snapshot, time or until", ErrFormat)
+	}
+	if r.WAL != nil {
+		if err := r.WAL.Validate(); err != nil {
+			return r, fmt.Errorf("lock record: %w", err)
+		}
 	}
 	return r, nil
 }
@@ -238,6 +294,12 @@ type CommitRequest struct {
 	// LockFor is the retention the client asks for; the vault grants
 	// max(LockFor, MinRetention).
 	LockFor Duration `json:"lock_for,omitempty"`
+	// WAL, for a PostgreSQL base backup, is the WAL it needs; the vault
+	// copies it into the lock record and keeps that WAL as long as the
+	// lock. The vault cannot check it against the sealed snapshot: a
+	// wrong range keeps other WAL (bounded by the vault's maximum lock),
+	// or leaves the backup's own WAL to the minimum retention, as before.
+	WAL *WALRange `json:"wal,omitempty"`
 }
 
 // Mark lists packs that a prune run found unreferenced. A later prune deletes

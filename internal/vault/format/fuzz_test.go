@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -65,6 +67,13 @@ func FuzzParseLockRecord(f *testing.F) {
 	f.Add(seed)
 	f.Add([]byte(`{}`))
 	f.Add([]byte(`{"snapshot":"00","time":"x"}`))
+	for _, name := range []string{"lock-v1.json", "lock-wal.json"} {
+		b, err := os.ReadFile(filepath.Join("testdata", name))
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		r, err := ParseLockRecord(data)
 		if err != nil {
@@ -84,7 +93,8 @@ func FuzzParseLockRecord(f *testing.F) {
 		if err != nil {
 			t.Fatalf("re-encoded record refused: %v", err)
 		}
-		if r2.Snapshot != r.Snapshot || !r2.Time.Equal(r.Time) || !r2.Until.Equal(r.Until) || r2.Reason != r.Reason || len(r2.Packs) != len(r.Packs) {
+		if r2.Snapshot != r.Snapshot || !r2.Time.Equal(r.Time) || !r2.Until.Equal(r.Until) || r2.Reason != r.Reason || len(r2.Packs) != len(r.Packs) ||
+			(r.WAL == nil) != (r2.WAL == nil) || (r.WAL != nil && *r.WAL != *r2.WAL) {
 			t.Fatalf("round trip changed %+v → %+v", r, r2)
 		}
 	})

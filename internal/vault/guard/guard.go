@@ -129,6 +129,7 @@ type Store struct {
 	cfg     *format.Config
 	locks   map[string]format.LockRecord // lock object name → record
 	indexes map[string][]format.ID       // index object name → packs in its header
+	walHead map[string]format.WALHeader  // WAL object name → its plaintext header
 	// verified remembers records whose certificate verified ("type/name" →
 	// request ID); see Store.verifiedAt.
 	verified map[string]cert.ID
@@ -150,6 +151,7 @@ func New(be backend.Backend, opts Options) *Store {
 		sem:      make(chan struct{}, 1),
 		locks:    make(map[string]format.LockRecord),
 		indexes:  make(map[string][]format.ID),
+		walHead:  make(map[string]format.WALHeader),
 		verified: make(map[string]cert.ID),
 		retained: make(map[backend.Handle]time.Time),
 	}
@@ -329,6 +331,31 @@ func (s *Store) indexPacks(ctx context.Context, name string) ([]format.ID, error
 	s.indexes[name] = p
 	s.mu.Unlock()
 	return p, nil
+}
+
+// walHeader returns the plaintext header of WAL object name, with one
+// ranged read the first time. Objects are named by the hash of their bytes,
+// so a cached header never goes stale.
+func (s *Store) walHeader(ctx context.Context, name string) (format.WALHeader, error) {
+	s.mu.Lock()
+	hd, ok := s.walHead[name]
+	s.mu.Unlock()
+	if ok {
+		return hd, nil
+	}
+	h := backend.Handle{Type: backend.WAL, Name: name}
+	head, err := s.be.Load(ctx, h, 0, format.WALHeaderSize)
+	if err != nil {
+		return format.WALHeader{}, fmt.Errorf("guard: load %v: %w", h, err)
+	}
+	hd, _, err = format.ParseWALHeader(head)
+	if err != nil {
+		return format.WALHeader{}, fmt.Errorf("guard: %v: %w", h, err)
+	}
+	s.mu.Lock()
+	s.walHead[name] = hd
+	s.mu.Unlock()
+	return hd, nil
 }
 
 // LockUntil returns the lock horizon of snapshot id among records (the

@@ -704,3 +704,102 @@ func TestWALRules(t *testing.T) {
 		})
 	}
 }
+
+// TestWALRangeKeepsWAL checks that the WAL a base backup's lock record names
+// outlives the minimum retention for as long as the lock, through an
+// extension and a certified-free expiry, while other WAL stays removable
+// after the minimum retention.
+func TestWALRangeKeepsWAL(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	seg := uint64(16 << 20)
+	rng := format.WALRange{Timeline: 2, Start: 3 * seg, End: 5 * seg}
+	pieces := map[string][]byte{
+		"in range":                  walPiece(format.WALHeader{Timeline: 2, Start: 3*seg + 100, End: 3*seg + 8192}),
+		"straddling its end":        walPiece(format.WALHeader{Timeline: 2, Start: 5*seg - 10, End: 5*seg + 10}),
+		"of the ancestor in range":  walPiece(format.WALHeader{Timeline: 1, Start: 3 * seg, End: 3*seg + 4096}),
+		"the timeline's history":    walPiece(format.WALHeader{Timeline: 2, End: 40, History: true}),
+		"before the range":          walPiece(format.WALHeader{Timeline: 2, Start: 2 * seg, End: 3 * seg}),
+		"after the range":           walPiece(format.WALHeader{Timeline: 2, Start: 5 * seg, End: 5*seg + 8192}),
+		"of a later timeline":       walPiece(format.WALHeader{Timeline: 3, Start: 3 * seg, End: 3*seg + 8192}),
+		"of a later timeline (hst)": walPiece(format.WALHeader{Timeline: 3, End: 40, History: true}),
+	}
+	needed := map[string]bool{"in range": true, "straddling its end": true, "of the ancestor in range": true, "the timeline's history": true}
+	var received time.Time
+	for _, p := range pieces {
+		if err := f.app.Save(ctx, h(backend.WAL, p), p); err != nil {
+			t.Fatal(err)
+		}
+		fi, err := f.rd.Stat(ctx, h(backend.WAL, p))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.ModTime.After(received) {
+			received = fi.ModTime.UTC()
+		}
+	}
+	// The vault clock runs from the pieces' arrival, as in production.
+	f.clock.Set(received)
+
+	if _, _, err := f.app.Commit(ctx, format.CommitRequest{Snapshot: []byte("bad range"), WAL: &format.WALRange{Timeline: 1, Start: 9, End: 9}}); !errors.Is(err, ErrInvalid) {
+		t.Errorf("commit with an empty WAL range: %v, want ErrInvalid", err)
+	}
+	base := []byte("sealed base backup")
+	rec, snap, err := f.app.Commit(ctx, format.CommitRequest{Snapshot: base, Packs: ids(f.p1), LockFor: format.Duration(30 * minRetention), WAL: &rng})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.WAL == nil || *rec.WAL != rng {
+		t.Fatalf("commit record WAL = %v, want %v", rec.WAL, rng)
+	}
+	// A snapshot committed without a range (an older client) protects no WAL.
+	if _, _, err := f.app.Commit(ctx, format.CommitRequest{Snapshot: []byte("no range"), LockFor: format.Duration(60 * minRetention)}); err != nil {
+		t.Fatal(err)
+	}
+
+	try := func(when string, wantLocked func(name string) bool) {
+		t.Helper()
+		for name, p := range pieces {
+			err := f.admin.Remove(ctx, h(backend.WAL, p))
+			switch {
+			case wantLocked(name) && !errors.Is(err, ErrLocked):
+				t.Errorf("%s: remove WAL %s: %v, want ErrLocked", when, name, err)
+			case wantLocked(name) && !strings.Contains(err.Error(), snap.String()):
+				t.Errorf("%s: refusal %q does not name snapshot %s", when, err, snap)
+			case !wantLocked(name) && err != nil && !errors.Is(err, backend.ErrNotExist):
+				t.Errorf("%s: remove WAL %s: %v, want success", when, name, err)
+			}
+		}
+	}
+	// Past the minimum retention, within the lock: only WAL outside the
+	// range goes; the refusal names the snapshot and its date.
+	f.clock.Set(received.Add(2 * minRetention))
+	try("past the minimum retention", func(n string) bool { return needed[n] })
+	err = f.admin.Remove(ctx, h(backend.WAL, pieces["in range"]))
+	if want := rec.Until.Format(time.RFC3339); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("refusal %v does not name the lock date %s", err, want)
+	}
+
+	// An extension carries the range: the WAL outlives the first lock.
+	later := rec.Until.Add(10 * minRetention)
+	rec2, err := f.app.ExtendLock(ctx, snap, later)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec2.WAL == nil || *rec2.WAL != rng {
+		t.Errorf("extension record WAL = %v, want %v", rec2.WAL, rng)
+	}
+	f.clock.Set(rec.Until.Add(time.Hour))
+	try("after the first lock, within the extension", func(n string) bool { return needed[n] })
+
+	// Once the lock expires, the range protects nothing.
+	f.clock.Set(later.Add(time.Second))
+	try("after the lock", func(string) bool { return false })
+	listed := 0
+	if err := f.rd.List(ctx, backend.WAL, func(backend.Info) error { listed++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if listed != 0 {
+		t.Errorf("%d WAL pieces left after every lock expired", listed)
+	}
+}

@@ -226,6 +226,42 @@ func (s *Store) lockPacks(ctx context.Context, packs []format.ID, until time.Tim
 	return g.Wait()
 }
 
+// lockWAL extends every WAL piece that rng needs ([format.WALRange.Needs])
+// to until: a base backup is no use without the WAL that makes it
+// consistent. Only the pieces' plaintext headers are read (one ranged read
+// per piece not seen before). A header that cannot be read is skipped: the
+// vault refused such pieces on save, and restore could not use one.
+func (s *Store) lockWAL(ctx context.Context, rng *format.WALRange, until time.Time) error {
+	l := s.locker()
+	if l == nil || rng == nil {
+		return nil
+	}
+	var names []string
+	err := s.be.List(ctx, backend.WAL, func(fi backend.Info) error {
+		names = append(names, fi.Name)
+		return ctx.Err()
+	})
+	if err != nil {
+		return fmt.Errorf("list WAL: %w", err)
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(extendParallel)
+	for _, name := range names {
+		g.Go(func() error {
+			hd, err := s.walHeader(gctx, name)
+			if err != nil || !rng.Needs(hd) {
+				return gctx.Err()
+			}
+			h := backend.Handle{Type: backend.WAL, Name: name}
+			if _, err := s.extend(gctx, l, h, until); err != nil {
+				return fmt.Errorf("lock %v until %s: %w", h, until.Format(time.RFC3339), err)
+			}
+			return nil
+		})
+	}
+	return g.Wait()
+}
+
 // LockReport says what [Store.ExtendObjectLocks] did.
 type LockReport struct {
 	// ObjectLock is false when the backend does not lock objects; then
@@ -244,8 +280,9 @@ type LockReport struct {
 // vault's lock records: each snapshot, lock record, pack and index until
 // the latest live lock that needs it, and every object the vault never
 // removes until the horizon ([Store.permanentUntil]). It only ever extends.
-// WAL pieces are not extended: they are locked for the minimum retention
-// from their arrival, the same rule the vault applies to their removal.
+// WAL pieces are locked for the minimum retention from their arrival, the
+// same rule the vault applies to their removal, and those a live lock
+// record's WAL range needs until that record's Until.
 //
 // It is safe to run at any time and from several processes; the vault
 // server and `dualkey vault extend-locks` run it. The error is non-nil if
@@ -273,9 +310,13 @@ func (s *Store) ExtendObjectLocks(ctx context.Context, log *slog.Logger) (LockRe
 	snapUntil := map[string]time.Time{}
 	packUntil := map[format.ID]time.Time{}
 	jobs := map[backend.Handle]time.Time{}
+	var ranges []format.LockRecord // live records with a WAL range
 	for name, r := range all {
 		if !r.Live(now) {
 			continue
+		}
+		if r.WAL != nil {
+			ranges = append(ranges, r)
 		}
 		jobs[backend.Handle{Type: backend.Lock, Name: name}] = r.Until
 		if r.Until.After(horizon) {
@@ -316,7 +357,21 @@ func (s *Store) ExtendObjectLocks(ctx context.Context, log *slog.Logger) (LockRe
 				}
 			case backend.Config, backend.Key, backend.Ledger, backend.Policy, backend.Change, backend.Consumed:
 				until = horizon
-			default: // locks (above), marks, WAL
+			case backend.WAL:
+				if len(ranges) == 0 {
+					return nil
+				}
+				hd, err := s.walHeader(ctx, fi.Name)
+				if err != nil {
+					log.Warn("WAL piece unreadable; its lock is left as it is", "wal", fi.Name, "err", err)
+					return nil
+				}
+				for _, r := range ranges {
+					if r.Until.After(until) && r.WAL.Needs(hd) {
+						until = r.Until
+					}
+				}
+			default: // locks (above), marks
 				return nil
 			}
 			if until.After(now) {

@@ -580,6 +580,7 @@ func (s *Store) prepareShorten(ctx context.Context, q *quorumState, act Action, 
 		return nil, err
 	}
 	var mine []string
+	var mineRecs []format.LockRecord
 	var latest format.LockRecord
 	var cur time.Time
 	for n, r := range eff {
@@ -587,6 +588,7 @@ func (s *Store) prepareShorten(ctx context.Context, q *quorumState, act Action, 
 			continue
 		}
 		mine = append(mine, n)
+		mineRecs = append(mineRecs, r)
 		if r.Until.After(cur) {
 			cur = r.Until
 		}
@@ -607,7 +609,7 @@ func (s *Store) prepareShorten(ctx context.Context, q *quorumState, act Action, 
 		sup[i], _ = format.ParseID(n)
 	}
 	rec := format.LockRecord{Snapshot: snap, Time: now, Until: until, Reason: format.ReasonShorten,
-		Packs: latest.Packs, Supersedes: sup, Certificate: certificate}
+		Packs: latest.Packs, Supersedes: sup, Certificate: certificate, WAL: walOf(mineRecs)}
 	return func() error {
 		if err := s.writeLock(ctx, rec); err != nil {
 			return err

@@ -213,6 +213,14 @@ func (s *Session) Commit(ctx context.Context, req format.CommitRequest) (format.
 	case req.LockFor < 0:
 		return fail(fmt.Errorf("negative lock_for: %w", ErrInvalid))
 	}
+	var wal *format.WALRange
+	if req.WAL != nil {
+		if err := req.WAL.Validate(); err != nil {
+			return fail(fmt.Errorf("%w: %w", ErrInvalid, err))
+		}
+		w := *req.WAL
+		wal = &w
+	}
 	cfg, err := s.st.config(ctx)
 	if err != nil {
 		return fail(err)
@@ -241,13 +249,18 @@ func (s *Session) Commit(ctx context.Context, req format.CommitRequest) (format.
 		Until:    now.Add(lockFor),
 		Reason:   format.ReasonCommit,
 		Packs:    packs,
+		WAL:      wal,
 	}
 	if err := s.st.writeLock(ctx, rec); err != nil {
 		return fail(err)
 	}
-	// On object-locking storage the packs (and their indexes) are locked
-	// as long as the snapshot before the snapshot appears.
+	// On object-locking storage the packs (and their indexes) and the
+	// WAL a base backup needs are locked as long as the snapshot before
+	// the snapshot appears.
 	if err := s.st.lockPacks(ctx, packs, rec.Until); err != nil {
+		return fail(err)
+	}
+	if err := s.st.lockWAL(ctx, rec.WAL, rec.Until); err != nil {
 		return fail(err)
 	}
 	h := backend.Handle{Type: backend.Snapshot, Name: id.String()}
@@ -287,7 +300,7 @@ func (s *Store) checkPacks(ctx context.Context, packs []format.ID) error {
 }
 
 // ExtendLock writes a new lock record for snapshot reaching until, carrying
-// the packs of the snapshot's latest record, after checking that the
+// the packs of the snapshot's latest record and its WAL range, after checking that the
 // snapshot and those packs still exist. until must be later than the
 // snapshot's current lock: locks are never shortened, so an earlier until
 // fails with ErrLocked; an equal one returns the existing record. Append
@@ -352,11 +365,15 @@ func (s *Session) ExtendLock(ctx context.Context, snapshot format.ID, until time
 		Until:    until,
 		Reason:   format.ReasonExtend,
 		Packs:    latest.Packs,
+		WAL:      walOf(mine),
 	}
 	if err := s.st.writeLock(ctx, rec); err != nil {
 		return fail(err)
 	}
 	if err := s.st.lockPacks(ctx, latest.Packs, until); err != nil {
+		return fail(err)
+	}
+	if err := s.st.lockWAL(ctx, rec.WAL, until); err != nil {
 		return fail(err)
 	}
 	if l := s.st.locker(); l != nil {
@@ -403,7 +420,8 @@ func (s *Session) SnapshotLock(ctx context.Context, id format.ID) (until time.Ti
 //     also covered by another existing index;
 //   - a key only if it is not the last one;
 //   - a WAL piece only once the vault has held it for the repository's
-//     MinRetention, on the vault clock from the time it was stored;
+//     MinRetention, on the vault clock from the time it was stored, and
+//     while no live lock record's WAL range needs it;
 //   - marks freely.
 //
 // Refusals for locks unwrap to ErrLocked, others to ErrForbidden.
@@ -438,6 +456,8 @@ func (s *Session) Remove(ctx context.Context, h backend.Handle) error {
 		delete(s.st.locks, h.Name)
 	case backend.Index:
 		delete(s.st.indexes, h.Name)
+	case backend.WAL:
+		delete(s.st.walHead, h.Name)
 	}
 	s.st.mu.Unlock()
 	return nil
@@ -597,7 +617,50 @@ func (s *Store) mayRemoveWAL(ctx context.Context, h backend.Handle, now time.Tim
 		return fmt.Errorf("WAL received %s is kept until %s (minimum retention %v): %w",
 			received.Format(time.RFC3339), until.Format(time.RFC3339), minRet, ErrLocked)
 	}
+	all, err := s.liveLocks(ctx)
+	if err != nil {
+		return err
+	}
+	var hd *format.WALHeader
+	var need *format.LockRecord
+	for _, r := range all {
+		if r.WAL == nil || !r.Live(now) || (need != nil && !r.Until.After(need.Until)) {
+			continue
+		}
+		if hd == nil {
+			// Only the plaintext header says what a piece holds; its
+			// name is a hash. A header that does not parse keeps the
+			// piece: the vault refused such pieces on save.
+			x, err := s.walHeader(ctx, h.Name)
+			if err != nil {
+				return err
+			}
+			hd = &x
+		}
+		if r.WAL.Needs(*hd) {
+			need = &r
+		}
+	}
+	if need != nil {
+		return fmt.Errorf("WAL piece (timeline %d, %X-%X) is needed by base backup snapshot %s (%s), locked until %s: %w",
+			hd.Timeline, hd.Start, hd.End, need.Snapshot, need.WAL, need.Until.Format(time.RFC3339), ErrLocked)
+	}
 	return nil
+}
+
+// walOf returns the WAL range of a snapshot's records: the latest record's
+// that has one (all of a snapshot's records carry the one given at commit),
+// nil if none does.
+func walOf(records []format.LockRecord) *format.WALRange {
+	var out *format.WALRange
+	var at time.Time
+	for _, r := range records {
+		if r.WAL != nil && (out == nil || !r.Time.Before(at)) {
+			w := *r.WAL
+			out, at = &w, r.Time
+		}
+	}
+	return out
 }
 
 // mayRemoveKey allows removing an existing key that is not the last one.

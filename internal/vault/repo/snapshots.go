@@ -42,6 +42,13 @@ func (s SnapshotInfo) When() time.Time {
 // lockFor. The packs it needs are derived from the index: the content and
 // trees reachable from sn.Tree, which the caller passes as blobs.
 func (r *Repository) Commit(ctx context.Context, sn *snapshot.Snapshot, blobs []ID, lockFor time.Duration) (ID, format.LockRecord, error) {
+	return r.CommitWAL(ctx, sn, blobs, lockFor, nil)
+}
+
+// CommitWAL is Commit for a PostgreSQL base backup: wal, if not nil, is the
+// WAL the backup needs, which the vault keeps as long as the snapshot's
+// lock (format.LockRecord.WAL).
+func (r *Repository) CommitWAL(ctx context.Context, sn *snapshot.Snapshot, blobs []ID, lockFor time.Duration, wal *format.WALRange) (ID, format.LockRecord, error) {
 	if err := r.Flush(ctx); err != nil {
 		return ID{}, format.LockRecord{}, err
 	}
@@ -62,7 +69,7 @@ func (r *Repository) Commit(ctx context.Context, sn *snapshot.Snapshot, blobs []
 	if err != nil {
 		return ID{}, format.LockRecord{}, err
 	}
-	req := format.CommitRequest{Snapshot: r.key.Seal(nil, plain), Packs: packs, LockFor: format.Duration(lockFor)}
+	req := format.CommitRequest{Snapshot: r.key.Seal(nil, plain), Packs: packs, LockFor: format.Duration(lockFor), WAL: wal}
 	lock, id, err := r.store.Commit(ctx, req)
 	if err != nil {
 		return ID{}, format.LockRecord{}, fmt.Errorf("repo: commit snapshot: %w", err)
