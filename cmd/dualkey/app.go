@@ -153,7 +153,9 @@ func exitCodeFor(ctx context.Context, err error) int {
 		return exitNoRepo
 	case errors.Is(err, crypto.ErrWrongPassword):
 		return exitPassword
-	case errors.Is(err, guard.ErrForbidden), errors.Is(err, guard.ErrLocked):
+	case errors.Is(err, guard.ErrForbidden), errors.Is(err, guard.ErrLocked), errors.Is(err, backend.ErrRetained):
+		// The storage's own Object Lock refusing is a retention lock in
+		// force like the vault's.
 		return exitRefused
 	case errors.Is(err, archiver.ErrPartial):
 		return exitPartial

@@ -295,6 +295,33 @@ func TestS3Prune(t *testing.T) {
 	c.ok("verify", "--read-data")
 }
 
+// TestS3RetainedExitCode: when the vault's own lock has expired but the
+// storage still retains the object (retention dates are rounded up to whole
+// days), the storage's refusal exits 13 like the vault's.
+func TestS3RetainedExitCode(t *testing.T) {
+	srv := s3test.Start(t)
+	c, _ := s3CLI(t, srv, s3test.BucketOptions{})
+	c.ok("vault", "init", "--min-retention", "1s")
+	var snap struct {
+		Snapshot string `json:"snapshot"`
+	}
+	c.json(&snap, "backup", makeTree(t))
+	// Wait out the vault's one-second lock (not a timed assertion: any
+	// time after it passes will do), then the storage's lock is left.
+	var locks []struct {
+		LockUntil time.Time `json:"lock_until"`
+	}
+	c.json(&locks, "snapshots")
+	if len(locks) != 1 {
+		t.Fatalf("%d snapshots, want 1", len(locks))
+	}
+	time.Sleep(time.Until(locks[0].LockUntil) + 100*time.Millisecond)
+	errs := c.code(exitRefused, "forget", snap.Snapshot)
+	if !strings.Contains(errs, "retained") {
+		t.Errorf("forget under the storage's lock: %s", errs)
+	}
+}
+
 // TestS3VaultServer: a vault server in front of an S3 bucket. A backup
 // agent holding an append token backs up; every object it causes is
 // locked in the bucket; neither it nor an admin token can forget the
