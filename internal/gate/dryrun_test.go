@@ -178,3 +178,19 @@ func TestGuardAfterFailedBatchStatement(t *testing.T) {
 		t.Fatalf("session after the batch: %d %v", n, err)
 	}
 }
+
+// TestReservedNames: a client cannot name a statement or portal as the
+// gate names the ones it injects (the dry run would close it under it).
+func TestReservedNames(t *testing.T) {
+	e := newEnv(t, nil)
+	ctx := ctxT(t, time.Minute)
+	c := e.connect("shop")
+	_, err := c.PgConn().Prepare(ctx, "dualkey_dryrun", "SELECT 1", nil)
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != "42602" || !strings.Contains(pe.Message, "reserved by the dualkey gate") {
+		t.Fatalf("Prepare dualkey_dryrun: %v, want 42602", err)
+	}
+	if _, err := c.PgConn().Prepare(ctx, "mine", "SELECT 1", nil); err != nil {
+		t.Fatalf("an ordinary name after the refusal: %v", err)
+	}
+}

@@ -592,8 +592,21 @@ const (
 	refusedName = "dualkey_refused"
 )
 
+// reservedPrefix begins the names of the statements and portals the gate
+// injects (dualkey_guard, dualkey_dryrun, dualkey_refused): a client's own
+// of that name would be closed under it.
+const reservedPrefix = "dualkey_"
+
+func reservedName(name string) *pgproto3.ErrorResponse {
+	return errorResponse("42602", fmt.Sprintf("invalid name %q: names beginning with %q are reserved by the dualkey gate", name, reservedPrefix), "", "")
+}
+
 func (s *session) parse(m *pgproto3.Parse) {
 	if s.skipToSync {
+		return
+	}
+	if strings.HasPrefix(m.Name, reservedPrefix) {
+		s.refuseExt(reservedName(m.Name))
 		return
 	}
 	v := s.judge(m.Query)
@@ -639,6 +652,10 @@ func (s *session) parse(m *pgproto3.Parse) {
 
 func (s *session) bind(m *pgproto3.Bind) {
 	if s.skipToSync {
+		return
+	}
+	if strings.HasPrefix(m.DestinationPortal, reservedPrefix) {
+		s.refuseExt(reservedName(m.DestinationPortal))
 		return
 	}
 	s.mu.Lock()
