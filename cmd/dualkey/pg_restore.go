@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -98,7 +100,12 @@ and recovery_target_action 'promote'. Exactly one target:
 
 The server's restore_command needs the password: give it as a file
 (--password-file or DUALKEY_PASSWORD_FILE), which restore_command names; the
-password itself is never written. With --start the server is started on --port
+password itself is never written. From an S3 vault, the bucket's settings
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+AWS_DEFAULT_REGION, AWS_REGION, DUALKEY_S3_CACERT, DUALKEY_S3_INSECURE_TLS) go
+into TARGET.dualkey-env, mode 0600 and owned by the server's OS user, which
+restore_command names as DUALKEY_ENV_FILE; the secret key is never written into
+postgresql.auto.conf. With --start the server is started on --port
 and the command waits until recovery has finished and it accepts connections.`,
 		Args: cobra.NoArgs,
 		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, _ []string) error {
@@ -185,6 +192,15 @@ and the command waits until recovery has finished and it accepts connections.`,
 			if fp := a.env("DUALKEY_TLS_FINGERPRINT", a.fingerprint); fp != "" {
 				opts.Env = append(opts.Env, "DUALKEY_TLS_FINGERPRINT="+fp)
 			}
+			envFile := ""
+			if strings.HasPrefix(loc, "s3:") && fetchCmd == "" {
+				if envFile, err = a.writeS3EnvFile(opts.Target); err != nil {
+					return err
+				}
+				if envFile != "" {
+					opts.Env = append(opts.Env, "DUALKEY_ENV_FILE="+envFile)
+				}
+			}
 			opts.WalFetchCommand = fetchCmd
 			opts.ServerSettings = serverSet
 			opts.Log = a.log
@@ -200,6 +216,9 @@ and the command waits until recovery has finished and it accepts connections.`,
 			}
 			if err != nil {
 				if errors.Is(err, pgagent.ErrTargetNotEmpty) {
+					if envFile != "" {
+						os.Remove(envFile) // nothing restored needs it
+					}
 					return usageError{err}
 				}
 				return err
@@ -237,6 +256,116 @@ and the command waits until recovery has finished and it accepts connections.`,
 	return c
 }
 
+// s3EnvNames are the settings openS3 reads, which the restored server's
+// restore_command needs to reach an S3 vault.
+var s3EnvNames = []string{"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+	"AWS_DEFAULT_REGION", "AWS_REGION", "DUALKEY_S3_CACERT", "DUALKEY_S3_INSECURE_TLS"}
+
+// envFileSuffix names the env file written next to a restore's target.
+const envFileSuffix = ".dualkey-env"
+
+// writeS3EnvFile writes the S3 settings this process has into
+// TARGET.dualkey-env (NAME=VALUE lines), mode 0600 and, as root, owned by
+// the OS user the restored server runs as, and returns its absolute path;
+// "" when there is nothing to write. The secret key is thus in a file only
+// the server's user reads, like the password file, and restore_command
+// names the file, never the secret. The file is written under a temporary
+// name and renamed, so a second restore replaces it whole.
+func (a *app) writeS3EnvFile(target string) (string, error) {
+	var b strings.Builder
+	for _, k := range s3EnvNames {
+		v := a.getenv(k)
+		if v == "" {
+			continue
+		}
+		if strings.ContainsAny(v, "\n\r\x00") {
+			return "", usagef("%s holds a line break", k)
+		}
+		if k == "DUALKEY_S3_CACERT" {
+			abs, err := filepath.Abs(v)
+			if err != nil {
+				return "", err
+			}
+			v = abs
+		}
+		fmt.Fprintf(&b, "%s=%s\n", k, v)
+	}
+	if b.Len() == 0 {
+		return "", nil
+	}
+	abs, err := filepath.Abs(filepath.Clean(target) + envFileSuffix)
+	if err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(filepath.Dir(abs), 0o755); err != nil {
+		return "", fmt.Errorf("dualkey: env file for restore_command: %w", err)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(abs), filepath.Base(abs)+".tmp*")
+	if err != nil {
+		return "", fmt.Errorf("dualkey: env file for restore_command: %w", err)
+	}
+	defer os.Remove(tmp.Name()) // after the rename, a no-op
+	err = tmp.Chmod(0o600)
+	if err == nil && os.Geteuid() == 0 {
+		var u *user.User
+		if u, err = user.Lookup(pgagent.PGOSUser); err == nil {
+			uid, _ := strconv.Atoi(u.Uid)
+			gid, _ := strconv.Atoi(u.Gid)
+			err = tmp.Chown(uid, gid)
+		}
+	}
+	if err == nil {
+		_, err = tmp.WriteString(b.String())
+	}
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), abs)
+	}
+	if err != nil {
+		return "", fmt.Errorf("dualkey: env file for restore_command: %w", err)
+	}
+	return abs, nil
+}
+
+// readEnvFile reads NAME=VALUE lines (blank lines and # comments skipped)
+// from a file that only its owner may read: it may hold a secret key.
+func readEnvFile(name string) (map[string]string, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, fmt.Errorf("dualkey: env file: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("dualkey: env file: %w", err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("dualkey: env file %s: mode %v lets others read it; want 0600", name, fi.Mode().Perm())
+	}
+	data, err := io.ReadAll(io.LimitReader(f, 1<<20))
+	if err != nil {
+		return nil, fmt.Errorf("dualkey: env file: %w", err)
+	}
+	env := map[string]string{}
+	for i, line := range strings.Split(string(data), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if !ok || k == "" || strings.ContainsAny(k, " \t") {
+			return nil, fmt.Errorf("dualkey: env file %s:%d: want NAME=VALUE", name, i+1)
+		}
+		env[k] = v
+	}
+	return env, nil
+}
+
 // parseXID accepts a transaction ID as txid_current() prints it: a 64-bit
 // value whose high half is the epoch, or a plain 32-bit xid.
 func parseXID(s string) (uint32, error) {
@@ -257,6 +386,7 @@ func (a *app) pgWalFetchCmd() *cobra.Command {
 		noSpool    bool
 		prefetch   int
 		prefetcher bool
+		envFile    string
 	)
 	c := &cobra.Command{
 		Use:   "wal-fetch NAME DEST",
@@ -268,10 +398,25 @@ segments are fetched ahead into DEST's directory (pg_wal/dualkey-prefetch) by a
 process of its own that keeps --prefetch segments ahead of replay while
 PostgreSQL replays, so the vault is opened once, not once per segment, and
 replay does not wait for it. The prefetcher stops after a minute without
-requests.`,
+requests. --env-file (or DUALKEY_ENV_FILE) names a file of NAME=VALUE lines,
+readable by its owner only, whose settings (such as an S3 vault's credentials,
+which 'dualkey pg restore' writes there) take precedence over the environment.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
+			if f := a.env("DUALKEY_ENV_FILE", envFile); f != "" {
+				fileEnv, err := readEnvFile(f)
+				if err != nil {
+					return err
+				}
+				getenv := a.getenv
+				a.getenv = func(k string) string {
+					if v, ok := fileEnv[k]; ok {
+						return v
+					}
+					return getenv(k)
+				}
+			}
 			var r *repo.Repository
 			defer func() {
 				if r != nil {
@@ -306,6 +451,7 @@ requests.`,
 	c.Flags().StringVar(&spool, "spool", "", "directory for segments fetched ahead (default: DEST's dir/dualkey-prefetch inside pg_wal)")
 	c.Flags().BoolVar(&noSpool, "no-prefetch", false, "fetch only NAME")
 	c.Flags().IntVar(&prefetch, "prefetch", 0, "segments to keep fetched ahead (default 16)")
+	c.Flags().StringVar(&envFile, "env-file", "", "read settings (NAME=VALUE lines, mode 0600) from this file (env DUALKEY_ENV_FILE)")
 	c.Flags().BoolVar(&prefetcher, "prefetcher", false, "run as the background prefetcher for DEST's spool (started by wal-fetch itself)")
 	c.Flags().MarkHidden("prefetcher")
 	return c

@@ -6,9 +6,11 @@ import (
 	"context"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -474,20 +476,49 @@ func TestS3PostgresAgent(t *testing.T) {
 		pgtest.RunAsOSUser(cmd)
 		cmd.Run()
 	})
-	// restore_command gets the bucket's credentials from its own
-	// environment; a real deployment puts them in the server's service
-	// environment rather than in postgresql.auto.conf.
-	fetch := "env"
-	for _, kv := range s3test.Env(cfg) {
-		fetch += " " + kv
+	// restore_command reaches the bucket with the settings restore writes
+	// into TARGET.dualkey-env (0600, the server's user's), never with the
+	// secret in postgresql.auto.conf. The built binary runs the restore, so
+	// that restore_command names a binary the server's user may run.
+	if out, err := c.proc("pg", "restore", "--target", target, "--latest", "--start", "--port", strconv.Itoa(port),
+		"--set", "unix_socket_directories="+sock, "--set", "listen_addresses=127.0.0.1").CombinedOutput(); err != nil {
+		t.Fatalf("pg restore: %v\n%s", err, out)
 	}
-	fetch += " DUALKEY_PASSWORD_FILE=" + pwFile + " " + binPath + " pg wal-fetch --repo " + c.env["DUALKEY_REPO"]
-	c.ok("pg", "restore", "--target", target, "--latest", "--start", "--port", strconv.Itoa(port),
-		"--set", "unix_socket_directories="+sock, "--set", "listen_addresses=127.0.0.1",
-		"--restore-command", fetch)
 	if got := queryRestored(t, port, "postgres", "SELECT count(*)::text FROM known"); got != "21000" {
 		t.Errorf("restored server has %s rows, want 21000", got)
 	}
+	auto, err := os.ReadFile(filepath.Join(target, "postgresql.auto.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	envFile := target + ".dualkey-env"
+	if !strings.Contains(string(auto), "DUALKEY_ENV_FILE="+envFile) && !strings.Contains(string(auto), "DUALKEY_ENV_FILE='"+envFile+"'") {
+		t.Errorf("restore_command does not name the env file %s:\n%s", envFile, auto)
+	}
+	if strings.Contains(string(auto), cfg.SecretKey) {
+		t.Errorf("postgresql.auto.conf holds the S3 secret key:\n%s", auto)
+	}
+	fi, err := os.Stat(envFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Errorf("env file mode %v, want 0600", fi.Mode().Perm())
+	}
+	data, err := os.ReadFile(envFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range s3test.Env(cfg) {
+		k, _, _ := strings.Cut(kv, "=")
+		if k == "DUALKEY_S3_CACERT" {
+			continue // written as an absolute path
+		}
+		if !strings.Contains(string(data), kv+"\n") {
+			t.Errorf("env file lacks %s", k)
+		}
+	}
+	checkOwnedByServer(t, envFile)
 }
 
 // TestS3LedgerMirror: the audit ledger mirrored into a vault on S3 is
@@ -539,5 +570,30 @@ func TestS3LedgerMirror(t *testing.T) {
 	m.json(&after, "audit", "verify")
 	if after.MirroredSeq != rep.MirroredSeq {
 		t.Errorf("after root's attack the mirror reaches seq %d, before %d", after.MirroredSeq, rep.MirroredSeq)
+	}
+}
+
+// checkOwnedByServer checks that name belongs to the OS user the restored
+// server runs as: pgtest.OSUser when the tests run as root, else this user.
+func checkOwnedByServer(t *testing.T, name string) {
+	t.Helper()
+	fi, err := os.Stat(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return
+	}
+	want := os.Geteuid()
+	if want == 0 {
+		u, err := user.Lookup(pgtest.OSUser)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, _ = strconv.Atoi(u.Uid)
+	}
+	if int(st.Uid) != want {
+		t.Errorf("%s is owned by uid %d, want %d (the server's user)", name, st.Uid, want)
 	}
 }
