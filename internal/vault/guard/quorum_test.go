@@ -452,3 +452,38 @@ func TestLedgerObjects(t *testing.T) {
 		}
 	}
 }
+
+// TestShortenKeepsWALRange: a certified shortening supersedes a base
+// backup's records, so it carries their WAL range: the WAL stays protected
+// until the shortened date, and no longer.
+func TestShortenKeepsWALRange(t *testing.T) {
+	ctx := context.Background()
+	q := newQuorumFixture(t)
+	rng := format.WALRange{Timeline: 1, Start: 16 << 20, End: 32 << 20}
+	piece := walPiece(format.WALHeader{Timeline: 1, Start: 16 << 20, End: 16<<20 + 8192})
+	if err := q.app.Save(ctx, h(backend.WAL, piece), piece); err != nil {
+		t.Fatal(err)
+	}
+	_, snap, err := q.app.Commit(ctx, format.CommitRequest{Snapshot: []byte("base backup"), LockFor: format.Duration(48 * time.Hour), WAL: &rng})
+	if err != nil {
+		t.Fatal(err)
+	}
+	act := ShortenLockAction(snap, t0.Add(2*time.Hour))
+	out, err := q.admin.Certified(ctx, act, q.pp.cert(t, certReq{requester: "carol", act: act, signers: []string{"alice", "bob"}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out.Lock == nil || out.Lock.WAL == nil || *out.Lock.WAL != rng {
+		t.Fatalf("shorten record = %+v, want WAL %v", out.Lock, rng)
+	}
+	// The piece arrived long before t0 on the vault's clock: only the
+	// range keeps it.
+	q.clock.Set(t0.Add(time.Hour))
+	if err := q.admin.Remove(ctx, h(backend.WAL, piece)); !errors.Is(err, ErrLocked) {
+		t.Errorf("remove WAL within the shortened lock: %v, want ErrLocked", err)
+	}
+	q.clock.Set(t0.Add(3 * time.Hour))
+	if err := q.admin.Remove(ctx, h(backend.WAL, piece)); err != nil {
+		t.Errorf("remove WAL after the shortened lock: %v", err)
+	}
+}
