@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -21,6 +22,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/dualkey/dualkey/internal/incident"
+	"github.com/dualkey/dualkey/internal/pgagent"
 	"github.com/dualkey/dualkey/internal/pgtest"
 )
 
@@ -259,13 +261,34 @@ func TestDrill2020(t *testing.T) {
 	tr.note("the primary is killed and its data directory deleted: only the vault is left")
 
 	// --- restore to the instant before the first incident
-	if err := pgtest.Own(data); err != nil {
+	// As an operator would: the real binary, its own restore_command, run
+	// as root while the restored server runs as PostgreSQL's OS user
+	// (which cannot read the root-only vault: the restore fetches the WAL).
+	target := filepath.Join(work, "restore")
+	sock := filepath.Join(work, "sock")
+	if err := os.Mkdir(sock, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	if err := pgtest.Own(sock); err != nil {
+		t.Fatal(err)
+	}
+	port := freeTCPPort(t)
+	t.Cleanup(func() {
+		cmd := exec.Command(filepath.Join(pgagent.PGBinDir, "pg_ctl"), "-D", target, "-m", "immediate", "stop")
+		pgtest.RunAsOSUser(cmd)
+		cmd.Run()
+	})
+	args := []string{"pg", "restore", "--before-incident", first.ID, "--target", target, "--start", "--port", fmt.Sprint(port),
+		"--set", "listen_addresses=127.0.0.1", "--set", "unix_socket_directories=" + sock}
 	t0 := time.Now()
-	port := restoreBefore(t, c, work, first.ID)
+	restore := c.proc(args...)
+	restoreOut, err := restore.CombinedOutput()
 	took := time.Since(t0)
-	tr.cmd(fmt.Sprintf("dualkey pg restore --before-incident %s --target restore --start --port PORT", first.ID))
+	tr.cmd("dualkey " + strings.Join(args[:6], " ") + " --start --port PORT")
+	tr.output(string(restoreOut))
+	if err != nil {
+		t.Fatalf("dualkey %s: %v\n%s", strings.Join(args, " "), err, restoreOut)
+	}
 	tr.note("restored and accepting connections after %v", took.Round(100*time.Millisecond))
 	t.Logf("restore before the incident until the server answers: %v", took.Round(time.Millisecond))
 	for table, q := range drillSums {

@@ -320,11 +320,13 @@ func TestFetchWALBackground(t *testing.T) {
 		}
 	}
 	bg.Wait() // the prefetcher stops once idle
-	// Segment 1 and the partial segment 6 opened the vault in FetchWAL;
-	// the prefetcher opened it once (and again if it was restarted after
-	// an idle stop, which this test's pace does not cause).
-	if o := opens.Load(); o != 3 || started < 1 {
-		t.Errorf("vault opened %d times, prefetcher started %d times; want 3 opens", o, started)
+	// Segment 1 opened the vault in FetchWAL; the prefetcher opened it
+	// once and brought the rest, the partial segment 6 too (a restore_command
+	// running as another user than the prefetcher may not be able to open
+	// the vault at all). Again only if it was restarted after an idle stop,
+	// which this test's pace does not cause.
+	if o := opens.Load(); o != 2 || started < 1 {
+		t.Errorf("vault opened %d times, prefetcher started %d times; want 2 opens", o, started)
 	}
 	ents, _ := os.ReadDir(spool)
 	for _, e := range ents {

@@ -150,11 +150,18 @@ func FetchWAL(ctx context.Context, name, dest string, open func(context.Context)
 			writeWant(opts.Spool, tli, segno, true)
 		}
 		ok, err := fromSpool(opts.Spool, name, dest)
-		// Wait only for what the prefetcher will fetch: a whole segment.
-		if !ok && err == nil && !isHist && fresh && sum.whole(tli, segno) && prefetcherRunning(opts.Spool) {
-			writeWant(opts.Spool, tli, segno, false)
+		// Wait for what the prefetcher will bring: anything the vault
+		// holds (whole segments, the partial last one, history files).
+		// When it runs as another user (root, in pg restore --start) this
+		// process may not be able to open the vault at all.
+		if !ok && err == nil && fresh && sum.has(isHist, tli, segno) && prefetcherRunning(opts.Spool) {
+			if !isHist {
+				writeWant(opts.Spool, tli, segno, false)
+			}
 			ok, err = waitSpool(ctx, opts.Spool, name, dest, opts.Wait)
-			writeWant(opts.Spool, tli, segno, true)
+			if !isHist {
+				writeWant(opts.Spool, tli, segno, true)
+			}
 		}
 		if ok || err != nil {
 			if ok && !isHist {
@@ -237,6 +244,9 @@ func RunPrefetcher(ctx context.Context, open func(context.Context) (*repo.Reposi
 		return err
 	}
 	opts.own(filepath.Join(opts.Spool, summaryName))
+	if err := spoolHistories(ctx, cat, &opts); err != nil {
+		return err
+	}
 	var lastWant want
 	lastAsked := time.Now()
 	for {
@@ -309,43 +319,76 @@ func fillSpool(ctx context.Context, r *repo.Repository, cat *pgwal.Catalog, tli 
 	var todo []uint64
 	for s := segno + 1; s <= segno+uint64(o.Prefetch); s++ {
 		lo := pgwal.SegmentStart(s, o.SegmentSize)
-		if cat.Contiguous(tli, lo) < lo+pgwal.LSN(o.SegmentSize) {
+		end := cat.Contiguous(tli, lo)
+		if end <= lo {
 			break
 		}
-		if _, err := os.Stat(filepath.Join(o.Spool, pgwal.SegmentName(tli, s, o.SegmentSize))); err == nil {
-			continue
+		if _, err := os.Stat(filepath.Join(o.Spool, pgwal.SegmentName(tli, s, o.SegmentSize))); err != nil {
+			todo = append(todo, s)
 		}
-		todo = append(todo, s)
+		if end < lo+pgwal.LSN(o.SegmentSize) {
+			break // the partial last segment, served padded like FetchWAL does
+		}
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(o.Workers)
 	for _, s := range todo {
 		g.Go(func() error {
-			data, err := pgwal.Segment(gctx, r, cat, tli, s, o.SegmentSize)
+			data, _, err := segment(gctx, r, cat, tli, s, o.SegmentSize)
 			if err != nil {
 				return err
 			}
-			p := filepath.Join(o.Spool, pgwal.SegmentName(tli, s, o.SegmentSize))
-			if o.owner == nil {
-				return writeFileAtomic(p, data, 0o600, false)
-			}
-			// Owned before it gets its name: a request may take it at once.
-			tmp := p + ".owned"
-			if err := writeFileAtomic(tmp, data, 0o600, false); err != nil {
-				return err
-			}
-			o.own(tmp)
-			return os.Rename(tmp, p)
+			return spoolFile(o, pgwal.SegmentName(tli, s, o.SegmentSize), data)
 		})
 	}
 	return len(todo), g.Wait()
 }
 
-// fromSpool moves a prefetched file to dest.
+// spoolHistories puts every timeline history file the vault holds in the
+// spool, where requests copy them (PostgreSQL asks for them more than once).
+func spoolHistories(ctx context.Context, cat *pgwal.Catalog, o *FetchOptions) error {
+	for _, p := range cat.Pieces() {
+		if !p.History {
+			continue
+		}
+		data, err := cat.History(ctx, p.Timeline)
+		if err != nil {
+			return fmt.Errorf("pgagent: history of timeline %d: %w", p.Timeline, err)
+		}
+		if err := spoolFile(o, pgwal.HistoryName(p.Timeline), data); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// spoolFile writes name into the spool, owned by the server's user before
+// it gets its name: a request may take it at once.
+func spoolFile(o *FetchOptions, name string, data []byte) error {
+	p := filepath.Join(o.Spool, name)
+	if o.owner == nil {
+		return writeFileAtomic(p, data, 0o600, false)
+	}
+	tmp := p + ".owned"
+	if err := writeFileAtomic(tmp, data, 0o600, false); err != nil {
+		return err
+	}
+	o.own(tmp)
+	return os.Rename(tmp, p)
+}
+
+// fromSpool moves a prefetched segment to dest, or copies a history file.
 func fromSpool(spool, name, dest string) (bool, error) {
 	src := filepath.Join(spool, name)
 	if _, err := os.Stat(src); err != nil {
 		return false, nil
+	}
+	if strings.HasSuffix(name, ".history") {
+		data, err := os.ReadFile(src)
+		if err != nil {
+			return false, nil
+		}
+		return true, writeFileAtomic(dest, data, 0o600, false)
 	}
 	if err := os.Rename(src, dest); err != nil {
 		return false, nil // another file system, or gone: fetch it
