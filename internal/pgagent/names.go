@@ -111,10 +111,11 @@ func (c *NameCache) Refreshed() time.Time {
 // pg_relation_filenode also covers mapped catalogs (relfilenode 0), and a
 // tablespace of 0 means the database's default. The owner columns name the
 // indexed table of an index and the table a TOAST table belongs to; the
-// last column says a table's main fork has no pages.
+// last column says a table's main fork has no pages (pg_relation_size is
+// NULL for a relation dropped while the query runs: not known empty).
 const classQuery = `SELECT c.oid, pg_relation_filenode(c.oid), c.reltablespace, n.nspname, c.relname,
 	COALESCE(i.indrelid, 0), COALESCE(o.oid, 0),
-	c.relkind IN ('r', 't', 'm') AND pg_relation_size(c.oid) = 0
+	COALESCE(c.relkind IN ('r', 't', 'm') AND pg_relation_size(c.oid) = 0, false)
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_index i ON i.indexrelid = c.oid
