@@ -80,3 +80,31 @@ func TestMaxConnections(t *testing.T) {
 		t.Fatalf("sessions = %d, erin %d; want 3, 2", total, erin)
 	}
 }
+
+// TestClientEncoding: a client-only multibyte client_encoding, in which a
+// quote or backslash byte can be half of a character, is refused at
+// startup; SET of one is privileged (denied by the test policy).
+func TestClientEncoding(t *testing.T) {
+	e := newEnv(t, nil)
+	ctx := ctxT(t, time.Minute)
+	cfg, err := pgx.ParseConfig(e.url("alice", alicePW, "shop", "disable"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.RuntimeParams["client_encoding"] = "SJIS"
+	_, err = pgx.ConnectConfig(ctx, cfg)
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != "22023" || !strings.Contains(pe.Message, `client_encoding "SJIS" is not allowed`) {
+		t.Fatalf("SJIS at startup: %v, want 22023", err)
+	}
+	c := e.connect("shop")
+	for _, q := range []string{"SET client_encoding = 'GBK'", "SET standard_conforming_strings = off"} {
+		_, err := c.Exec(ctx, q)
+		if !errors.As(err, &pe) || pe.Code != "42501" || !strings.Contains(pe.Message, "denied") {
+			t.Fatalf("%s: %v, want it denied", q, err)
+		}
+	}
+	if _, err := c.Exec(ctx, "SET standard_conforming_strings = on"); err != nil {
+		t.Fatalf("SET standard_conforming_strings = on: %v", err)
+	}
+}

@@ -167,6 +167,11 @@ func (s *session) run(m *pgproto3.StartupMessage) {
 		s.fatal("28000", "replication connections are not allowed through the dualkey gate")
 		return
 	}
+	if enc, ok := params["client_encoding"]; ok && !classify.SafeClientEncoding(enc) {
+		s.refused(user, "client_encoding "+enc)
+		s.fatal("22023", fmt.Sprintf("client_encoding %q is not allowed through the dualkey gate: in it a quote or backslash byte can be half of a character, and the gate would read statements differently from the server; use UTF8", enc))
+		return
+	}
 	if g.cfg.RequireTLS && s.tls == "" {
 		s.refused(user, "no TLS")
 		s.fatal("28000", "the dualkey gate requires TLS: connect with sslmode=require (or stronger)")

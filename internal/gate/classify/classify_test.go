@@ -325,3 +325,40 @@ func TestSideEffects(t *testing.T) {
 		}
 	}
 }
+
+// TestLexerSettings: the settings that change how the server reads the
+// text (and so could make it split a statement where the gate's parser
+// does not) are privileged, but for the values that keep it as pg_query
+// reads it.
+func TestLexerSettings(t *testing.T) {
+	tests := []struct {
+		sql  string
+		want Class
+	}{
+		{"SET standard_conforming_strings = off", Privileged},
+		{"SET standard_conforming_strings TO false", Privileged},
+		{"SET standard_conforming_strings = on", Read},
+		{"SET standard_conforming_strings TO 'on'", Read},
+		{"SET SESSION standard_conforming_strings = 'off'", Privileged},
+		{"SELECT set_config('standard_conforming_strings', 'off', false)", Privileged},
+		{"SET client_encoding = 'SJIS'", Privileged},
+		{"SET NAMES 'GBK'", Privileged},
+		{"SET client_encoding TO 'big-5'", Privileged},
+		{"SET client_encoding TO 'UTF8'", Read},
+		{"SET NAMES 'LATIN1'", Read},
+		{"SELECT set_config('client_encoding', 'gb18030', false)", Privileged},
+		{"RESET client_encoding", Read},
+		{"SET client_encoding TO DEFAULT", Read},
+	}
+	for _, tt := range tests {
+		if got := Classify(tt.sql, withLookup); got.Class != tt.want {
+			t.Errorf("Classify(%q) = %s (%s), want %s", tt.sql, got.Class, got.Reason, tt.want)
+		}
+	}
+	for enc, safe := range map[string]bool{"UTF8": true, "utf-8": true, "LATIN1": true, "SQL_ASCII": true, "EUC_JP": true,
+		"SJIS": false, "Shift_JIS": false, "BIG5": false, "GBK": false, "UHC": false, "GB18030": false, "JOHAB": false, "WIN932": false, "": false} {
+		if SafeClientEncoding(enc) != safe {
+			t.Errorf("SafeClientEncoding(%q) = %v", enc, !safe)
+		}
+	}
+}
