@@ -108,3 +108,36 @@ func TestClientEncoding(t *testing.T) {
 		t.Fatalf("SET standard_conforming_strings = on: %v", err)
 	}
 }
+
+// TestLexerSettingsUpstream: a setting that changes how the server reads
+// statements, reached where the classifier cannot see it (a function made
+// around the gate, the role's own settings), ends or refuses the session.
+func TestLexerSettingsUpstream(t *testing.T) {
+	e := newEnv(t, nil)
+	ctx := ctxT(t, time.Minute)
+	e.srv.Exec("shop", `CREATE FUNCTION sneaky() RETURNS text LANGUAGE sql VOLATILE
+		AS $$ SELECT set_config('standard_conforming_strings', 'off', false) $$;
+		ALTER FUNCTION sneaky() OWNER TO app_owner`)
+	c := e.connect("shop")
+	var s string
+	err := c.QueryRow(ctx, "SELECT sneaky()").Scan(&s)
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Severity != "FATAL" || !strings.Contains(pe.Message, "standard_conforming_strings") {
+		t.Fatalf("SELECT sneaky(): %v, want the session ended", err)
+	}
+	if err := c.Ping(ctx); err == nil {
+		t.Fatal("the session lives on with standard_conforming_strings off")
+	}
+
+	e.srv.Exec("postgres", "ALTER ROLE app_owner SET standard_conforming_strings = off")
+	_, err = pgx.Connect(ctx, e.url("alice", alicePW, "shop", "disable"))
+	if !errors.As(err, &pe) || pe.Code != "55000" || !strings.Contains(pe.Message, "standard_conforming_strings") {
+		t.Fatalf("role with standard_conforming_strings off: %v, want 55000", err)
+	}
+	e.srv.Exec("postgres", "ALTER ROLE app_owner RESET standard_conforming_strings")
+	c2, err := pgx.Connect(ctx, e.url("alice", alicePW, "shop", "disable"))
+	if err != nil {
+		t.Fatalf("after RESET: %v", err)
+	}
+	c2.Close(ctx)
+}

@@ -2,6 +2,7 @@ package gate
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -12,6 +13,8 @@ import (
 	"sync"
 
 	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/dualkey/dualkey/internal/gate/classify"
 )
 
 // The relay copies the upstream's messages to the client, mostly as raw
@@ -301,6 +304,18 @@ func (r *relay) loop() error {
 		}
 		switch typ {
 		case 'N', 'A', 'S': // notice, notification, parameter status: asynchronous
+			if typ == 'S' {
+				if name, value, ok := paramStatus(body); ok && !lexerSafe(name, value) {
+					// Reached by a path the classifier did not see (a
+					// function's set_config): the gate can no longer read
+					// statements as the server does. End the session.
+					r.s.g.log.Error("gate: upstream reports a setting that changes how statements are read; session ended",
+						"session", r.s.id, "user", r.s.user.Name, "setting", name, "value", value)
+					r.emitError(&pgproto3.ErrorResponse{Severity: "FATAL", SeverityUnlocalized: "FATAL", Code: "XX000",
+						Message: fmt.Sprintf("dualkey: the session's %s became %q, which the gate cannot read statements under; session ended", name, value)})
+					return fmt.Errorf("gate: upstream %s = %q", name, value)
+				}
+			}
 			if e := r.head(); e != nil && e.suppress && typ != 'A' {
 				continue
 			}
@@ -510,4 +525,32 @@ func errorField(body []byte, field byte) string {
 		body = body[end+1:]
 	}
 	return ""
+}
+
+// paramStatus splits a ParameterStatus body into name and value.
+func paramStatus(body []byte) (name, value string, ok bool) {
+	i := bytes.IndexByte(body, 0)
+	if i < 0 {
+		return "", "", false
+	}
+	rest := body[i+1:]
+	j := bytes.IndexByte(rest, 0)
+	if j < 0 {
+		return "", "", false
+	}
+	return string(body[:i]), string(rest[:j]), true
+}
+
+// lexerSafe reports whether a reported setting keeps the server reading
+// statements as the gate's parser does: standard_conforming_strings on, a
+// client_encoding in which quote and backslash bytes are always those
+// characters. Other settings are not its business.
+func lexerSafe(name, value string) bool {
+	switch name {
+	case "standard_conforming_strings":
+		return value == "on"
+	case "client_encoding":
+		return classify.SafeClientEncoding(value)
+	}
+	return true
 }

@@ -218,6 +218,15 @@ func (s *session) run(m *pgproto3.StartupMessage) {
 	}
 	s.up, s.fe, s.upPID, s.upSecret = hj.Conn, pgproto3.NewFrontend(hj.Conn, hj.Conn), hj.PID, hj.SecretKey
 	defer s.up.Close()
+	for _, k := range []string{"standard_conforming_strings", "client_encoding"} {
+		if v, ok := hj.ParameterStatuses[k]; ok && !lexerSafe(k, v) {
+			// Set for the role or database upstream (ALTER ROLE ... SET).
+			g.log.Error("gate: upstream session reads statements differently from the gate; refused", "db", s.dbName, "setting", k, "value", v)
+			s.refused(user, fmt.Sprintf("upstream %s = %s", k, v))
+			s.fatal("55000", fmt.Sprintf("the upstream session has %s = %q, under which the gate cannot read statements as the server does; the database's administrator must change it", k, v))
+			return
+		}
+	}
 	s.started = g.cfg.Now()
 	s.id = newSessionID()
 	g.register(s)
