@@ -338,10 +338,11 @@ run_set() {
 	}
 	note "dualkey setup" "${DK[@]}" vault init
 	local pgurl="postgres://postgres@127.0.0.1:$port/postgres?sslmode=disable"
-	"${AS_PG[@]}" env DUALKEY_PASSWORD_FILE="$PASSFILE" "${DK[@]}" pg agent --pg "$pgurl" >"$RUN/agent.log" 2>&1 &
+	# The tripwire is on, as in production: it keeps incidents in a state store.
+	"${AS_PG[@]}" env DUALKEY_PASSWORD_FILE="$PASSFILE" "${DK[@]}" pg agent --pg "$pgurl" --state "$SD/state.db" >"$RUN/agent.log" 2>&1 &
 	local agent=$!
 	BG_PIDS+=("$agent")
-	note "dualkey agent (running throughout)" "${DK[@]}" pg agent --pg "postgres://postgres@127.0.0.1:PORT/postgres?sslmode=disable"
+	note "dualkey agent (running throughout)" "${DK[@]}" pg agent --pg "postgres://postgres@127.0.0.1:PORT/postgres?sslmode=disable" --state "$SD/state.db"
 	wait_until "the dualkey agent to stream" 60 "agent_streaming $port"
 	kill -0 "$agent" 2>/dev/null || {
 		cat "$RUN/agent.log" >&2
