@@ -494,16 +494,6 @@ type walSummary struct {
 	Time      time.Time              `json:"time"`
 	Histories []uint32               `json:"histories"`
 	Segments  map[uint32][][2]uint64 `json:"segments"` // per timeline: [first, last] segment ranges with WAL
-	Whole     map[uint32][][2]uint64 `json:"whole"`    // per timeline: [first, last] ranges of whole segments
-}
-
-func (s *walSummary) whole(tli uint32, segno uint64) bool {
-	for _, rg := range s.Whole[tli] {
-		if rg[0] <= segno && segno <= rg[1] {
-			return true
-		}
-	}
-	return false
 }
 
 func (s *walSummary) has(isHist bool, tli uint32, segno uint64) bool {
@@ -528,7 +518,7 @@ func slicesContains(s []uint32, v uint32) bool {
 }
 
 func writeSummary(spool string, cat *pgwal.Catalog, segSize int) {
-	sum := walSummary{Time: time.Now(), Segments: map[uint32][][2]uint64{}, Whole: map[uint32][][2]uint64{}}
+	sum := walSummary{Time: time.Now(), Segments: map[uint32][][2]uint64{}}
 	for _, p := range cat.Pieces() {
 		if p.History {
 			sum.Histories = append(sum.Histories, p.Timeline)
@@ -537,10 +527,6 @@ func writeSummary(spool string, cat *pgwal.Catalog, segSize int) {
 	for _, tli := range cat.Timelines() {
 		for _, rg := range cat.Runs(tli) {
 			sum.Segments[tli] = append(sum.Segments[tli], [2]uint64{pgwal.SegmentOf(rg.Start, segSize), pgwal.SegmentOf(rg.End-1, segSize)})
-			first, last := pgwal.SegmentOf(rg.Start+pgwal.LSN(segSize)-1, segSize), pgwal.SegmentOf(rg.End, segSize)
-			if first < last { // whole segments first..last-1
-				sum.Whole[tli] = append(sum.Whole[tli], [2]uint64{first, last - 1})
-			}
 		}
 	}
 	if b, err := json.Marshal(sum); err == nil {
