@@ -353,6 +353,13 @@ func (r *Repository) LoadBlob(ctx context.Context, t pack.BlobType, id ID) ([]by
 	if loc.Type != t {
 		return nil, fmt.Errorf("repo: blob %s is %s, not %s", id, loc.Type, t)
 	}
+	if t == pack.Tree {
+		sealed, err := r.loadTreeBlob(ctx, loc)
+		if err != nil {
+			return nil, err
+		}
+		return r.DecodeBlob(loc, sealed)
+	}
 	sealed, err := r.store.Load(ctx, backend.Handle{Type: backend.Pack, Name: loc.Pack.String()}, int64(loc.Offset), int64(loc.Length))
 	if err != nil {
 		return nil, fmt.Errorf("repo: load blob %s from pack %s: %w", id, loc.Pack, err)

@@ -104,6 +104,7 @@ type Repository struct {
 	pageEnc  *zstd.Encoder // SavePage's: no entropy coding of literals
 	packBufs chan []byte   // memory of uploaded packs, for the next ones (a sync.Pool is emptied by every GC)
 	dec      *zstd.Decoder
+	trees    treePacks // tree packs read whole (treecache.go)
 
 	// IndexErrors lists index objects that could not be read at Open.
 	// Their packs are found again by verify and rebuild-index.
