@@ -148,8 +148,8 @@ func (a *app) ledgerPublicKey(ctx context.Context, dsn, flag string, store *stat
 	if flag != "" {
 		cands, srcs = append(cands, flag), append(srcs, "--ledger-pub")
 	}
-	if b, err := os.ReadFile(pubPath(keyPath)); err == nil {
-		cands, srcs = append(cands, strings.TrimSpace(string(b))), append(srcs, pubPath(keyPath))
+	if b, err := os.ReadFile(ledger.PubPath(keyPath)); err == nil {
+		cands, srcs = append(cands, strings.TrimSpace(string(b))), append(srcs, ledger.PubPath(keyPath))
 	}
 	if _, err := os.Stat(keyPath); err == nil {
 		// The file exists, so loadLedgerKey only reads it.

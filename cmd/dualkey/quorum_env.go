@@ -3,8 +3,6 @@ package main
 import (
 	"context"
 	"crypto/ed25519"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -86,60 +84,21 @@ func (a *app) ledgerKeyPath(dsn string) string {
 	return filepath.Join(filepath.Dir(strings.TrimPrefix(strings.TrimPrefix(dsn, "sqlite:"), "//")), "ledger.key")
 }
 
-func pubPath(keyPath string) string { return strings.TrimSuffix(keyPath, ".key") + ".pub" }
-
 // KindLedgerKey is the record written when a ledger key is created: it
 // names the public key later checkpoints must verify under.
 const kindLedgerKey = "ledger.key"
 
-// loadLedgerKey reads the ledger key, or creates it (0600, with its public
-// key beside it) when the ledger is still empty. A ledger with records and
-// no key is refused: a fresh key would sign over whatever the store holds
-// now, laundering any edit made before.
+// loadLedgerKey reads the ledger key, or creates it when the ledger is
+// still empty (ledger.LoadOrCreateKey).
 func loadLedgerKey(ctx context.Context, path string, store *state.LedgerStore) (ed25519.PrivateKey, bool, error) {
-	b, err := os.ReadFile(path)
-	if err == nil {
-		seed, err := hex.DecodeString(strings.TrimSpace(string(b)))
-		if err != nil || len(seed) != ed25519.SeedSize {
-			return nil, false, fmt.Errorf("dualkey: ledger key %s is damaged", path)
-		}
-		return ed25519.NewKeyFromSeed(seed), false, nil
-	}
-	if !errors.Is(err, fs.ErrNotExist) {
-		return nil, false, fmt.Errorf("dualkey: ledger key: %w", err)
-	}
-	if last, _, err := store.Last(ctx); err != nil {
-		return nil, false, fmt.Errorf("dualkey: ledger: %w", err)
-	} else if last > 0 {
-		return nil, false, fmt.Errorf("dualkey: the ledger has %d records but its key %s is missing: restore the key (or set DUALKEY_LEDGER_KEY); a new key would vouch for records it never saw", last, path)
-	}
-	seed := make([]byte, ed25519.SeedSize)
-	if _, err := rand.Read(seed); err != nil {
-		return nil, false, err
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, false, fmt.Errorf("dualkey: ledger key: %w", err)
-	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return nil, false, fmt.Errorf("dualkey: ledger key: %w", err)
-	}
-	_, err = fmt.Fprintln(f, hex.EncodeToString(seed))
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
+	key, created, err := ledger.LoadOrCreateKey(ctx, path, store)
+	if errors.Is(err, ledger.ErrKeyMissing) {
+		return nil, false, fmt.Errorf("dualkey: %w (or set DUALKEY_LEDGER_KEY)", err)
 	}
 	if err != nil {
-		return nil, false, fmt.Errorf("dualkey: ledger key: %w", err)
+		return nil, false, fmt.Errorf("dualkey: %w", err)
 	}
-	key := ed25519.NewKeyFromSeed(seed)
-	pub := cert.FormatPublicKey(key.Public().(ed25519.PublicKey))
-	if err := os.WriteFile(pubPath(path), []byte(pub+"\n"), 0o644); err != nil {
-		return nil, false, fmt.Errorf("dualkey: ledger public key: %w", err)
-	}
-	return key, true, nil
+	return key, created, nil
 }
 
 // quorumLedgerMirror returns the vault's ledger mirror when a repository

@@ -21,7 +21,6 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/base64"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -471,54 +470,14 @@ func (r *Runner) openLedger(ctx context.Context, mirror bool) error {
 	return nil
 }
 
-// ledgerKey reads the ledger's signing key, or creates it (hex seed, 0600,
-// with ledger.pub beside it) while the ledger is empty: the same files
-// and rules as the CLI (docs/quorum.md, "The ledger key"), so that
+// ledgerKey is the CLI's ledger key file (ledger.LoadOrCreateKey), so that
 // `dualkey audit verify` and `dualkey approvals` work on this state.
 func ledgerKey(ctx context.Context, path string, store *state.LedgerStore) (ed25519.PrivateKey, bool, error) {
-	b, err := os.ReadFile(path)
-	if err == nil {
-		seed, err := hex.DecodeString(strings.TrimSpace(string(b)))
-		if err != nil || len(seed) != ed25519.SeedSize {
-			return nil, false, fmt.Errorf("runner: ledger key %s is damaged", path)
-		}
-		return ed25519.NewKeyFromSeed(seed), false, nil
-	}
-	if !errors.Is(err, fs.ErrNotExist) {
-		return nil, false, fmt.Errorf("runner: ledger key: %w", err)
-	}
-	if last, _, err := store.Last(ctx); err != nil {
-		return nil, false, fmt.Errorf("runner: ledger: %w", err)
-	} else if last > 0 {
-		return nil, false, fmt.Errorf("runner: the ledger has %d records but its key %s is missing: restore the key; a new key would vouch for records it never saw", last, path)
-	}
-	seed := make([]byte, ed25519.SeedSize)
-	if _, err := rand.Read(seed); err != nil {
-		return nil, false, err
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, false, fmt.Errorf("runner: ledger key: %w", err)
-	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	key, created, err := ledger.LoadOrCreateKey(ctx, path, store)
 	if err != nil {
-		return nil, false, fmt.Errorf("runner: ledger key: %w", err)
+		return nil, false, fmt.Errorf("runner: %w", err)
 	}
-	_, err = fmt.Fprintln(f, hex.EncodeToString(seed))
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return nil, false, fmt.Errorf("runner: ledger key: %w", err)
-	}
-	key := ed25519.NewKeyFromSeed(seed)
-	pub := cert.FormatPublicKey(key.Public().(ed25519.PublicKey))
-	if err := os.WriteFile(strings.TrimSuffix(path, ".key")+".pub", []byte(pub+"\n"), 0o644); err != nil {
-		return nil, false, fmt.Errorf("runner: ledger public key: %w", err)
-	}
-	return key, true, nil
+	return key, created, nil
 }
 
 // bootstrapPeople makes sure every configured person exists in the state
