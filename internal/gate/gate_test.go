@@ -436,10 +436,20 @@ func TestGate(t *testing.T) {
 		}
 		// pgx closes the conn on a context cancel; the server saw 57014
 		_ = pe
-		if n := e.srv.Query("postgres", "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"); n != "0" {
-			t.Fatalf("pg_sleep still running upstream (%s)", n)
+		c = e.connect("shop") // before any Fatal: the later subtests use c
+		// The cancel request travels client → gate → server on its own
+		// connection: wait for it to land, well before pg_sleep would end.
+		deadline := time.Now().Add(15 * time.Second)
+		for {
+			n := e.srv.Query("postgres", "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'")
+			if n == "0" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("pg_sleep still running upstream (%s) 15 s after the cancel", n)
+			}
+			time.Sleep(20 * time.Millisecond)
 		}
-		c = e.connect("shop")
 	})
 
 	t.Run("notices and LISTEN/NOTIFY", func(t *testing.T) {
