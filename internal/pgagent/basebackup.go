@@ -51,8 +51,16 @@ type BaseBackupOptions struct {
 	// catch; the vault authenticates what it stores), "SHA256" and so on.
 	ManifestChecksums string
 	// MaxRate throttles the server's sending, in KiB/s (32 to 1048576);
-	// 0 is unlimited.
+	// 0 is unlimited. BASE_BACKUP only: a local base backup is not
+	// throttled.
 	MaxRate int
+	// DataDir, when set, is the server's data directory as this process
+	// sees it, and the backup is a local one (see localBaseBackup): the
+	// files are read here, between pg_backup_start and pg_backup_stop on
+	// an ordinary connection, instead of streamed by a walsender. Set it
+	// only where this process runs on the database host and may read the
+	// directory (root or the server's OS user).
+	DataDir string
 	// Open, when BaseBackup is given no repository, opens it while the
 	// server checkpoints and starts sending: opening costs a key
 	// derivation and loading the index, which need not wait for each
@@ -67,6 +75,10 @@ type BaseBackupOptions struct {
 	// corrupt, if set, wraps each file's content as it arrives, before
 	// it is checksummed (tests: damage in transit).
 	corrupt func(path string, r io.Reader) io.Reader
+	// beforeFile, if set, runs before a local base backup opens each
+	// regular file (its snapshot path); an error abandons the backup
+	// (tests: files dropped or unreadable mid-walk).
+	beforeFile func(path string) error
 }
 
 // BaseBackupResult describes a committed base backup.
@@ -150,6 +162,21 @@ func BaseBackup(ctx context.Context, r *repo.Repository, connURL string, opts Ba
 	if opts.Label == "" {
 		opts.Label = "dualkey " + start.Format(time.RFC3339)
 	}
+	// awaitRepo returns the repository, waiting for Open if it runs.
+	awaitRepo := func() (*repo.Repository, error) {
+		if openc == nil {
+			return r, nil
+		}
+		o := <-openc
+		openc = nil
+		return o.r, o.err
+	}
+	if opts.DataDir != "" {
+		if opts.MaxRate != 0 {
+			return nil, errors.New("pgagent: a local base backup (DataDir) cannot be throttled: MaxRate applies to BASE_BACKUP only")
+		}
+		return localBaseBackup(ctx, connURL, opts, start, awaitRepo)
+	}
 
 	cfg, err := pgconn.ParseConfig(connURL)
 	if err != nil {
@@ -201,18 +228,22 @@ func BaseBackup(ctx context.Context, r *repo.Repository, connURL string, opts Ba
 		return nil, err
 	}
 	opts.Log.Info("base backup started", "system_id", sysID, "timeline", bb.meta.Timeline, "start_lsn", bb.meta.StartLSN, "label", opts.Label)
-	if openc != nil {
-		o := <-openc
-		openc = nil
-		if o.err != nil {
-			return nil, o.err
-		}
-		r = o.r
+	if r, err = awaitRepo(); err != nil {
+		return nil, err
 	}
+	return storeBase(ctx, r, opts, &bb.meta, func() bool { return bb.verified }, bb.next)
+}
 
+// storeBase runs the archiver over next, the entries of a base backup
+// whose metadata is *meta, and commits the snapshot once verified reports
+// that next has checked everything (next ends only after that; verified is
+// the guard against a bug).
+func storeBase(ctx context.Context, r *repo.Repository, opts BaseBackupOptions, meta *BaseMeta, verified func() bool,
+	next func() (*archiver.Entry, error)) (*BaseBackupResult, error) {
+	sysID := strconv.FormatUint(meta.SystemID, 10)
 	host := opts.Hostname
 	if host == "" {
-		host = "pg-" + sys.SystemID
+		host = "pg-" + sysID
 	}
 	var wal format.WALRange // filled in before the commit, once EndLSN is known
 	aopts := archiver.Options{WAL: &wal,
@@ -225,26 +256,34 @@ func BaseBackup(ctx context.Context, r *repo.Repository, connURL string, opts Ba
 			return 0
 		},
 		BeforeCommit: func(sn *snapshot.Snapshot) error {
-			if !bb.verified {
+			if !verified() {
 				return errors.New("pgagent: the backup stream did not end") // a bug: next ends only after verifying
 			}
-			bb.meta.EndTime = opts.now().UTC()
-			meta, err := json.Marshal(bb.meta)
+			meta.EndTime = opts.now().UTC()
+			raw, err := json.Marshal(*meta)
 			if err != nil {
 				return err
 			}
-			sn.Meta = meta
-			wal = bb.meta.walRange()
+			sn.Meta = raw
+			wal = meta.walRange()
 			return nil
 		},
 	}
-	res, err := archiver.BackupEntries(ctx, r, "pg:"+sys.SystemID, bb.next, aopts)
+	res, err := archiver.BackupEntries(ctx, r, "pg:"+sysID, next, aopts)
 	if err != nil {
 		return nil, fmt.Errorf("pgagent: base backup: %w", err)
 	}
-	opts.Log.Info("base backup stored", "snapshot", res.ID, "start_lsn", bb.meta.StartLSN, "end_lsn", bb.meta.EndLSN,
-		"size", bb.meta.Size, "added", res.Summary.BytesAdded)
-	return &BaseBackupResult{ID: res.ID, Lock: res.Lock, Summary: res.Summary, Meta: bb.meta}, nil
+	opts.Log.Info("base backup stored", "snapshot", res.ID, "start_lsn", meta.StartLSN, "end_lsn", meta.EndLSN,
+		"size", meta.Size, "added", res.Summary.BytesAdded)
+	return &BaseBackupResult{ID: res.ID, Lock: res.Lock, Summary: res.Summary, Meta: *meta}, nil
+}
+
+// manifestEntry is the snapshot's backup_manifest.
+func manifestEntry(manifest []byte, now time.Time) *archiver.Entry {
+	now = now.UTC()
+	return &archiver.Entry{Path: ManifestName, Node: snapshot.Node{Type: snapshot.File, Mode: 0o600,
+		UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), ModTime: now, AccessTime: now, ChangeTime: now,
+		Size: uint64(len(manifest))}, Content: bytes.NewReader(manifest)}
 }
 
 // walRange is the WAL the backup needs, widened to whole segments (restore
@@ -636,9 +675,31 @@ func (b *baseStream) finishFile() error {
 	return nil
 }
 
-// parseLabel reads backup_label ("START WAL LOCATION: 0/2000028 (file …)",
-// "CHECKPOINT LOCATION: …", "BACKUP FROM: primary", …).
+// parseLabel reads backup_label and checks it against BASE_BACKUP's start.
 func (b *baseStream) parseLabel(data []byte) error {
+	l, err := parseBackupLabel(data)
+	if err != nil {
+		return err
+	}
+	if l.StartLSN != b.meta.StartLSN {
+		return fmt.Errorf("pgagent: backup_label starts at %s, BASE_BACKUP said %s", l.StartLSN, b.meta.StartLSN)
+	}
+	b.meta.CheckpointLSN, b.meta.BackupFrom = l.CheckpointLSN, l.BackupFrom
+	return nil
+}
+
+// backupLabel is what a backup uses of its backup_label.
+type backupLabel struct {
+	StartLSN, CheckpointLSN pgwal.LSN
+	BackupFrom              string // "primary" or "standby"
+	Timeline                uint32 // START TIMELINE
+}
+
+// parseBackupLabel reads backup_label ("START WAL LOCATION: 0/2000028 (file
+// …)", "CHECKPOINT LOCATION: …", "BACKUP FROM: primary", "START TIMELINE:
+// 1", …), as BASE_BACKUP sends it and pg_backup_stop returns it.
+func parseBackupLabel(data []byte) (backupLabel, error) {
+	var l backupLabel
 	for _, line := range strings.Split(string(data), "\n") {
 		k, v, ok := strings.Cut(line, ": ")
 		if !ok {
@@ -649,25 +710,32 @@ func (b *baseStream) parseLabel(data []byte) error {
 			f, _, _ := strings.Cut(v, " ")
 			lsn, err := pgwal.ParseLSN(f)
 			if err != nil {
-				return fmt.Errorf("pgagent: backup_label: %w", err)
+				return l, fmt.Errorf("pgagent: backup_label: %w", err)
 			}
-			if lsn != b.meta.StartLSN {
-				return fmt.Errorf("pgagent: backup_label starts at %s, BASE_BACKUP said %s", lsn, b.meta.StartLSN)
-			}
+			l.StartLSN = lsn
 		case "CHECKPOINT LOCATION":
 			lsn, err := pgwal.ParseLSN(v)
 			if err != nil {
-				return fmt.Errorf("pgagent: backup_label: %w", err)
+				return l, fmt.Errorf("pgagent: backup_label: %w", err)
 			}
-			b.meta.CheckpointLSN = lsn
+			l.CheckpointLSN = lsn
 		case "BACKUP FROM":
-			b.meta.BackupFrom = v
+			l.BackupFrom = v
+		case "START TIMELINE":
+			tli, err := strconv.ParseUint(v, 10, 32)
+			if err != nil || tli == 0 {
+				return l, fmt.Errorf("pgagent: backup_label: bad start timeline %q", v)
+			}
+			l.Timeline = uint32(tli)
 		}
 	}
-	if b.meta.CheckpointLSN.IsZero() {
-		return errors.New("pgagent: backup_label has no checkpoint location")
+	if l.StartLSN.IsZero() {
+		return l, errors.New("pgagent: backup_label has no start location")
 	}
-	return nil
+	if l.CheckpointLSN.IsZero() {
+		return l, errors.New("pgagent: backup_label has no checkpoint location")
+	}
+	return l, nil
 }
 
 // finish reads the end of the response, checks everything against the
@@ -709,10 +777,7 @@ func (b *baseStream) finish() (*archiver.Entry, error) {
 	b.meta.Size, b.meta.Files = m.Size()
 	b.meta.ManifestChecksum = fmt.Sprintf("%x", m.Checksum)
 	b.verified, b.done = true, true
-	now := time.Now().UTC()
-	return &archiver.Entry{Path: ManifestName, Node: snapshot.Node{Type: snapshot.File, Mode: 0o600,
-		UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), ModTime: now, AccessTime: now, ChangeTime: now,
-		Size: uint64(len(b.manifest))}, Content: bytes.NewReader(b.manifest)}, nil
+	return manifestEntry(b.manifest, time.Now()), nil
 }
 
 // checkWAL compares the manifest's WAL ranges with the positions
