@@ -45,7 +45,12 @@ updated in one transaction becomes an incident within moments of the commit,
 whoever ran it and however they connected. Incidents go into the state store
 (--state), the ledger (one alert record each), the webhook (--webhook) and the
 log; "dualkey incidents list" shows them and "dualkey pg restore
---before-incident ID" restores to just before one. --no-tripwire turns it off.`,
+--before-incident ID" restores to just before one. --no-tripwire turns it off.
+
+--base-every D takes base backups on a schedule, with BASE_BACKUP; add
+--pgdata DIR where the agent runs on the database host as root or as the
+server's OS user, and they are local base backups that read the data directory
+directly (see 'dualkey pg basebackup --help').`,
 		Args: cobra.NoArgs,
 		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, _ []string) error {
 			if opts.URL == "" {
@@ -53,6 +58,14 @@ log; "dualkey incidents list" shows them and "dualkey pg restore
 			}
 			if opts.URL == "" {
 				return usagef("--pg URL is required (or DUALKEY_PG)")
+			}
+			if opts.DataDir != "" {
+				if opts.BaseEvery == 0 {
+					return usagef("--pgdata is for the scheduled base backups: add --base-every")
+				}
+				if err := pgagent.CheckDataDir(opts.DataDir); err != nil {
+					return err
+				}
 			}
 			log := a.log
 			if a.verbose == 0 {
@@ -86,6 +99,7 @@ log; "dualkey incidents list" shows them and "dualkey pg restore
 	f.DurationVar(&opts.FlushEvery, "flush-every", 200*time.Millisecond, "store received WAL at least this often (the RPO when not synchronous)")
 	f.Int64Var(&opts.RetainWarn, "retain-warn", 1<<30, "warn when the slot holds more WAL than this many bytes")
 	f.DurationVar(&opts.BaseEvery, "base-every", 0, "take a base backup this often (e.g. 24h; 0: never)")
+	f.StringVar(&opts.DataDir, "pgdata", "", "scheduled base backups read this data directory directly (on the database host, as root or the server's OS user)")
 	f.BoolVar(&noTripwire, "no-tripwire", false, "do not decode the WAL for drops, truncates and mass deletes")
 	f.Int64Var(&opts.Tripwire.MassRows, "mass-rows", 10000, "tripwire: rows of one table one transaction must delete or update to raise an incident")
 	f.DurationVar(&opts.NamesEvery, "names-every", 30*time.Second, "tripwire: reread table names from the server this often (also after DDL)")

@@ -29,7 +29,16 @@ against the server's backup manifest before the snapshot is committed; a
 mismatch fails the backup and commits nothing.
 
 WAL is not included: run 'dualkey pg agent' to stream it. The backup can be
-restored once the vault holds WAL up to its end LSN.`,
+restored once the vault holds WAL up to its end LSN.
+
+--pgdata DIR takes a local base backup instead: when dualkey runs on the
+database host as root or as the server's OS user, it reads the data directory
+(and the tablespaces) itself between pg_backup_start and pg_backup_stop on an
+ordinary connection, leaving out what BASE_BACKUP leaves out, and writes the
+backup manifest itself. The server's walsender then neither reads nor sends the
+files, which makes the backup faster and lighter on the server. DIR must be
+that server's data directory (its system identifier is checked). Elsewhere,
+omit --pgdata: the backup is streamed with BASE_BACKUP.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
@@ -44,6 +53,14 @@ restored once the vault holds WAL up to its end LSN.`,
 				return usagef("--pg: %v", err)
 			}
 			opts.ManifestChecksums = checksums
+			if opts.DataDir != "" {
+				if opts.MaxRate != 0 {
+					return usagef("--max-rate throttles BASE_BACKUP; a local base backup (--pgdata) is not throttled")
+				}
+				if err := pgagent.CheckDataDir(opts.DataDir); err != nil {
+					return err
+				}
+			}
 			opts.Log = a.log
 			prog := a.newProgress("base backup")
 			opts.Progress = prog.backup
@@ -85,5 +102,6 @@ restored once the vault holds WAL up to its end LSN.`,
 	f.DurationVar(&opts.LockFor, "lock-for", 0, "retention lock longer than the repository minimum")
 	f.StringVar(&checksums, "manifest-checksums", "CRC32C", "per-file checksum in the manifest: CRC32C, SHA256, SHA512, ...")
 	f.IntVar(&opts.MaxRate, "max-rate", 0, "limit the server's sending to this many KiB/s (0: unlimited)")
+	f.StringVar(&opts.DataDir, "pgdata", "", "take a local base backup by reading this data directory (on the database host, as root or the server's OS user)")
 	return c
 }

@@ -48,6 +48,10 @@ type AgentOptions struct {
 	CheckEvery time.Duration
 	// BaseEvery takes a base backup on this schedule (0: never).
 	BaseEvery time.Duration
+	// DataDir makes the scheduled base backups local ones
+	// (BaseBackupOptions.DataDir): the server's data directory, readable
+	// by this process on the database host.
+	DataDir string
 	// Retry is the first delay before reconnecting after a failure; it
 	// doubles up to a minute.
 	Retry time.Duration
@@ -628,7 +632,7 @@ func (a *Agent) baseSchedule(ctx context.Context) {
 		if err != nil {
 			return
 		}
-		res, err := BaseBackup(ctx, a.r, repURL, BaseBackupOptions{Log: a.opts.Log})
+		res, err := BaseBackup(ctx, a.r, repURL, BaseBackupOptions{Log: a.opts.Log, DataDir: a.opts.DataDir})
 		if err != nil {
 			a.opts.Log.Error("scheduled base backup failed", "err", err)
 			continue

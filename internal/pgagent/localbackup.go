@@ -145,6 +145,14 @@ func readSystemID(dataDir string) (uint64, error) {
 	return binary.LittleEndian.Uint64(b[:]), nil
 }
 
+// CheckDataDir reports whether dir looks like a data directory this
+// process can take a local base backup of: its global/pg_control is
+// readable. The error says what to do otherwise.
+func CheckDataDir(dir string) error {
+	_, err := readSystemID(dir)
+	return err
+}
+
 // localBaseBackup is BaseBackup with opts.DataDir: a base backup that
 // reads the data directory itself, as PostgreSQL's own low-level API
 // allows (backup.sgml, "Making a Base Backup Using the Low Level API"),

@@ -822,6 +822,7 @@ func (r *Runner) startAgent(ctx, runCtx context.Context) error {
 		FlushEvery:  c.Agent.FlushEvery,
 		RetainWarn:  c.Agent.RetainWarn,
 		BaseEvery:   c.Agent.BaseEvery,
+		DataDir:     r.localDataDir(),
 		Log:         r.log.With("part", "agent"),
 	}
 	// The tripwire: incidents go to the state store, the ledger and the log
@@ -889,6 +890,16 @@ func (r *Runner) startAgent(ctx, runCtx context.Context) error {
 	return nil
 }
 
+// localDataDir is the data directory of the server run started itself,
+// whose base backups read it directly (a local base backup, faster than
+// BASE_BACKUP); "" for a server given by URL, which may be on another host.
+func (r *Runner) localDataDir() string {
+	if r.local == nil {
+		return ""
+	}
+	return r.local.Dir
+}
+
 // firstBackup takes the base backup a fresh vault needs before anything
 // can be restored.
 func (r *Runner) firstBackup(ctx context.Context) error {
@@ -896,7 +907,8 @@ func (r *Runner) firstBackup(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	res, err := pgagent.BaseBackup(ctx, r.repo, repURL, pgagent.BaseBackupOptions{Label: "dualkey run: first", Log: r.log})
+	res, err := pgagent.BaseBackup(ctx, r.repo, repURL, pgagent.BaseBackupOptions{Label: "dualkey run: first", Log: r.log,
+		DataDir: r.localDataDir()})
 	if err != nil {
 		if ctx.Err() == nil {
 			r.log.Error("first base backup failed", "err", err)
