@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -55,6 +56,13 @@ func walFetchMain(args []string) int {
 		}
 		return repo.Open(ctx, guard.New(be, guard.Options{}).Session(guard.Read), strings.TrimSpace(string(pw)), repotest.Options())
 	}
+	if p := os.Getenv("DUALKEY_TEST_FETCH_LOG"); p != "" {
+		// Which files reached dualkey (the rest were served by the shell).
+		if f, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600); err == nil {
+			fmt.Fprintln(f, args[2])
+			f.Close()
+		}
+	}
 	err := FetchWAL(ctx, args[2], args[3], open, FetchOptions{Spool: DefaultSpool(args[3])})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "wal-fetch:", err)
@@ -73,12 +81,12 @@ func TestRecoverySettings(t *testing.T) {
 		want []string // lines after the comment
 	}{
 		{"time", RestoreOptions{Time: target, Repo: "/vault", PasswordFile: "/etc/dualkey/pw"}, []string{
-			`restore_command = 'DUALKEY_PASSWORD_FILE=/etc/dualkey/pw /usr/bin/dualkey pg wal-fetch --repo /vault %f %p'`,
+			`restore_command = '` + fastPathConf + `DUALKEY_PASSWORD_FILE=/etc/dualkey/pw /usr/bin/dualkey pg wal-fetch --repo /vault %f %p'`,
 			`recovery_target_time = '2025-03-01 10:59:58.123456+00'`,
 			`recovery_target_timeline = 'latest'`,
 			`recovery_target_action = 'promote'`}},
 		{"before xid, quoting", RestoreOptions{BeforeXID: 4711, Repo: "/my vault/it's 100%", Env: []string{"DUALKEY_TOKEN_FILE=/t"}}, []string{
-			`restore_command = 'DUALKEY_TOKEN_FILE=/t /usr/bin/dualkey pg wal-fetch --repo ''/my vault/it''\''''s 100%%'' %f %p'`,
+			`restore_command = '` + fastPathConf + `DUALKEY_TOKEN_FILE=/t /usr/bin/dualkey pg wal-fetch --repo ''/my vault/it''\''''s 100%%'' %f %p'`,
 			`recovery_target_xid = '4711'`,
 			`recovery_target_inclusive = false`,
 			`recovery_target_timeline = 'latest'`,
@@ -89,7 +97,7 @@ func TestRecoverySettings(t *testing.T) {
 			`recovery_target_timeline = 'latest'`,
 			`recovery_target_action = 'promote'`}},
 		{"latest", RestoreOptions{Latest: true, Repo: "https://vault:8443"}, []string{
-			`restore_command = '/usr/bin/dualkey pg wal-fetch --repo https://vault:8443 %f %p'`,
+			`restore_command = '` + fastPathConf + `/usr/bin/dualkey pg wal-fetch --repo https://vault:8443 %f %p'`,
 			`recovery_target_timeline = 'latest'`,
 			`recovery_target_action = 'promote'`}},
 	}
@@ -102,6 +110,121 @@ func TestRecoverySettings(t *testing.T) {
 			want := strings.Join(tt.want, "\n")
 			if g := strings.Join(got[1:], "\n"); g != want {
 				t.Errorf("settings:\n%s\nwant:\n%s", g, want)
+			}
+		})
+	}
+}
+
+// fastPathConf is spoolFastPath as postgresql.auto.conf quotes it.
+var fastPathConf = strings.ReplaceAll(spoolFastPath, "'", "''")
+
+// pgSubstitute does what PostgreSQL does to restore_command before it runs
+// it through /bin/sh.
+func pgSubstitute(cmd, name, path string) string {
+	var b strings.Builder
+	for i := 0; i < len(cmd); i++ {
+		if cmd[i] == '%' && i+1 < len(cmd) {
+			switch cmd[i+1] {
+			case 'f':
+				b.WriteString(name)
+				i++
+				continue
+			case 'p':
+				b.WriteString(path)
+				i++
+				continue
+			case '%':
+				b.WriteByte('%')
+				i++
+				continue
+			}
+		}
+		b.WriteByte(cmd[i])
+	}
+	return b.String()
+}
+
+// TestSpoolFastPath runs the default restore_command as PostgreSQL would
+// (substituted, through /bin/sh, in the data directory) with a stand-in
+// for dualkey that only records its calls: a spooled segment of this boot
+// is served by the shell alone and the prefetcher learns it was served;
+// everything else reaches dualkey with its arguments and exit status.
+func TestSpoolFastPath(t *testing.T) {
+	boot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		t.Skip("no boot id:", err)
+	}
+	const seg = "000000010000000000000003"
+	tests := []struct {
+		name     string
+		file     string // asked for
+		spooled  string // in the spool
+		boot     []byte
+		wantFast bool
+	}{
+		{"spooled segment", seg, seg, boot, true},
+		{"not spooled", seg, "", boot, false},
+		{"spool of an earlier boot", seg, seg, []byte("another boot\n"), false},
+		{"no boot file", seg, seg, nil, false},
+		{"history file", "00000002.history", "00000002.history", boot, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			data := t.TempDir()
+			spool := filepath.Join(data, "pg_wal", spoolDirName)
+			if err := os.MkdirAll(spool, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if tt.boot != nil {
+				os.WriteFile(filepath.Join(spool, bootName), tt.boot, 0o600)
+			}
+			if tt.spooled != "" {
+				os.WriteFile(filepath.Join(spool, tt.spooled), []byte("wal of "+tt.spooled), 0o600)
+			}
+			calls := filepath.Join(t.TempDir(), "calls")
+			fake := filepath.Join(t.TempDir(), "dualkey")
+			script := "#!/bin/sh\necho \"$DUALKEY_PASSWORD_FILE $*\" >>" + calls + "\nexit 7\n"
+			if err := os.WriteFile(fake, []byte(script), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			o := RestoreOptions{Latest: true, Repo: "/v 100%", PasswordFile: "/pw"}
+			lines := recoverySettings(&o, &BaseBackupInfo{}, time.Now(), fake)
+			conf, ok := strings.CutPrefix(lines[1], "restore_command = '")
+			if !ok {
+				t.Fatalf("no restore_command in %q", lines[1])
+			}
+			cmdText := strings.ReplaceAll(strings.TrimSuffix(conf, "'"), "''", "'")
+			cmd := exec.Command("/bin/sh", "-c", pgSubstitute(cmdText, tt.file, "pg_wal/RECOVERYXLOG"))
+			cmd.Dir = data
+			out, runErr := cmd.CombinedOutput()
+			called, _ := os.ReadFile(calls)
+			got, _ := os.ReadFile(filepath.Join(data, "pg_wal", "RECOVERYXLOG"))
+			if tt.wantFast {
+				if runErr != nil || len(called) != 0 {
+					t.Fatalf("fast path: err %v, output %q, dualkey called: %q", runErr, out, called)
+				}
+				if string(got) != "wal of "+seg {
+					t.Errorf("RECOVERYXLOG = %q", got)
+				}
+				if _, err := os.Stat(filepath.Join(spool, seg)); !os.IsNotExist(err) {
+					t.Errorf("segment still in the spool: %v", err)
+				}
+				w, ok := readWant(spool, pgwal.DefaultSegmentSize)
+				if !ok || w != (want{tli: 1, segno: 3, served: true}) {
+					t.Errorf("want = %+v, %v", w, ok)
+				}
+				return
+			}
+			var ee *exec.ExitError
+			if !errors.As(runErr, &ee) || ee.ExitCode() != 7 {
+				t.Errorf("exit %v (output %q), want dualkey's 7", runErr, out)
+			}
+			wantCall := "/pw pg wal-fetch --repo /v 100% " + tt.file + " pg_wal/RECOVERYXLOG\n"
+			if string(called) != wantCall {
+				t.Errorf("dualkey called with %q, want %q", called, wantCall)
+			}
+			if len(got) != 0 {
+				t.Errorf("RECOVERYXLOG written without dualkey: %q", got)
 			}
 		})
 	}
@@ -435,6 +558,38 @@ func newPGVault(t *testing.T) *pgVault {
 	return v
 }
 
+// checkFastPath checks that the server restored segments that never
+// reached dualkey: the spool fast path of restore_command served them.
+func checkFastPath(t *testing.T, serverLog, fetchLog string) {
+	t.Helper()
+	logText, err := os.ReadFile(serverLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fetched, err := os.ReadFile(fetchLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	called := map[string]bool{}
+	for _, f := range strings.Fields(string(fetched)) {
+		called[f] = true
+	}
+	var restored, byShell []string
+	for _, m := range restoredRE.FindAllStringSubmatch(string(logText), -1) {
+		restored = append(restored, m[1])
+		if !called[m[1]] {
+			byShell = append(byShell, m[1])
+		}
+	}
+	t.Logf("segments restored %v; by the shell alone %v", restored, byShell)
+	if len(restored) < 3 || len(byShell) == 0 {
+		t.Errorf("restored %d segments, %d without starting dualkey: want 3 or more, and some by the spool fast path (dualkey was called for %q)",
+			len(restored), len(byShell), fetched)
+	}
+}
+
+var restoredRE = regexp.MustCompile(`restored log file "([0-9A-F]{24})" from archive`)
+
 // readable hands the vault to the server's OS user, so restore_command can
 // read what the agent (running as this process) stored.
 func (v *pgVault) readable(t *testing.T) {
@@ -445,8 +600,7 @@ func (v *pgVault) readable(t *testing.T) {
 }
 
 func (v *pgVault) opts(target string) RestoreOptions {
-	return RestoreOptions{Target: target, Repo: v.dir, PasswordFile: v.pwFile,
-		WalFetchCommand: v.fetcher + " pg wal-fetch --repo " + v.dir}
+	return RestoreOptions{Target: target, Repo: v.dir, PasswordFile: v.pwFile, Executable: v.fetcher}
 }
 
 // newTarget returns a path, not yet existing, in a directory the server's
@@ -607,6 +761,10 @@ func TestRestorePointInTime(t *testing.T) {
 		bb.Meta.StartLSN, bb.Meta.EndLSN, time.Since(t0).Round(time.Millisecond))
 	pg.Pgbench("-T", "2", "-c", "2", "bench")
 	wantSum := pg.Query("bench", accountsSum)
+	for range 3 { // WAL over several segments: restore_command's spool fast path serves some
+		pg.Exec("postgres", "SELECT pg_switch_wal()")
+		time.Sleep(150 * time.Millisecond)
+	}
 
 	time.Sleep(700 * time.Millisecond)
 	T := time.Now()
@@ -669,6 +827,14 @@ func TestRestorePointInTime(t *testing.T) {
 	t.Run("time", func(t *testing.T) {
 		o := v.opts(newTarget(t))
 		o.Time = T
+		fetchLog := filepath.Join(filepath.Dir(o.Target), "fetched")
+		if err := os.WriteFile(fetchLog, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := pgtest.Own(fetchLog); err != nil {
+			t.Fatal(err)
+		}
+		o.Env = []string{"DUALKEY_TEST_FETCH_LOG=" + fetchLog}
 		res, err := Restore(ctx, v.r, o)
 		if err != nil {
 			t.Fatal(err)
@@ -678,6 +844,7 @@ func TestRestorePointInTime(t *testing.T) {
 		srv.Start()
 		replay := time.Since(t1) + waitPrimary(t, srv)
 		t.Logf("restore to T: files %v, replay %v", res.RestoreTook.Round(time.Millisecond), replay.Round(time.Millisecond))
+		checkFastPath(t, srv.LogFile(), fetchLog)
 		checkKnown(t, srv, rows, T)
 		if got := srv.Query("app", "SELECT count(*) FROM important"); got != "1000" {
 			t.Errorf("important holds %s rows", got)

@@ -103,8 +103,11 @@ func DefaultSpool(dest string) string {
 	if filepath.Base(dir) != "pg_wal" {
 		return ""
 	}
-	return filepath.Join(dir, "dualkey-prefetch")
+	return filepath.Join(dir, spoolDirName)
 }
+
+// spoolDirName is the spool's directory in pg_wal.
+const spoolDirName = "dualkey-prefetch"
 
 // Files in the spool besides segments.
 const (
@@ -250,7 +253,7 @@ func RunPrefetcher(ctx context.Context, open func(context.Context) (*repo.Reposi
 	var lastWant want
 	lastAsked := time.Now()
 	for {
-		w, ok := readWant(opts.Spool)
+		w, ok := readWant(opts.Spool, opts.SegmentSize)
 		if ok && w != lastWant {
 			lastWant, lastAsked = w, time.Now()
 		}
@@ -438,12 +441,20 @@ func writeWant(spool string, tli uint32, segno uint64, served bool) {
 	_ = writeFileAtomic(filepath.Join(spool, wantName), fmt.Appendf(nil, "%d %d %t\n", tli, segno, served), 0o600, false)
 }
 
-func readWant(spool string) (want, bool) {
+// readWant reads the want file: "TLI SEGNO SERVED" as writeWant writes
+// it, or "NAME true" as restore_command's shell fast path writes it (see
+// fastPathCommand) when it serves a spooled segment without starting
+// dualkey. A torn or partial file reads as no want.
+func readWant(spool string, segSize int) (want, bool) {
 	b, err := os.ReadFile(filepath.Join(spool, wantName))
 	if err != nil {
 		return want{}, false
 	}
 	f := strings.Fields(string(b))
+	if len(f) == 2 && f[1] == "true" {
+		t, s, err := pgwal.ParseSegmentName(f[0], segSize)
+		return want{t, s, true}, err == nil
+	}
 	if len(f) != 3 {
 		return want{}, false
 	}
