@@ -19,8 +19,10 @@ import (
 	"syscall"
 	"time"
 	"unicode/utf8"
+	"unsafe"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"golang.org/x/sys/unix"
 
 	"github.com/dualkey/dualkey/internal/pgwal"
 	"github.com/dualkey/dualkey/internal/vault/archiver"
@@ -363,7 +365,7 @@ func (lb *localBackup) startWalk() {
 	lb.items = make(chan walkItem, readDepth*2)
 	lb.free = make(chan []byte, readDepth)
 	for range readDepth {
-		lb.free <- make([]byte, readSize)
+		lb.free <- alignedBuffer(readSize)
 	}
 	lb.stop, lb.done = make(chan struct{}), make(chan struct{})
 	go func() {
@@ -562,7 +564,7 @@ func (lb *localBackup) sendFile(abs, rel string, fi os.FileInfo) (sent bool, err
 			return false, err
 		}
 	}
-	f, err := os.Open(abs)
+	f, direct, err := openForBackup(abs, fi.Size() >= directMin)
 	if errors.Is(err, fs.ErrNotExist) {
 		lb.log.Debug("base backup skips a file removed meanwhile", "path", rel)
 		return false, nil
@@ -591,8 +593,8 @@ func (lb *localBackup) sendFile(abs, rel string, fi os.FileInfo) (sent bool, err
 		case <-lb.ctx.Done():
 			return false, lb.ctx.Err()
 		}
-		m, err := io.ReadFull(f, buf[:min(int64(len(buf)), left)])
-		if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
+		m, err := readPiece(f, buf, left, &direct)
+		if err != nil && err != io.EOF {
 			lb.free <- buf
 			return false, fmt.Errorf("pgagent: read %s: %w", abs, err)
 		}
@@ -617,6 +619,91 @@ func (lb *localBackup) sendFile(abs, rel string, fi os.FileInfo) (sent bool, err
 		sum = h.Sum(nil)
 	}
 	return true, lb.send(walkItem{end: true, sum: sum})
+}
+
+// directMin is the size from which files are read with O_DIRECT. Reading
+// a large file through the page cache costs kernel time to fill the cache
+// (measured here: 2.6 s of the backup's 13.5 s of CPU for 1.5 GiB read
+// cold) and evicts what the server keeps there; a direct read moves the
+// data straight into our buffer. Small files are likely cached: read them
+// as usual. The kernel writes a file's dirty cached pages back before a
+// direct read of them, so the server's latest writes are read.
+const directMin = readSize
+
+// alignBlock is the alignment O_DIRECT needs of buffers, offsets and
+// lengths: the largest logical block size in use.
+const alignBlock = 4096
+
+// alignedBuffer returns a buffer of size bytes at an address aligned for
+// O_DIRECT.
+func alignedBuffer(size int) []byte {
+	b := make([]byte, size+alignBlock)
+	off := 0
+	if r := int(uintptr(unsafe.Pointer(&b[0])) % alignBlock); r != 0 {
+		off = alignBlock - r
+	}
+	return b[off : off+size : off+size]
+}
+
+// openForBackup opens a file for reading, with O_DIRECT if direct and the
+// file system allows it (tmpfs, for one, does not).
+func openForBackup(name string, direct bool) (*os.File, bool, error) {
+	if direct {
+		fd, err := unix.Open(name, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_DIRECT, 0)
+		if err == nil {
+			return os.NewFile(uintptr(fd), name), true, nil
+		}
+		if err != unix.EINVAL {
+			return nil, false, &fs.PathError{Op: "open", Path: name, Err: err}
+		}
+	}
+	f, err := os.Open(name)
+	return f, false, err
+}
+
+// readPiece fills buf with up to left bytes of f, fewer only at its end
+// (io.EOF then, with what there was). With *direct, lengths are rounded up
+// to whole blocks, as O_DIRECT wants; a short read leaves the offset
+// unaligned, so the rest is read through the page cache (*direct
+// cleared).
+func readPiece(f *os.File, buf []byte, left int64, direct *bool) (int, error) {
+	want := int(min(int64(len(buf)), left))
+	n := 0
+	for n < want {
+		end := want
+		if *direct {
+			end = min(len(buf), (want+alignBlock-1)/alignBlock*alignBlock)
+		}
+		m, err := f.Read(buf[n:end])
+		if err == nil && *direct && m%alignBlock != 0 && n+m < want {
+			err = clearDirect(f, direct)
+		}
+		if errors.Is(err, unix.EINVAL) && *direct {
+			err = clearDirect(f, direct)
+		}
+		n += m
+		if err == io.EOF || (err == nil && m == 0) {
+			return min(n, want), io.EOF
+		}
+		if err != nil {
+			return min(n, want), err
+		}
+	}
+	return want, nil
+}
+
+// clearDirect turns O_DIRECT off for the rest of f.
+func clearDirect(f *os.File, direct *bool) error {
+	*direct = false
+	fd := int(f.Fd())
+	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err == nil {
+		_, err = unix.FcntlInt(uintptr(fd), unix.F_SETFL, fl&^unix.O_DIRECT)
+	}
+	if err != nil {
+		return fmt.Errorf("pgagent: %s: turn O_DIRECT off: %w", f.Name(), err)
+	}
+	return nil
 }
 
 // statNode is the snapshot node of a file as lstat describes it.

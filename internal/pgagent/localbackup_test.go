@@ -1,9 +1,11 @@
 package pgagent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -389,8 +391,11 @@ func TestLocalBaseBackupAbandoned(t *testing.T) {
 	if err != nil || len(all) != 0 {
 		t.Errorf("snapshots after a failed backup: %v, %v", all, err)
 	}
+	// The vault is opened again, as each `dualkey pg basebackup` does: a
+	// Repository keeps the error of an upload that the abandoned backup's
+	// end cancelled (repo's upErr), and refuses to save after it.
 	t0 := time.Now()
-	res, err := BaseBackup(ctx, env.Repo, pg.URL("postgres"), BaseBackupOptions{DataDir: filepath.Clean(pg.Dir + "/"),
+	res, err := BaseBackup(ctx, env.Reopen(t), pg.URL("postgres"), BaseBackupOptions{DataDir: filepath.Clean(pg.Dir + "/"),
 		ManifestChecksums: "SHA256"})
 	if err != nil {
 		t.Fatal(err)
@@ -402,5 +407,46 @@ func TestLocalBaseBackupAbandoned(t *testing.T) {
 	// The server ended the abandoned backup when its session closed.
 	if log, _ := os.ReadFile(pg.LogFile()); !strings.Contains(string(log), "aborting backup due to backend exiting before pg_backup_stop was called") {
 		t.Errorf("the server did not abort the backup; its log:\n%s", tailString(string(log), 2000))
+	}
+}
+
+// TestReadPiece reads files of awkward sizes as sendFile does, with
+// O_DIRECT where the file system allows it: the content is exact.
+func TestReadPiece(t *testing.T) {
+	dir := t.TempDir()
+	for _, size := range []int{0, 3, alignBlock - 1, alignBlock, readSize, readSize + 1, 3*readSize + 100} {
+		t.Run(strconv.Itoa(size), func(t *testing.T) {
+			want := make([]byte, size)
+			for i := range want {
+				want[i] = byte(i * 7 / 3)
+			}
+			p := filepath.Join(dir, strconv.Itoa(size))
+			if err := os.WriteFile(p, want, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			f, direct, err := openForBackup(p, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			t.Logf("O_DIRECT: %v", direct)
+			buf := alignedBuffer(readSize)
+			var got []byte
+			// Ask for more than there is, as for a file that shrank.
+			for left := int64(size) + 10; left > 0; {
+				n, err := readPiece(f, buf, left, &direct)
+				got = append(got, buf[:n]...)
+				left -= int64(n)
+				if err == io.EOF {
+					break
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			if !bytes.Equal(got, want) {
+				t.Errorf("read %d bytes, want %d (equal prefix: %v)", len(got), len(want), bytes.HasPrefix(want, got))
+			}
+		})
 	}
 }
