@@ -15,14 +15,17 @@
 #      with archive_command = pgbackrest archive-push (async)          untimed
 #   2. dualkey vault init, `dualkey pg agent` and pg_receivewal started: all
 #      three WAL consumers run from here to the end, on the same server
-#   3. full backup: dualkey pg basebackup, pgbackrest --type=full,
+#   3. full backup: dualkey pg basebackup --pgdata (the data directory read
+#      directly, as pgBackRest does), pgbackrest --type=full,
 #      pg_basebackup -Ft (server zstd)                                    timed
+#      and, for comparison, dualkey pg basebackup through BASE_BACKUP into a
+#      fresh vault of its own (reported in a table of its own)          timed
 #   4. pgbench -T 60 at full speed; the dualkey agent's lag is sampled every
 #      150 ms (pg_current_wal_lsn() - pg_stat_replication.flush_lsn of
 #      application_name 'dualkey')
 #   5. T := now; one marker row committed after T; pg_switch_wal(); wait
 #      until every consumer holds that WAL                              untimed
-#   6. second backup: dualkey pg basebackup, pgbackrest --type=incr,
+#   6. second backup: dualkey pg basebackup --pgdata, pgbackrest --type=incr,
 #      pg_basebackup (a full one again)                                   timed
 #   7. restore to T from each tool into an empty dir and start it on a free
 #      port; timed until the server has left recovery and answers (WAL replay
@@ -271,6 +274,7 @@ lag_stats() {
 # --- one data set -------------------------------------------------------------------------------------
 ROWS=()
 LAG_ROWS=()
+STREAM_ROWS=()
 run_set() {
 	local set=$1
 	SD=$PGW/$set
@@ -360,9 +364,19 @@ run_set() {
 	# ---- full backups
 	local r
 	declare -A full full_cpu second second_cpu added restore restore_split check wal_added size
-	timed dualkey-full "${AS_PG[@]}" env DUALKEY_PASSWORD_FILE="$PASSFILE" "${DK[@]}" pg basebackup --pg "$pgurl"
+	# The agent runs on the database host, as pgBackRest does (pg1-path):
+	# base backups read the data directory (--pgdata).
+	timed dualkey-full "${AS_PG[@]}" env DUALKEY_PASSWORD_FILE="$PASSFILE" "${DK[@]}" pg basebackup --pg "$pgurl" --pgdata "$data"
 	full[dualkey]=$WALL full_cpu[dualkey]=$CPU
-	note "dualkey full and 2nd" "${DK[@]}" pg basebackup --pg "postgres://postgres@127.0.0.1:PORT/postgres?sslmode=disable"
+	note "dualkey full and 2nd" "${DK[@]}" pg basebackup --pg "postgres://postgres@127.0.0.1:PORT/postgres?sslmode=disable" --pgdata SETDIR/data
+	# For comparison: the same full backup streamed through BASE_BACKUP (the
+	# agent on another host), into a fresh vault of its own.
+	local svault=$SD/vault-stream
+	as_pg env DUALKEY_PASSWORD_FILE="$PASSFILE" "$PGW/bin/dualkey" --repo "$svault" vault init >"$RUN/vault-stream-init.log" 2>&1 || die "dualkey vault init ($svault) failed"
+	timed dualkey-full-stream "${AS_PG[@]}" env DUALKEY_PASSWORD_FILE="$PASSFILE" "$PGW/bin/dualkey" --repo "$svault" pg basebackup --pg "$pgurl"
+	STREAM_ROWS+=("| $set | $WALL s ($CPU%) | ${full[dualkey]} s (${full_cpu[dualkey]}%) |")
+	note "dualkey full through BASE_BACKUP (fresh vault)" "$PGW/bin/dualkey" --repo SETDIR/vault-stream pg basebackup --pg "postgres://postgres@127.0.0.1:PORT/postgres?sslmode=disable"
+	rm -rf "$svault"
 	timed pgbackrest-full "${AS_PG[@]}" "${BR[@]}" --type=full backup
 	full[pgbackrest]=$WALL full_cpu[pgbackrest]=$CPU
 	note "pgbackrest full" "${BR[@]}" --type=full backup
@@ -410,7 +424,7 @@ run_set() {
 	wal_added[dualkey]=$((s_dk1 - s_dk0)) wal_added[pgbackrest]=$((s_br1 - s_br0)) wal_added[pg_basebackup]=$((s_bb1 - s_bb0))
 
 	# ---- second backups
-	timed dualkey-second "${AS_PG[@]}" env DUALKEY_PASSWORD_FILE="$PASSFILE" "${DK[@]}" pg basebackup --pg "$pgurl"
+	timed dualkey-second "${AS_PG[@]}" env DUALKEY_PASSWORD_FILE="$PASSFILE" "${DK[@]}" pg basebackup --pg "$pgurl" --pgdata "$data"
 	second[dualkey]=$WALL second_cpu[dualkey]=$CPU
 	timed pgbackrest-second "${AS_PG[@]}" "${BR[@]}" --type=incr backup
 	second[pgbackrest]=$WALL second_cpu[pgbackrest]=$CPU
@@ -576,6 +590,12 @@ report() {
 	echo "| data | tool | full backup (CPU) | 2nd backup after pgbench -T $RUN_SECONDS (CPU) | 2nd adds MiB | WAL stored during the run MiB | restore to T until it answers (files + replay) | repo MiB (WAL included) | restored rows |"
 	echo "|---|---|---|---|---|---|---|---|---|"
 	printf '%s\n' "${ROWS[@]}"
+	echo
+	echo "dualkey's full backup above reads the data directory (--pgdata, the agent on the database host); streamed through BASE_BACKUP instead (the agent elsewhere), into a fresh vault, right after it:"
+	echo
+	echo "| data | dualkey full through BASE_BACKUP (CPU) | dualkey full with --pgdata (CPU) |"
+	echo "|---|---|---|"
+	printf '%s\n' "${STREAM_ROWS[@]}"
 	echo
 	echo "WAL streaming lag of the dualkey agent (pg_current_wal_lsn() - pg_stat_replication.flush_lsn, sampled every 150 ms; seconds = bytes / the run's WAL rate; flush_lag as the server reports it):"
 	echo
