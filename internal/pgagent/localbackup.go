@@ -743,6 +743,9 @@ func (lb *localBackup) next() (*archiver.Entry, error) {
 	}
 	it, ok := <-lb.items
 	if !ok {
+		if err := lb.ctx.Err(); err != nil {
+			return nil, err // the walk stopped early
+		}
 		if err := lb.finish(); err != nil {
 			return nil, err
 		}
