@@ -18,6 +18,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/dualkey/dualkey/internal/pgagent"
 	"github.com/dualkey/dualkey/internal/pgtest"
 	"github.com/dualkey/dualkey/internal/pgwal"
 	"github.com/dualkey/dualkey/internal/vault/backend"
@@ -488,4 +489,40 @@ func vaultFiles(t *testing.T, dir string) map[string]int64 {
 		t.Fatal(err)
 	}
 	return out
+}
+
+// TestPGBasebackupLocal: --pgdata takes a local base backup; a directory
+// that is not the server's, or --pgdata on an agent without a schedule, is
+// refused.
+func TestPGBasebackupLocal(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts PostgreSQL")
+	}
+	c := newCLI(t, filepath.Join(t.TempDir(), "vault"))
+	c.ok("vault", "init", "--min-retention", "0s")
+	pg := pgtest.Start(t, pgtest.Options{})
+	var res struct {
+		Meta pgagent.BaseMeta `json:"meta"`
+	}
+	c.json(&res, "pg", "basebackup", "--pg", pg.URL("postgres"), "--pgdata", pg.Dir)
+	if res.Meta.Files < 100 || res.Meta.EndLSN <= res.Meta.StartLSN {
+		t.Errorf("meta %+v", res.Meta)
+	}
+	tests := []struct {
+		name string
+		args []string
+		code int
+		msg  string
+	}{
+		{"not a data directory", []string{"pg", "basebackup", "--pg", pg.URL("postgres"), "--pgdata", t.TempDir()}, exitError, "not a PostgreSQL data directory"},
+		{"throttled", []string{"pg", "basebackup", "--pg", pg.URL("postgres"), "--pgdata", pg.Dir, "--max-rate", "1024"}, exitUsage, "--max-rate"},
+		{"agent without a schedule", []string{"pg", "agent", "--pg", pg.URL("postgres"), "--pgdata", pg.Dir, "--no-tripwire"}, exitUsage, "--base-every"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if errs := c.code(tt.code, tt.args...); !strings.Contains(errs, tt.msg) {
+				t.Errorf("stderr %q does not mention %q", errs, tt.msg)
+			}
+		})
+	}
 }
