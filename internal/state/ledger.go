@@ -55,8 +55,16 @@ func (l *LedgerStore) AppendBatch(ctx context.Context, first uint64, recs [][]by
 		}
 	}
 	err = l.db.tx(ctx, func(tx *sql.Tx) error {
+		// Prepared once per batch: preparing the INSERT for each record
+		// was a quarter of the batch's cost (the gate appends thousands
+		// of statement records a second).
+		ins, err := tx.PrepareContext(ctx, "INSERT INTO ledger (seq, rec) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+		if err != nil {
+			return err
+		}
+		defer ins.Close()
 		for i, rec := range recs {
-			res, err := tx.ExecContext(ctx, "INSERT INTO ledger (seq, rec) VALUES ($1, $2) ON CONFLICT DO NOTHING", s+int64(i), rec)
+			res, err := ins.ExecContext(ctx, s+int64(i), rec)
 			if err != nil {
 				return err
 			}

@@ -240,7 +240,11 @@ func newRepository(store Store, key *crypto.Key, cfg format.Config, opts Options
 	if err != nil {
 		return nil, err
 	}
-	pageEnc, err := zstd.NewWriter(nil, append(encOpts, zstd.WithNoEntropyCompression(true))...)
+	// Pages: the fastest level, no literal entropy coding, and no lower
+	// memory mode (which made EncodeAll grow its output a step at a time).
+	// See SavePage for what that costs and saves.
+	pageEnc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)),
+		zstd.WithEncoderCRC(false), zstd.WithNoEntropyCompression(true))
 	if err != nil {
 		return nil, err
 	}
