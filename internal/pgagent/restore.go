@@ -68,6 +68,14 @@ type RestoreOptions struct {
 	// files the backup does not have are removed.
 	Delta bool
 
+	// TablespaceMap moves tablespaces: a tablespace's OID ("16384") or
+	// original location → the directory to restore it into instead of
+	// that location. Every tablespace is restored outside Target and
+	// linked from pg_tblspc/<oid>; its location must be missing or empty
+	// unless Delta, and outside Target. A key naming no tablespace of
+	// the backup is an error.
+	TablespaceMap map[string]string
+
 	// Repo is the repository location restore_command passes to
 	// "dualkey pg wal-fetch --repo" (the server runs it, not this process).
 	Repo string
@@ -118,6 +126,8 @@ type RestoreResult struct {
 	Rewritten int `json:"rewritten"`
 	Unchanged int `json:"unchanged"`
 	Removed   int `json:"removed"`
+	// Tablespaces say where each tablespace was restored.
+	Tablespaces []RestoredTablespace `json:"tablespaces,omitempty"`
 	// Settings are the lines appended to postgresql.auto.conf.
 	Settings []string `json:"settings"`
 	// RestoreTook is the time to restore the files; ReplayTook, with
@@ -191,7 +201,10 @@ func envName(s string) bool {
 // restores it in parallel, removes a stale postmaster.pid, empties pg_wal
 // (every WAL byte comes from the vault through restore_command), creates
 // recovery.signal and appends the recovery settings to
-// postgresql.auto.conf. As root it hands the directory to PGOSUser. With
+// postgresql.auto.conf. Each tablespace is restored into its own
+// location (opts.TablespaceMap, else its original one) and linked from
+// pg_tblspc/<oid>, as pg_basebackup does. As root it hands the directory
+// and the tablespaces to PGOSUser. With
 // opts.Start it starts the server and waits until recovery has finished.
 func Restore(ctx context.Context, r *repo.Repository, opts RestoreOptions) (*RestoreResult, error) {
 	if err := opts.check(); err != nil {
@@ -223,6 +236,10 @@ func Restore(ctx context.Context, r *repo.Repository, opts RestoreOptions) (*Res
 	opts.Log.Info("restoring base backup", "snapshot", b.ID.String()[:10], "start_lsn", b.Meta.StartLSN,
 		"end_lsn", b.Meta.EndLSN, "wal_reach", b.WALReach.String(), "timeline", ws.path.target())
 
+	tss, err := placeTablespaces(target, b.Meta.Tablespaces, opts.TablespaceMap, opts.Delta)
+	if err != nil {
+		return nil, err
+	}
 	res := &RestoreResult{Backup: *b, Target: target}
 	if w := walBeyondGap(ws, b); w != "" {
 		// Replay stops at the gap: say so rather than restore an earlier
@@ -232,9 +249,12 @@ func Restore(ctx context.Context, r *repo.Repository, opts RestoreOptions) (*Res
 	}
 	start := time.Now()
 	ropts := restorer.Options{Workers: opts.Workers, Progress: opts.Progress, Log: opts.Log}
-	if opts.Delta {
-		err = deltaRestore(ctx, r, b.Tree, target, ropts, res)
-	} else {
+	switch {
+	case len(tss) > 0:
+		err = restoreWithTablespaces(ctx, r, b.Tree, target, tss, opts.Delta, ropts, res)
+	case opts.Delta:
+		err = deltaRestore(ctx, r, b.Tree, target, nil, ropts, res)
+	default:
 		res.Stats, err = restorer.Restore(ctx, r, b.Tree, target, ropts)
 	}
 	if err != nil {
@@ -245,6 +265,9 @@ func Restore(ctx context.Context, r *repo.Repository, opts RestoreOptions) (*Res
 	}
 	res.RestoreTook = time.Since(start)
 	opts.Log.Info("base backup restored", "target", target, "files", res.Stats.Files, "took", res.RestoreTook)
+	for _, ts := range res.Tablespaces {
+		opts.Log.Info("tablespace restored", "oid", ts.OID, "location", ts.Location, "original", ts.Original)
+	}
 	if !opts.Start {
 		return res, nil
 	}
@@ -839,7 +862,10 @@ func logTail(p string) string {
 // the lengths of the snapshot's blobs, are equal; everything the snapshot
 // does not hold is removed. The restorer then writes the differing paths
 // only (as includes), with Overwrite.
-func deltaRestore(ctx context.Context, r *repo.Repository, root repo.ID, target string, ropts restorer.Options, res *RestoreResult) error {
+//
+// Paths in skip (tablespaces restored elsewhere) are neither compared nor
+// removed; ropts.Include, if set, must leave them out too.
+func deltaRestore(ctx context.Context, r *repo.Repository, root repo.ID, target string, skip map[string]bool, ropts restorer.Options, res *RestoreResult) error {
 	if fi, err := os.Lstat(target); errors.Is(err, fs.ErrNotExist) {
 		res.Stats, err = restorer.Restore(ctx, r, root, target, ropts)
 		return err
@@ -850,6 +876,12 @@ func deltaRestore(ctx context.Context, r *repo.Repository, root repo.ID, target 
 	}
 	nodes := map[string]*snapshot.Node{}
 	err := restorer.Walk(ctx, r, root, func(p string, n *snapshot.Node) error {
+		if skip[p] {
+			if n.Type == snapshot.Dir {
+				return fs.SkipDir
+			}
+			return nil
+		}
 		nodes[p] = n
 		return nil
 	})
@@ -867,6 +899,12 @@ func deltaRestore(ctx context.Context, r *repo.Repository, root repo.ID, target 
 		}
 		rel, _ := filepath.Rel(target, abs)
 		rel = filepath.ToSlash(rel)
+		if skip[rel] {
+			if d.IsDir() {
+				return fs.SkipDir
+			}
+			return nil
+		}
 		n := nodes[rel]
 		if n != nil && sameType(n, d.Type()) {
 			return nil
@@ -899,7 +937,15 @@ func deltaRestore(ctx context.Context, r *repo.Repository, root repo.ID, target 
 	g.SetLimit(workers)
 	for p, n := range nodes {
 		if n.Type == snapshot.Dir {
-			if _, err := os.Lstat(filepath.Join(target, filepath.FromSlash(p))); err != nil {
+			abs := filepath.Join(target, filepath.FromSlash(p))
+			if holdsSkipped(p, skip) {
+				// Including it would restore the skipped paths below it.
+				if err := os.MkdirAll(abs, 0o700); err != nil {
+					return fmt.Errorf("pgagent: delta: %w", err)
+				}
+				continue
+			}
+			if _, err := os.Lstat(abs); err != nil {
 				mu.Lock()
 				differ = append(differ, p)
 				mu.Unlock()
@@ -938,6 +984,7 @@ func deltaRestore(ctx context.Context, r *repo.Repository, root repo.ID, target 
 	// Each include is matched against every path; beyond a few thousand,
 	// restoring everything costs less than matching.
 	if len(differ) <= maxDeltaIncludes {
+		ropts.Include = nil
 		for _, p := range differ {
 			ropts.Include = append(ropts.Include, globEscape(p))
 		}
@@ -945,6 +992,16 @@ func deltaRestore(ctx context.Context, r *repo.Repository, root repo.ID, target 
 	st, err := restorer.Restore(ctx, r, root, target, ropts)
 	res.Stats = st
 	return err
+}
+
+// holdsSkipped reports whether a path in skip is below dir.
+func holdsSkipped(dir string, skip map[string]bool) bool {
+	for p := range skip {
+		if strings.HasPrefix(p, dir+"/") {
+			return true
+		}
+	}
+	return false
 }
 
 // maxDeltaIncludes bounds the paths a delta restore names one by one.
