@@ -2,6 +2,7 @@ package repo
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 
@@ -22,6 +23,12 @@ func (r *Repository) BlobID(data []byte) ID { return r.key.ID(data) }
 // compression, encryption) runs in the caller's goroutine, so callers get
 // parallelism by calling from several goroutines; packs are uploaded in the
 // background, at most Options.Uploads at once.
+//
+// Once a pack upload has failed, SaveBlob returns that error until Flush
+// has reported it: the blobs of the failed pack are not stored, so the
+// work that saved them cannot be committed and should stop early. Flush
+// then lets the repository be used for the next backup, which stores such
+// blobs again.
 func (r *Repository) SaveBlob(ctx context.Context, t pack.BlobType, data []byte) (ID, bool, error) {
 	return r.saveBlob(ctx, t, data, r.enc)
 }
@@ -148,6 +155,13 @@ func (r *Repository) upload(ctx context.Context, w *pack.Writer) {
 			if r.upErr == nil {
 				r.upErr = err
 			}
+			// Not stored, so no longer pending: a later save must store
+			// them again rather than count on this pack. Whoever was told
+			// they were pending fails at Commit, which finds them in no
+			// stored pack.
+			for _, b := range blobs {
+				delete(r.pending, b.ID)
+			}
 			return err
 		}
 		r.idx.Add(id, blobs)
@@ -179,6 +193,12 @@ func (r *Repository) upload(ctx context.Context, w *pack.Writer) {
 // Flush uploads the open packs, waits for every upload, and writes an index
 // object for the packs saved since the last Flush. Only after Flush returns
 // are the blobs saved so far durable and findable by other clients.
+//
+// If an upload failed since the last Flush, Flush returns its error (the
+// packs that were stored are indexed all the same) and clears it: the
+// failed packs' blobs are then neither stored nor pending, and the next
+// saves store them again. A caller that abandons its work on an error
+// calls Flush too, so that the repository serves the next backup.
 func (r *Repository) Flush(ctx context.Context) error {
 	r.mu.Lock()
 	var open []*pack.Writer
@@ -201,21 +221,46 @@ func (r *Repository) Flush(ctx context.Context) error {
 	if err == nil {
 		err = r.upErr
 	}
+	r.upErr = nil
 	packs := r.newPacks
 	r.newPacks = nil
 	r.mu.Unlock()
-	if err != nil {
-		return err
+	if ierr := r.writeIndex(ctx, packs); ierr != nil {
+		return errors.Join(err, ierr)
 	}
-	return r.writeIndex(ctx, packs)
+	return err
 }
 
 // maxIndexBlobs splits large indexes so that no single object is huge.
 const maxIndexBlobs = 200_000
 
+// indexBatch returns how many of packs, at least one, go in the next index
+// object.
+func indexBatch(packs []IndexPack) int {
+	n, blobs := 0, 0
+	for n < len(packs) && (n == 0 || blobs+len(packs[n].Blobs) <= maxIndexBlobs) {
+		blobs += len(packs[n].Blobs)
+		n++
+	}
+	return n
+}
+
+// writeIndex writes index objects for packs. Those it could not write go
+// back to r.newPacks for the next Flush: their blobs are in the in-memory
+// index already, so a snapshot may come to need them, and without an index
+// object no other client (nor this one reopened) would find them.
 func (r *Repository) writeIndex(ctx context.Context, packs []IndexPack) error {
-	_, err := r.SaveIndexes(ctx, packs)
-	return err
+	for len(packs) > 0 {
+		n := indexBatch(packs)
+		if _, err := r.SaveIndex(ctx, packs[:n]); err != nil {
+			r.mu.Lock()
+			r.newPacks = append(r.newPacks, packs...)
+			r.mu.Unlock()
+			return err
+		}
+		packs = packs[n:]
+	}
+	return nil
 }
 
 // SaveIndexes writes index objects covering packs, split so that none
@@ -224,11 +269,7 @@ func (r *Repository) writeIndex(ctx context.Context, packs []IndexPack) error {
 func (r *Repository) SaveIndexes(ctx context.Context, packs []IndexPack) ([]ID, error) {
 	var ids []ID
 	for len(packs) > 0 {
-		n, blobs := 0, 0
-		for n < len(packs) && (n == 0 || blobs+len(packs[n].Blobs) <= maxIndexBlobs) {
-			blobs += len(packs[n].Blobs)
-			n++
-		}
+		n := indexBatch(packs)
 		id, err := r.SaveIndex(ctx, packs[:n])
 		if err != nil {
 			return ids, err

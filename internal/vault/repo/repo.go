@@ -115,7 +115,7 @@ type Repository struct {
 	pending  map[ID]bool // blobs in open or uploading packs
 	newPacks []IndexPack // uploaded since the last index was written
 	uploads  *errgroup.Group
-	upErr    error
+	upErr    error // first upload failure not yet reported by Flush; saves fail with it
 }
 
 // InitOptions are the parameters fixed at init.

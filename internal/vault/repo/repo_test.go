@@ -12,6 +12,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/dualkey/dualkey/internal/vault/backend"
 	"github.com/dualkey/dualkey/internal/vault/crypto"
 	"github.com/dualkey/dualkey/internal/vault/guard"
 	"github.com/dualkey/dualkey/internal/vault/pack"
@@ -168,5 +169,89 @@ func BenchmarkEncodeBlob(b *testing.B) {
 	}
 	if err := env.Repo.Flush(context.Background()); err != nil {
 		b.Fatal(err)
+	}
+}
+
+// saveAll saves blobs from 8 goroutines and returns their IDs, whether each
+// was new, and the first error.
+func saveAll(ctx context.Context, r *repo.Repository, blobs [][]byte) ([]repo.ID, []bool, error) {
+	ids, isNew := make([]repo.ID, len(blobs)), make([]bool, len(blobs))
+	errs := make([]error, len(blobs))
+	var wg sync.WaitGroup
+	next := make(chan int)
+	for range 8 {
+		wg.Go(func() {
+			for i := range next {
+				ids[i], isNew[i], errs[i] = r.SaveBlob(ctx, pack.Data, blobs[i])
+			}
+		})
+	}
+	for i := range blobs {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return ids, isNew, err
+		}
+	}
+	return ids, isNew, nil
+}
+
+// A failed upload fails the work that was running, and only that: the next
+// backup on the same Repository stores the failed pack's blobs again.
+func TestSaveAfterFailedUpload(t *testing.T) {
+	boom := errors.New("store down")
+	tests := []struct {
+		name    string
+		fail    backend.Type
+		n, size int  // blobs saved before the failure is reported, and their size
+		allNew  bool // the failure lost every one of them, so all are new again
+	}{
+		{"pack saved by Flush", backend.Pack, 3, 64 << 10, true},
+		{"pack filled by saves", backend.Pack, 40, 100 << 10, false},
+		{"index", backend.Index, 3, 64 << 10, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			env := repotest.New(t, 0)
+			r, fs := env.OpenFaulty(t)
+			fs.FailSaves(tt.fail, boom)
+			first := make([][]byte, tt.n)
+			for i := range first {
+				first[i] = repotest.Random(tt.size)
+			}
+			_, _, err := saveAll(ctx, r, first)
+			if ferr := r.Flush(ctx); !errors.Is(ferr, boom) {
+				t.Fatalf("Flush after the failure = %v, want %v (saves: %v)", ferr, boom, err)
+			}
+			if err != nil && !errors.Is(err, boom) {
+				t.Fatalf("saves failed with %v, want %v or nothing", err, boom)
+			}
+
+			all := append(first, repotest.Random(tt.size), repotest.Random(tt.size))
+			ids, isNew, err := saveAll(ctx, r, all)
+			if err != nil {
+				t.Fatalf("saves after the failure was reported: %v", err)
+			}
+			if err := r.Flush(ctx); err != nil {
+				t.Fatalf("Flush after the failure was reported: %v", err)
+			}
+			for i := range first {
+				if tt.allNew && !isNew[i] {
+					t.Errorf("blob %d of the failed pack was not stored again", i)
+				}
+			}
+			for _, rr := range []*repo.Repository{r, env.Reopen(t)} {
+				for i, id := range ids {
+					got, err := rr.LoadBlob(ctx, pack.Data, id)
+					if err != nil || !bytes.Equal(got, all[i]) {
+						t.Fatalf("blob %d: %v", i, err)
+					}
+				}
+			}
+		})
 	}
 }
