@@ -16,6 +16,10 @@
 #             set repeats $BENCH_GATE_ROUNDS times (default 3): tps and
 #             latency are the medians, so load from other processes lands on
 #             all three alike
+#   floor     with 8 clients also bench/gatefloor, a Go relay that copies
+#             bytes and nothing else, in two designs: goroutines on Go's
+#             netpoller (as the gate) and one thread on raw epoll (as
+#             PgBouncer): what any Go proxy pays before the gate's own work
 #   profile   afterwards, a gate started with DUALKEY_CPUPROFILE runs the
 #             8-client select-only workload once per protocol; stopped with
 #             SIGINT so the profile is flushed; `go tool pprof -top` of each
@@ -50,6 +54,7 @@
 # Usage: bench/gate.sh [WORKDIR]   (default $BENCH_WORK or /tmp/dualkey-bench)
 # Environment: BENCH_GATE_SCALE (10), BENCH_GATE_SECONDS (15),
 # BENCH_GATE_ROUNDS (3), BENCH_GATE_PROFILE (1; 0 skips the profile runs),
+# BENCH_GATE_FLOOR (1; 0 skips the bench/gatefloor relays),
 # DUALKEY_BIN (default bin/dualkey), BENCH_RESULTS (markdown appended;
 # default bench/results/<date>.md), BENCH_LOCK (a file created for each timed
 # window and removed after it, so cooperating users of the machine can keep
@@ -65,6 +70,7 @@ SCALE=${BENCH_GATE_SCALE:-10}
 RUN_SECONDS=${BENCH_GATE_SECONDS:-15}
 ROUNDS=${BENCH_GATE_ROUNDS:-3}
 PROFILE=${BENCH_GATE_PROFILE:-1}
+FLOOR=${BENCH_GATE_FLOOR:-1}
 LOCK=${BENCH_LOCK:-}
 DUALKEY_SRC=${DUALKEY_BIN:-$ROOT/bin/dualkey}
 RESULTS=${BENCH_RESULTS:-$ROOT/bench/results/$(date +%Y-%m-%d).md}
@@ -86,7 +92,7 @@ CLEANUP_HOOK=lock_cleanup
 [[ -x $PGBIN/initdb && -x $PGBIN/pgbench ]] || die "PostgreSQL 15 missing; run scripts/setup.sh bench"
 [[ -x $PGBOUNCER ]] || die "pgbouncer missing; run scripts/setup.sh bench"
 [[ -x $DUALKEY_SRC ]] || die "dualkey binary $DUALKEY_SRC missing; make build (or DUALKEY_BIN=...)"
-[[ $PROFILE == 0 || -x $GO ]] || die "go needed for go tool pprof (or BENCH_GATE_PROFILE=0)"
+[[ ($PROFILE == 0 && $FLOOR == 0) || -x $GO ]] || die "go needed for go tool pprof and bench/gatefloor (or BENCH_GATE_PROFILE=0 BENCH_GATE_FLOOR=0)"
 
 lock_on() { [[ -z $LOCK ]] || touch "$LOCK"; }
 lock_off() { [[ -z $LOCK ]] || rm -f "$LOCK"; }
@@ -214,6 +220,25 @@ gate_start
 # --- runs ------------------------------------------------------------------------------------
 TARGETS=(direct pgbouncer gate)
 declare -A PORT_OF=([direct]=$PGPORT [pgbouncer]=$BOUNCER_PORT [gate]=$GATE_PORT)
+declare -A PID_OF=([pgbouncer]=$BOUNCER [gate]=$GATE)
+
+# The floor: bench/gatefloor, a Go relay that only copies bytes, in its two
+# designs (Go's netpoller as the gate uses it; one thread on raw epoll, as
+# PgBouncer works), run with 8 clients beside the others.
+FLOOR_TARGETS=()
+if [[ $FLOOR != 0 ]]; then
+	"$GO" build -o "$GW/bin/gatefloor" "$ROOT/bench/gatefloor" || die "go build bench/gatefloor failed"
+	for mode in netpoll epoll; do
+		free_port port
+		"${AS_PG[@]}" "$GW/bin/gatefloor" -mode "$mode" -listen "127.0.0.1:$port" -upstream "127.0.0.1:$PGPORT" >>"$GW/logs/gatefloor.log" 2>&1 &
+		BG_PIDS+=("$!")
+		PID_OF[relay-$mode]=$!
+		PORT_OF[relay-$mode]=$port
+		FLOOR_TARGETS+=("relay-$mode")
+		wait_until "gatefloor -mode $mode to listen" 30 "listening $port"
+	done
+	note "floor" "gatefloor -mode netpoll|epoll -listen 127.0.0.1:PORT -upstream 127.0.0.1:PG  (bench/gatefloor: a relay that copies bytes, nothing else)"
+fi
 CASES=("select simple 8" "select prepared 8" "tpcb simple 8" "tpcb prepared 8"
 	"select simple 1" "select prepared 1" "tpcb simple 1" "tpcb prepared 1")
 declare -A TPS LAT CPU # "case target" -> space-separated values, one per round
@@ -238,7 +263,7 @@ run_one() {
 		psql_sock bench "CHECKPOINT" >/dev/null
 	fi
 	pgbench_cmd "$w" "$m" "$c" "${PORT_OF[$target]}"
-	case $target in pgbouncer) pid=$BOUNCER ;; gate) pid=$GATE ;; esac
+	pid=${PID_OF[$target]:-}
 	[[ -z $pid ]] || c0=$(cpu_ticks "$pid")
 	t0=$(now)
 	as_pg env PGPASSFILE="$GW/pgpass" "${CMD[@]}" >"$log" 2>&1 || {
@@ -268,10 +293,13 @@ for ((r = 1; r <= ROUNDS; r++)); do
 	lock_on
 	for ((k = 0; k < ${#CASES[@]}; k++)); do
 		read -r w m c <<<"${CASES[$k]}"
-		for ((i = 0; i < 3; i++)); do
+		local_targets=("${TARGETS[@]}")
+		((c == 8)) && local_targets+=("${FLOOR_TARGETS[@]}")
+		nt=${#local_targets[@]}
+		for ((i = 0; i < nt; i++)); do
 			# Rotate the order per round and per workload so no target always
 			# runs first (right after a CHECKPOINT) or last.
-			target=${TARGETS[$(((i + r + k) % 3))]}
+			target=${local_targets[$(((i + r + k) % nt))]}
 			run_one "$w" "$m" "$c" "$target" "$GW/logs/r$r-$w-$m-c$c-$target.log"
 			TPS["${CASES[$k]} $target"]+="$R_TPS "
 			LAT["${CASES[$k]} $target"]+="$R_LAT "
@@ -315,6 +343,7 @@ fi
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 ROWS=()
 GOALS=()
+FLOOR_ROWS=()
 for cs in "${CASES[@]}"; do
 	read -r w m c <<<"$cs"
 	declare -A mt ml
@@ -338,6 +367,14 @@ for cs in "${CASES[@]}"; do
 	else
 		GOALS+=("$(awk -v l="$w -M $m, 1 client" -v n="$stmts" -v dl="${ml[direct]}" -v bl="${ml[pgbouncer]}" -v gl="${ml[gate]}" 'BEGIN {
 			printf "%s: added latency per statement gate %.3f ms, PgBouncer %.3f ms: %s", l, (gl - dl) / n, (bl - dl) / n, (gl <= bl) ? "met" : "NOT met" }')")
+	fi
+	if ((c == 8 && ${#FLOOR_TARGETS[@]})); then
+		cells=""
+		for t in relay-netpoll relay-epoll pgbouncer gate; do
+			cells+=$(awk -v dt="${mt[direct]}" -v t="$(median <<<"${TPS["$cs $t"]}")" -v cpu="$(median <<<"${CPU["$cs $t"]}")" \
+				'BEGIN { printf " %.0f (%.0f%%), %.0f |", t, 100 * t / dt, cpu / 100 / t * 1e6 }')
+		done
+		FLOOR_ROWS+=("| $([[ $w == select ]] && echo select-only || echo TPC-B) | $m | ${mt[direct]} |$cells")
 	fi
 	unset mt ml
 done
@@ -365,11 +402,20 @@ report() {
 	echo
 	printf -- '- %s\n' "${GOALS[@]}"
 	echo
+	if ((${#FLOOR_TARGETS[@]})); then
+		echo "The floor, 8 clients: bench/gatefloor copies bytes and does nothing else; relay-netpoll uses goroutines on Go's network poller as the gate does, relay-epoll one thread on raw epoll as PgBouncer does. CPU per transaction = the proxy's CPU time over the run / transactions (medians):"
+		echo
+		echo "| workload | protocol | direct tps | relay-netpoll tps (of direct), µs/txn | relay-epoll tps (of direct), µs/txn | PgBouncer tps (of direct), µs/txn | gate tps (of direct), µs/txn |"
+		echo "|---|---|---|---|---|---|---|"
+		printf '%s\n' "${FLOOR_ROWS[@]}"
+		echo
+	fi
 	echo "Every run (tps / latency ms / proxy CPU %, rounds in order):"
 	echo
 	echo '```'
 	for cs in "${CASES[@]}"; do
-		for t in "${TARGETS[@]}"; do
+		for t in "${TARGETS[@]}" "${FLOOR_TARGETS[@]}"; do
+			[[ -n ${TPS["$cs $t"]:-} ]] || continue # the floor runs with 8 clients only
 			printf '%-20s %-9s tps %-26s lat %-22s cpu %s\n' "$cs" "$t" "${TPS["$cs $t"]}" "${LAT["$cs $t"]}" "${CPU["$cs $t"]}"
 		done
 	done
