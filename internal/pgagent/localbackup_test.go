@@ -261,6 +261,10 @@ func TestLocalBaseBackup(t *testing.T) {
 
 	o := v.opts(newTarget(t))
 	o.Time = T
+	// The original tablespace directory still holds the stopped server's
+	// files: restore the tablespace elsewhere.
+	moved := tablespaceDir(t)
+	o.TablespaceMap = map[string]string{ts: moved}
 	rres, err := Restore(ctx, v.r, o)
 	if err != nil {
 		t.Fatal(err)
@@ -275,11 +279,12 @@ func TestLocalBaseBackup(t *testing.T) {
 	} else {
 		t.Logf("pg_verifybackup: %s", strings.TrimSpace(string(out)))
 	}
-	// Restore leaves the tablespace as a directory in pg_tblspc, which
-	// PostgreSQL 15.18 refuses at the end of recovery without this.
-	srv := pgtest.Attach(t, o.Target, "allow_in_place_tablespaces = on")
+	srv := pgtest.Attach(t, o.Target)
 	srv.Start()
 	waitPrimary(t, srv)
+	if got := srv.Query("postgres", "SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'extra'"); got != moved {
+		t.Errorf("tablespace extra at %q, want %s", got, moved)
+	}
 	checkKnown(t, srv, rows, T)
 	if got := srv.Query("app", "SELECT count(*) FROM important"); got != "1000" {
 		t.Errorf("important (in the tablespace) holds %s rows, want 1000", got)
