@@ -79,6 +79,7 @@ func (a *app) pgRestoreCmd() *cobra.Command {
 		incidentID string
 		fetchCmd   string
 		serverSet  []string
+		tsMap      []string
 	)
 	c := &cobra.Command{
 		Use:   "restore --target DIR (--time T | --lsn L | --before-xid X | --before-incident ID | --latest)",
@@ -106,7 +107,14 @@ AWS_DEFAULT_REGION, AWS_REGION, DUALKEY_S3_CACERT, DUALKEY_S3_INSECURE_TLS) go
 into TARGET.dualkey-env, mode 0600 and owned by the server's OS user, which
 restore_command names as DUALKEY_ENV_FILE; the secret key is never written into
 postgresql.auto.conf. With --start the server is started on --port
-and the command waits until recovery has finished and it accepts connections.`,
+and the command waits until recovery has finished and it accepts connections.
+
+Each tablespace is restored into a directory of its own, outside --target, and
+pg_tblspc/<oid> links to it, as pg_basebackup does: its original location
+unless --tablespace-map OLD=NEW (repeatable; OLD is the tablespace's OID or
+its original location; write \= for an = in a path) moves it. A location must
+be missing or empty unless --delta, which compares and rewrites inside it as in
+the target.`,
 		Args: cobra.NoArgs,
 		RunE: a.withRepo(func(ctx context.Context, r *repo.Repository, _ []string) error {
 			if opts.Target == "" {
@@ -163,6 +171,19 @@ and the command waits until recovery has finished and it accepts connections.`,
 			if opts.Start && opts.Port == 0 {
 				return usagef("--start needs --port")
 			}
+			for _, m := range tsMap {
+				old, dir, err := pgagent.ParseTablespaceMapping(m)
+				if err != nil {
+					return usageError{err}
+				}
+				if opts.TablespaceMap == nil {
+					opts.TablespaceMap = map[string]string{}
+				}
+				if prev, ok := opts.TablespaceMap[old]; ok && prev != dir {
+					return usagef("--tablespace-map: %s is mapped twice (%s and %s)", old, prev, dir)
+				}
+				opts.TablespaceMap[old] = dir
+			}
 			loc, err := a.repoLocation()
 			if err != nil {
 				return err
@@ -215,7 +236,7 @@ and the command waits until recovery has finished and it accepts connections.`,
 				}
 			}
 			if err != nil {
-				if errors.Is(err, pgagent.ErrTargetNotEmpty) {
+				if errors.Is(err, pgagent.ErrTargetNotEmpty) || errors.Is(err, pgagent.ErrTablespaceInTarget) {
 					if envFile != "" {
 						os.Remove(envFile) // nothing restored needs it
 					}
@@ -229,6 +250,9 @@ and the command waits until recovery has finished and it accepts connections.`,
 			b := res.Backup
 			a.say("restored base backup %s (ended %s, %s) to %s in %s", b.ID.String()[:10],
 				b.Meta.EndTime.Local().Format(time.RFC3339), b.Meta.EndLSN, res.Target, res.RestoreTook.Round(time.Millisecond))
+			for _, ts := range res.Tablespaces {
+				a.say("tablespace %d restored to %s (was %s), linked from pg_tblspc/%d", ts.OID, ts.Location, ts.Original, ts.OID)
+			}
 			if opts.Delta {
 				a.say("delta: %d files rewritten, %d unchanged, %d removed", res.Rewritten, res.Unchanged, res.Removed)
 			}
@@ -248,6 +272,7 @@ and the command waits until recovery has finished and it accepts connections.`,
 	f.BoolVar(&opts.Latest, "latest", false, "restore everything the vault holds")
 	f.StringVar(&incidentID, "before-incident", "", "restore to just before a tripwire incident (dualkey incidents list)")
 	f.BoolVar(&opts.Delta, "delta", false, "restore into a non-empty target, rewriting only files that differ")
+	f.StringArrayVar(&tsMap, "tablespace-map", nil, "restore a tablespace to NEW instead of its original location: OLD=NEW, OLD its OID or original location (repeatable)")
 	f.BoolVar(&opts.Start, "start", false, "start the server and wait until recovery has finished")
 	f.IntVar(&opts.Port, "port", 0, "port to start the restored server on (with --start)")
 	f.StringArrayVar(&serverSet, "set", nil, "with --start, a server setting name=value (repeatable)")
