@@ -362,12 +362,26 @@ func equalStrings(a, b []string) bool {
 
 // run starts the blob workers, lets fill add the root's nodes, and commits
 // the snapshot. An error from fill abandons the backup: nothing is
-// committed.
+// committed, and the Repository is left fit for the next backup.
 func (a *archiver) run(ctx context.Context, paths []string, parent *repo.SnapshotInfo,
 	fill func(context.Context, *snapshot.Tree, *snapshot.Tree) error) (*Result, error) {
 	start := time.Now()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	committed := false
+	// An abandoned backup, too, waits for its uploads and lets Flush report
+	// and clear their errors, before cancel: else they fail after it
+	// returned, and their error would fail the next backup on this
+	// Repository (the PostgreSQL agent keeps one open). What was stored is
+	// indexed, for the next backup to reuse.
+	defer func() {
+		if committed {
+			return
+		}
+		if err := a.r.Flush(ctx); err != nil && ctx.Err() == nil {
+			a.opts.Log.Warn("abandoned backup: storing its packs failed", "err", err)
+		}
+	}()
 	a.startWorkers(ctx)
 	if !a.scanDone.Load() {
 		go a.scan(ctx, paths)
@@ -446,6 +460,7 @@ func (a *archiver) run(ctx context.Context, paths []string, parent *repo.Snapsho
 	if err != nil {
 		return nil, err
 	}
+	committed = true
 	a.progress(true, start)
 	res := &Result{ID: id, Lock: lock, Summary: a.sum, Errors: a.errs}
 	if len(a.errs) > 0 {
