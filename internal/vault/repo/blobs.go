@@ -415,21 +415,5 @@ func (r *Repository) LoadBlob(ctx context.Context, t pack.BlobType, id ID) ([]by
 
 // DecodeBlob opens a sealed blob read from its location and checks its ID.
 func (r *Repository) DecodeBlob(loc Location, sealed []byte) ([]byte, error) {
-	if len(sealed) != int(loc.Length) {
-		return nil, fmt.Errorf("%w: blob %s in pack %s: %d bytes, want %d", ErrDamaged, loc.ID, loc.Pack, len(sealed), loc.Length)
-	}
-	plain, err := r.key.Open(nil, sealed)
-	if err != nil {
-		return nil, fmt.Errorf("%w: blob %s in pack %s: %v", ErrDamaged, ID(loc.ID), loc.Pack, err)
-	}
-	if loc.Flags&pack.FlagZstd != 0 {
-		plain, err = r.dec.DecodeAll(plain, make([]byte, 0, loc.RawLength))
-		if err != nil {
-			return nil, fmt.Errorf("%w: blob %s in pack %s: decompress: %v", ErrDamaged, ID(loc.ID), loc.Pack, err)
-		}
-	}
-	if len(plain) != int(loc.RawLength) || r.key.ID(plain) != loc.ID {
-		return nil, fmt.Errorf("%w: blob %s in pack %s: content does not match its ID", ErrDamaged, ID(loc.ID), loc.Pack)
-	}
-	return plain, nil
+	return r.DecodeBlobBuf(loc, sealed, &BlobBuf{})
 }

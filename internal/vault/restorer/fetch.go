@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/dualkey/dualkey/internal/vault/backend"
+	"github.com/dualkey/dualkey/internal/vault/repo"
 )
 
 const (
@@ -67,6 +68,8 @@ type writer struct {
 	rs      *restore
 	handles []openFile // least recently used first
 
+	bb repo.BlobBuf // the decoded blob's buffers, reused
+
 	pf    int32 // file of the gathered write, -1 if none
 	poff  int64
 	pbuf  []byte
@@ -114,7 +117,7 @@ func (w *writer) span(ctx context.Context, s *span) {
 
 func (w *writer) blob(bp *blobPlan, sealed []byte) {
 	rs := w.rs
-	plain, err := rs.r.DecodeBlob(bp.loc, sealed)
+	plain, err := rs.r.DecodeBlobBuf(bp.loc, sealed, &w.bb) // consumed (written or copied) before the next
 	rs.c.blobsDone.Add(1)
 	if err != nil {
 		w.giveUp(bp, err)
