@@ -34,7 +34,7 @@ type RestoredTablespace struct {
 // ParseTablespaceMapping parses a --tablespace-map value, OLD=NEW, where
 // OLD is a tablespace's OID or original location. As in pg_basebackup's
 // --tablespace-mapping, "\=" stands for an "=" inside either path.
-func ParseTablespaceMapping(s string) (old, new string, err error) {
+func ParseTablespaceMapping(s string) (from, to string, err error) {
 	var parts []string
 	var b strings.Builder
 	for i := 0; i < len(s); i++ {
@@ -159,6 +159,7 @@ func restoreWithTablespaces(ctx context.Context, r *repo.Repository, root repo.I
 	// Each part restores with its own counts; progress adds up the parts
 	// done so far.
 	var done restorer.Stats
+	defer func() { res.Stats = done }()
 	if p := ropts.Progress; p != nil {
 		ropts.Progress = func(s restorer.Stats) { p(addStats(done, s)) }
 	}
@@ -215,7 +216,6 @@ func restoreWithTablespaces(ctx context.Context, r *repo.Repository, root repo.I
 			return err
 		}
 	}
-	res.Stats = done
 	res.Tablespaces = tss
 	return nil
 }

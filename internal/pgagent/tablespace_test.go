@@ -17,7 +17,7 @@ import (
 
 func TestParseTablespaceMapping(t *testing.T) {
 	tests := []struct {
-		in, old, new string
+		in, from, to string
 		ok           bool
 	}{
 		{"16384=/srv/ts", "16384", "/srv/ts", true},
@@ -30,9 +30,9 @@ func TestParseTablespaceMapping(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.in, func(t *testing.T) {
-			old, new, err := ParseTablespaceMapping(tt.in)
-			if (err == nil) != tt.ok || old != tt.old || new != tt.new {
-				t.Errorf("ParseTablespaceMapping(%q) = %q, %q, %v", tt.in, old, new, err)
+			from, to, err := ParseTablespaceMapping(tt.in)
+			if (err == nil) != tt.ok || from != tt.from || to != tt.to {
+				t.Errorf("ParseTablespaceMapping(%q) = %q, %q, %v", tt.in, from, to, err)
 			}
 		})
 	}
