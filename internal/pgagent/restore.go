@@ -169,6 +169,12 @@ func (o *RestoreOptions) check() error {
 	if o.Start && o.Port <= 0 {
 		return errors.New("pgagent: starting the restored server needs a port")
 	}
+	for k, v := range o.TablespaceMap {
+		// An empty path would be taken as the current directory.
+		if k == "" || v == "" {
+			return fmt.Errorf("pgagent: tablespace mapping %q=%q: want a tablespace and a directory", k, v)
+		}
+	}
 	if o.Repo == "" && o.WalFetchCommand == "" {
 		return errors.New("pgagent: no repository location for restore_command")
 	}

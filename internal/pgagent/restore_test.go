@@ -244,6 +244,7 @@ func TestRestoreOptionsCheck(t *testing.T) {
 		{Target: "/x", Repo: "/v", Latest: true, Env: []string{"DUALKEY_PASSWORD=secret"}},
 		{Target: "/x", Repo: "/v", Latest: true, Env: []string{"NO VALUE"}},
 		{Target: "/x", Repo: "/v", BeforeXID: 2},
+		{Target: "/x", Repo: "/v", Latest: true, TablespaceMap: map[string]string{"16384": ""}},
 	}
 	for i, o := range bad {
 		if err := o.check(); err == nil {
