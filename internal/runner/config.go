@@ -16,6 +16,7 @@ import (
 
 	"github.com/dualkey/dualkey/internal/gate/policy"
 	"github.com/dualkey/dualkey/internal/quorum/cert"
+	"github.com/dualkey/dualkey/internal/yamlconf"
 )
 
 // Config is a parsed, validated dualkey.yaml. The zero value is not
@@ -260,24 +261,9 @@ func isPostgresDSN(dsn string) bool {
 	return strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://")
 }
 
-// ConfigError is one problem in dualkey.yaml, at a line.
-type ConfigError struct {
-	File  string
-	Line  int    // 0 when the problem is the whole file
-	Field string // e.g. "gate.rules[2].action"
-	Msg   string
-}
-
-func (e *ConfigError) Error() string {
-	loc := e.File
-	if e.Line > 0 {
-		loc = fmt.Sprintf("%s:%d", e.File, e.Line)
-	}
-	if e.Field == "" {
-		return fmt.Sprintf("runner: %s: %s", loc, e.Msg)
-	}
-	return fmt.Sprintf("runner: %s: %s: %s", loc, e.Field, e.Msg)
-}
+// ConfigError is one problem in dualkey.yaml, at a line; its message
+// starts "runner: ".
+type ConfigError = yamlconf.Error
 
 // Load reads and validates dualkey.yaml at path. Relative paths in it are
 // taken from the data directory, which is itself relative to the current
@@ -306,11 +292,10 @@ type Overrides struct {
 // ParseWith is Parse with flags applied before the defaults, so that
 // defaults depending on them follow (the URL's database).
 func ParseWith(data []byte, name string, o Overrides) (*Config, error) {
-	p := &parser{file: name}
-	var doc yaml.Node
-	if err := yaml.Unmarshal(data, &doc); err != nil {
-		line, msg := yamlErr(err)
-		return nil, &ConfigError{File: name, Line: line, Msg: msg}
+	p := &parser{yamlconf.Parser{Prefix: "runner", File: name}}
+	doc, err := p.Decode(data)
+	if err != nil {
+		return nil, err
 	}
 	// What is on unless the file says otherwise, also when there is no
 	// file (flags only): p.config sees only a non-empty document.
@@ -333,7 +318,7 @@ func ParseWith(data []byte, name string, o Overrides) (*Config, error) {
 	}
 	if o.URL != "" {
 		if err := checkURL(o.URL); err != nil {
-			p.errs = append(p.errs, fmt.Errorf("runner: --pg: %v", err))
+			p.Errs = append(p.Errs, fmt.Errorf("runner: --pg: %v", err))
 		}
 		c.PG.URL = o.URL
 	}
@@ -341,185 +326,65 @@ func ParseWith(data []byte, name string, o Overrides) (*Config, error) {
 		c.DataDir = o.DataDir
 	}
 	c.applyDefaults()
-	if len(p.errs) == 0 {
+	if len(p.Errs) == 0 {
 		if gateNode != nil {
 			p.gateSection(data, gateNode, gateEnd, c)
 		}
-		if len(p.errs) == 0 {
+		if len(p.Errs) == 0 {
 			if err := c.validateGate(p); err != nil {
-				p.errs = append(p.errs, err)
+				p.Errs = append(p.Errs, err)
 			}
 		}
 	}
-	if len(p.errs) > 0 {
-		return nil, errors.Join(p.errs...)
+	if err := p.Err(); err != nil {
+		return nil, err
 	}
 	return c, nil
 }
 
-// yamlErr splits a yaml.v3 syntax error ("yaml: line 4: ...") into the
-// line and the message.
-func yamlErr(err error) (int, string) {
-	s := strings.TrimPrefix(err.Error(), "yaml: ")
-	rest, ok := strings.CutPrefix(s, "line ")
-	if !ok {
-		return 0, s
-	}
-	num, msg, ok := strings.Cut(rest, ": ")
-	n, err2 := strconv.Atoi(num)
-	if !ok || err2 != nil {
-		return 0, s
-	}
-	return n, msg
-}
-
+// parser reads dualkey.yaml; yamlconf.Parser has the walk and the
+// scalars.
 type parser struct {
-	file string
-	errs []error
-	keys map[string]int // field → the line of its key
-}
-
-// errKey reports a problem with a whole field at its key's line.
-func (p *parser) errKey(field, format string, a ...any) {
-	p.errs = append(p.errs, &ConfigError{File: p.file, Line: p.keys[field], Field: field, Msg: fmt.Sprintf(format, a...)})
-}
-
-func (p *parser) errf(n *yaml.Node, field, format string, a ...any) {
-	line := 0
-	if n != nil {
-		line = n.Line
-	}
-	p.errs = append(p.errs, &ConfigError{File: p.file, Line: line, Field: field, Msg: fmt.Sprintf(format, a...)})
-}
-
-// fields walks a mapping, calling fn for each known key and reporting the
-// others.
-func (p *parser) fields(n *yaml.Node, path string, known map[string]func(v *yaml.Node, field string)) {
-	if n.Kind != yaml.MappingNode {
-		p.errf(n, path, "must be a mapping")
-		return
-	}
-	seen := map[string]bool{}
-	for i := 0; i+1 < len(n.Content); i += 2 {
-		k, v := n.Content[i], n.Content[i+1]
-		field := k.Value
-		if path != "" {
-			field = path + "." + k.Value
-		}
-		if seen[k.Value] {
-			p.errf(k, field, "given twice")
-			continue
-		}
-		seen[k.Value] = true
-		if p.keys == nil {
-			p.keys = map[string]int{}
-		}
-		p.keys[field] = k.Line
-		fn, ok := known[k.Value]
-		if !ok {
-			keys := make([]string, 0, len(known))
-			for key := range known {
-				keys = append(keys, key)
-			}
-			slices.Sort(keys)
-			p.errf(k, field, "unknown key (known: %s)", strings.Join(keys, ", "))
-			continue
-		}
-		fn(v, field)
-	}
-}
-
-func (p *parser) str(n *yaml.Node, field string, dst *string) {
-	if n.Kind != yaml.ScalarNode || n.Tag == "!!null" || n.Value == "" {
-		p.errf(n, field, "must be a non-empty string")
-		return
-	}
-	*dst = n.Value
-}
-
-func (p *parser) boolean(n *yaml.Node, field string, dst *bool) {
-	if n.Kind != yaml.ScalarNode || n.Tag != "!!bool" {
-		p.errf(n, field, "must be true or false")
-		return
-	}
-	*dst = n.Value == "true"
-}
-
-func (p *parser) integer(n *yaml.Node, field string, lo, hi int64) (int64, bool) {
-	if n.Kind != yaml.ScalarNode || n.Tag != "!!int" {
-		p.errf(n, field, "must be a whole number")
-		return 0, false
-	}
-	v, err := strconv.ParseInt(strings.ReplaceAll(n.Value, "_", ""), 0, 64)
-	if err != nil || v < lo || v > hi {
-		p.errf(n, field, "%s is out of range %d..%d", n.Value, lo, hi)
-		return 0, false
-	}
-	return v, true
+	yamlconf.Parser
 }
 
 // duration reads a positive duration; "off" is -1 when allowed.
 func (p *parser) duration(n *yaml.Node, field string, dst *time.Duration, off bool) {
 	var s string
-	p.str(n, field, &s)
-	if s == "" {
-		return
-	}
-	if off && s == "off" {
+	p.NonEmptyStr(n, field, &s)
+	switch {
+	case s == "":
+	case off && s == "off":
 		*dst = -1
-		return
+	case off:
+		p.Duration(n, field, s, `30m or 24h, or "off"`, dst)
+	default:
+		p.Duration(n, field, s, "30m or 24h", dst)
 	}
-	d, err := time.ParseDuration(s)
-	if err != nil || d <= 0 {
-		hint := ""
-		if off {
-			hint = `, or "off"`
-		}
-		p.errf(n, field, "%q is not a positive duration like 30m or 24h%s", s, hint)
-		return
-	}
-	*dst = d
-}
-
-func (p *parser) list(n *yaml.Node, field string) []string {
-	if n.Kind != yaml.SequenceNode {
-		p.errf(n, field, "must be a list of strings")
-		return nil
-	}
-	var out []string
-	for i, it := range n.Content {
-		f := fmt.Sprintf("%s[%d]", field, i)
-		if it.Kind != yaml.ScalarNode || it.Tag == "!!null" || it.Value == "" {
-			p.errf(it, f, "must be a non-empty string")
-			continue
-		}
-		out = append(out, it.Value)
-	}
-	return out
 }
 
 func (p *parser) config(root *yaml.Node, c *Config) {
 	var usersNode, thresholdNode *yaml.Node
-	p.fields(root, "", map[string]func(*yaml.Node, string){
-		"data_dir": func(v *yaml.Node, f string) { p.str(v, f, &c.DataDir) },
+	p.Fields(root, "", map[string]func(*yaml.Node, string){
+		"data_dir": func(v *yaml.Node, f string) { p.NonEmptyStr(v, f, &c.DataDir) },
 		"vault": func(v *yaml.Node, f string) {
-			p.fields(v, f, map[string]func(*yaml.Node, string){
-				"repo":          func(v *yaml.Node, f string) { p.str(v, f, &c.Vault.Repo) },
-				"password_file": func(v *yaml.Node, f string) { p.str(v, f, &c.Vault.PasswordFile) },
+			p.Fields(v, f, map[string]func(*yaml.Node, string){
+				"repo":          func(v *yaml.Node, f string) { p.NonEmptyStr(v, f, &c.Vault.Repo) },
+				"password_file": func(v *yaml.Node, f string) { p.NonEmptyStr(v, f, &c.Vault.PasswordFile) },
 				"min_retention": func(v *yaml.Node, f string) { p.duration(v, f, &c.Vault.MinRetention, false) },
 			})
 			if strings.Contains(c.Vault.Repo, "://") {
-				p.errf(v, f+".repo", "%q: dualkey run keeps a directory vault; give a directory", c.Vault.Repo)
+				p.Errf(v, f+".repo", "%q: dualkey run keeps a directory vault; give a directory", c.Vault.Repo)
 			}
 		},
-		"state": func(v *yaml.Node, f string) { p.str(v, f, &c.State) },
+		"state": func(v *yaml.Node, f string) { p.NonEmptyStr(v, f, &c.State) },
 		"pg":    func(v *yaml.Node, f string) { p.pg(v, f, c) },
 		"agent": func(v *yaml.Node, f string) { p.agent(v, f, &c.Agent) },
 		"tripwire": func(v *yaml.Node, f string) {
-			p.fields(v, f, map[string]func(*yaml.Node, string){
-				"enabled": func(v *yaml.Node, f string) { p.boolean(v, f, &c.Tripwire.Enabled) },
+			p.Fields(v, f, map[string]func(*yaml.Node, string){
+				"enabled": func(v *yaml.Node, f string) { p.Bool(v, f, &c.Tripwire.Enabled) },
 				"mass_rows": func(v *yaml.Node, f string) {
-					if x, ok := p.integer(v, f, 1, 1<<50); ok {
+					if x, ok := p.Int(v, f, 1, 1<<50); ok {
 						c.Tripwire.MassRows = x
 					}
 				},
@@ -528,9 +393,9 @@ func (p *parser) config(root *yaml.Node, c *Config) {
 		},
 		"gate": func(v *yaml.Node, f string) {
 			if v.Kind != yaml.MappingNode {
-				p.errf(v, f, "must be a mapping")
+				p.Errf(v, f, "must be a mapping")
 			} else if v.Style&yaml.FlowStyle != 0 {
-				p.errf(v, f, "write it as a block mapping (one key per line), not {...}")
+				p.Errf(v, f, "write it as a block mapping (one key per line), not {...}")
 			}
 		},
 		"users":  func(v *yaml.Node, f string) { usersNode = v; p.users(v, f, c) },
@@ -550,13 +415,13 @@ func (p *parser) config(root *yaml.Node, c *Config) {
 		}
 	}
 	if usersNode != nil && approvers == 0 {
-		p.errf(usersNode, "users", "no approver: mark at least one person approver: true")
+		p.Errf(usersNode, "users", "no approver: mark at least one person approver: true")
 	}
 	if thresholdNode != nil && usersNode != nil && c.Threshold > approvers {
-		p.errf(thresholdNode, "quorum.threshold", "%d is more than the %d approvers", c.Threshold, approvers)
+		p.Errf(thresholdNode, "quorum.threshold", "%d is more than the %d approvers", c.Threshold, approvers)
 	}
 	if thresholdNode != nil && usersNode == nil && c.Threshold > 2 {
-		p.errf(thresholdNode, "quorum.threshold", "%d is more than the 2 default approvers (bob, carol)", c.Threshold)
+		p.Errf(thresholdNode, "quorum.threshold", "%d is more than the 2 default approvers (bob, carol)", c.Threshold)
 	}
 }
 
@@ -580,45 +445,45 @@ func (p *parser) has(root *yaml.Node, keys ...string) bool {
 
 func (p *parser) pg(n *yaml.Node, path string, c *Config) {
 	var urlNode, localNode, gateURLNode *yaml.Node
-	p.fields(n, path, map[string]func(*yaml.Node, string){
+	p.Fields(n, path, map[string]func(*yaml.Node, string){
 		"url": func(v *yaml.Node, f string) {
 			urlNode = v
-			p.str(v, f, &c.PG.URL)
+			p.NonEmptyStr(v, f, &c.PG.URL)
 			if c.PG.URL != "" {
 				if err := checkURL(c.PG.URL); err != nil {
-					p.errf(v, f, "%v", err)
+					p.Errf(v, f, "%v", err)
 				}
 			}
 		},
 		"gate_url": func(v *yaml.Node, f string) {
 			gateURLNode = v
-			p.str(v, f, &c.PG.GateURL)
+			p.NonEmptyStr(v, f, &c.PG.GateURL)
 			if c.PG.GateURL != "" {
 				if err := checkURL(c.PG.GateURL); err != nil {
-					p.errf(v, f, "%v", err)
+					p.Errf(v, f, "%v", err)
 				}
 			}
 		},
 		"databases": func(v *yaml.Node, f string) {
-			c.PG.Databases = p.list(v, f)
+			c.PG.Databases = p.List(v, f)
 			if v.Kind == yaml.SequenceNode && len(v.Content) == 0 {
-				p.errf(v, f, "must name at least one database")
+				p.Errf(v, f, "must name at least one database")
 			}
 		},
 		"local": func(v *yaml.Node, f string) {
 			localNode = v
-			p.fields(v, f, map[string]func(*yaml.Node, string){
-				"dir": func(v *yaml.Node, f string) { p.str(v, f, &c.PG.Local.Dir) },
+			p.Fields(v, f, map[string]func(*yaml.Node, string){
+				"dir": func(v *yaml.Node, f string) { p.NonEmptyStr(v, f, &c.PG.Local.Dir) },
 				"port": func(v *yaml.Node, f string) {
-					if x, ok := p.integer(v, f, 0, 65535); ok {
+					if x, ok := p.Int(v, f, 0, 65535); ok {
 						c.PG.Local.Port = int(x)
 					}
 				},
 				"settings": func(v *yaml.Node, f string) {
-					c.PG.Local.Settings = p.list(v, f)
+					c.PG.Local.Settings = p.List(v, f)
 					for i, s := range c.PG.Local.Settings {
 						if !strings.Contains(s, "=") || strings.ContainsAny(s, "\n\r") {
-							p.errf(v.Content[i], fmt.Sprintf("%s[%d]", f, i), "%q is not a postgresql.conf line (name = value)", s)
+							p.Errf(v.Content[i], fmt.Sprintf("%s[%d]", f, i), "%q is not a postgresql.conf line (name = value)", s)
 						}
 					}
 				},
@@ -626,10 +491,10 @@ func (p *parser) pg(n *yaml.Node, path string, c *Config) {
 		},
 	})
 	if urlNode != nil && localNode != nil {
-		p.errKey(path+".local", "a server given by url is not local: give url or local, not both")
+		p.ErrKey(path+".local", "a server given by url is not local: give url or local, not both")
 	}
 	if gateURLNode != nil && urlNode == nil {
-		p.errKey(path+".gate_url", "only with url (the local server's gate role is made by dualkey run)")
+		p.ErrKey(path+".gate_url", "only with url (the local server's gate role is made by dualkey run)")
 	}
 }
 
@@ -649,22 +514,22 @@ func checkURL(s string) error {
 }
 
 func (p *parser) agent(n *yaml.Node, path string, a *AgentConfig) {
-	p.fields(n, path, map[string]func(*yaml.Node, string){
+	p.Fields(n, path, map[string]func(*yaml.Node, string){
 		"slot": func(v *yaml.Node, f string) {
-			p.str(v, f, &a.Slot)
+			p.NonEmptyStr(v, f, &a.Slot)
 			for _, r := range a.Slot {
 				if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '_') {
-					p.errf(v, f, "%q: a slot name is lower-case letters, digits and _", a.Slot)
+					p.Errf(v, f, "%q: a slot name is lower-case letters, digits and _", a.Slot)
 					break
 				}
 			}
 		},
-		"synchronous":       func(v *yaml.Node, f string) { p.boolean(v, f, &a.Synchronous) },
+		"synchronous":       func(v *yaml.Node, f string) { p.Bool(v, f, &a.Synchronous) },
 		"flush_every":       func(v *yaml.Node, f string) { p.duration(v, f, &a.FlushEvery, false) },
 		"base_every":        func(v *yaml.Node, f string) { p.duration(v, f, &a.BaseEvery, true) },
-		"first_base_backup": func(v *yaml.Node, f string) { p.boolean(v, f, &a.FirstBaseBackup) },
+		"first_base_backup": func(v *yaml.Node, f string) { p.Bool(v, f, &a.FirstBaseBackup) },
 		"retain_warn": func(v *yaml.Node, f string) {
-			if x, ok := p.integer(v, f, 1<<20, 1<<50); ok {
+			if x, ok := p.Int(v, f, 1<<20, 1<<50); ok {
 				a.RetainWarn = x
 			}
 		},
@@ -673,7 +538,7 @@ func (p *parser) agent(n *yaml.Node, path string, a *AgentConfig) {
 
 func (p *parser) users(n *yaml.Node, path string, c *Config) {
 	if n.Kind != yaml.SequenceNode || len(n.Content) == 0 {
-		p.errf(n, path, "must be a non-empty list of people")
+		p.Errf(n, path, "must be a non-empty list of people")
 		return
 	}
 	c.Users = []User{}
@@ -681,34 +546,34 @@ func (p *parser) users(n *yaml.Node, path string, c *Config) {
 	for i, un := range n.Content {
 		f := fmt.Sprintf("%s[%d]", path, i)
 		var u User
-		p.fields(un, f, map[string]func(*yaml.Node, string){
+		p.Fields(un, f, map[string]func(*yaml.Node, string){
 			"name": func(v *yaml.Node, f string) {
-				p.str(v, f, &u.Name)
+				p.NonEmptyStr(v, f, &u.Name)
 				if u.Name == "" {
 					return
 				}
 				if err := cert.ValidName(u.Name); err != nil {
-					p.errf(v, f, "%v", err)
+					p.Errf(v, f, "%v", err)
 				} else if seen[u.Name] {
-					p.errf(v, f, "%s is listed twice", u.Name)
+					p.Errf(v, f, "%s is listed twice", u.Name)
 				}
 				seen[u.Name] = true
 			},
-			"groups":   func(v *yaml.Node, f string) { u.Groups = p.list(v, f) },
-			"approver": func(v *yaml.Node, f string) { p.boolean(v, f, &u.Approver) },
+			"groups":   func(v *yaml.Node, f string) { u.Groups = p.List(v, f) },
+			"approver": func(v *yaml.Node, f string) { p.Bool(v, f, &u.Approver) },
 		})
 		if un.Kind == yaml.MappingNode && u.Name == "" && !p.has(un, "name") {
-			p.errf(un, f+".name", "missing")
+			p.Errf(un, f+".name", "missing")
 		}
 		c.Users = append(c.Users, u)
 	}
 }
 
 func (p *parser) quorum(n *yaml.Node, path string, c *Config, thresholdNode **yaml.Node) {
-	p.fields(n, path, map[string]func(*yaml.Node, string){
+	p.Fields(n, path, map[string]func(*yaml.Node, string){
 		"threshold": func(v *yaml.Node, f string) {
 			*thresholdNode = v
-			if x, ok := p.integer(v, f, 1, 256); ok {
+			if x, ok := p.Int(v, f, 1, 256); ok {
 				c.Threshold = int(x)
 			}
 		},
@@ -738,7 +603,7 @@ func (p *parser) gateSection(data []byte, n *yaml.Node, end int, c *Config) {
 			case "state":
 				msg = "set the top-level state instead"
 			}
-			p.errf(k, "gate."+k.Value, "%s", msg)
+			p.Errf(k, "gate."+k.Value, "%s", msg)
 			continue
 		}
 		c.Gate.has[k.Value] = true
@@ -865,7 +730,7 @@ func gateErrors(err error) error {
 			if ce.Field != "" {
 				f += "." + ce.Field
 			}
-			out = append(out, &ConfigError{File: ce.File, Line: ce.Line, Field: f, Msg: ce.Msg})
+			out = append(out, &ConfigError{Prefix: "runner", File: ce.File, Line: ce.Line, Field: f, Msg: ce.Msg})
 			continue
 		}
 		out = append(out, fmt.Errorf("runner: gate: %w", e))

@@ -1,40 +1,24 @@
 package policy
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
 
 	"github.com/dualkey/dualkey/internal/gate/classify"
+	"github.com/dualkey/dualkey/internal/yamlconf"
 )
 
-// ConfigError is one problem in a config file, at a line.
-type ConfigError struct {
-	File  string
-	Line  int    // 0 when the problem is the whole file
-	Field string // e.g. "rules[2].action"
-	Msg   string
-}
-
-func (e *ConfigError) Error() string {
-	loc := e.File
-	if e.Line > 0 {
-		loc = fmt.Sprintf("%s:%d", e.File, e.Line)
-	}
-	if e.Field == "" {
-		return fmt.Sprintf("policy: %s: %s", loc, e.Msg)
-	}
-	return fmt.Sprintf("policy: %s: %s: %s", loc, e.Field, e.Msg)
-}
+// ConfigError is one problem in a config file, at a line; its message
+// starts "policy: ".
+type ConfigError = yamlconf.Error
 
 // Load reads and validates the config at path. Relative paths inside it
 // (password_file, tls cert and key) are taken from the file's directory.
@@ -65,126 +49,34 @@ func Load(path string) (*Config, error) {
 // Parse validates a config held in memory; name is used in messages.
 // Every problem found is reported (joined), each naming name:line.
 func Parse(data []byte, name string) (*Config, error) {
-	p := &parser{file: name}
-	var doc yaml.Node
-	if err := yaml.Unmarshal(data, &doc); err != nil {
-		line, msg := yamlErr(err)
-		return nil, &ConfigError{File: name, Line: line, Msg: msg}
+	p := &parser{yamlconf.Parser{Prefix: "policy", File: name}}
+	doc, err := p.Decode(data)
+	if err != nil {
+		return nil, err
 	}
 	c := &Config{File: name, Upstreams: map[string]*Upstream{}, Groups: map[string][]string{}}
 	if len(doc.Content) == 0 {
-		return nil, &ConfigError{File: name, Msg: "empty config"}
+		return nil, &ConfigError{Prefix: "policy", File: name, Msg: "empty config"}
 	}
 	p.config(doc.Content[0], c)
-	if len(p.errs) > 0 {
-		return nil, errors.Join(p.errs...)
+	if err := p.Err(); err != nil {
+		return nil, err
 	}
 	return c, nil
 }
 
-// yamlErr splits a yaml.v3 syntax error ("yaml: line 4: ...") into the
-// line and the message.
-func yamlErr(err error) (int, string) {
-	s := strings.TrimPrefix(err.Error(), "yaml: ")
-	rest, ok := strings.CutPrefix(s, "line ")
-	if !ok {
-		return 0, s
-	}
-	num, msg, ok := strings.Cut(rest, ": ")
-	n, err2 := strconv.Atoi(num)
-	if !ok || err2 != nil {
-		return 0, s
-	}
-	return n, msg
-}
-
+// parser reads gate.yaml; yamlconf.Parser has the walk and the scalars.
 type parser struct {
-	file string
-	errs []error
+	yamlconf.Parser
 }
 
-func (p *parser) errf(n *yaml.Node, field, format string, a ...any) {
-	line := 0
-	if n != nil {
-		line = n.Line
-	}
-	p.errs = append(p.errs, &ConfigError{File: p.file, Line: line, Field: field, Msg: fmt.Sprintf(format, a...)})
-}
-
-// fields walks a mapping, calling fn for each key it knows and reporting
-// the others: a misspelt key must not silently fall back to a default.
-func (p *parser) fields(n *yaml.Node, path string, known map[string]func(v *yaml.Node, field string)) {
-	if n.Kind != yaml.MappingNode {
-		p.errf(n, path, "must be a mapping")
-		return
-	}
-	seen := map[string]bool{}
-	for i := 0; i+1 < len(n.Content); i += 2 {
-		k, v := n.Content[i], n.Content[i+1]
-		field := k.Value
-		if path != "" {
-			field = path + "." + k.Value
-		}
-		if seen[k.Value] {
-			p.errf(k, field, "given twice")
-			continue
-		}
-		seen[k.Value] = true
-		fn, ok := known[k.Value]
-		if !ok {
-			keys := make([]string, 0, len(known))
-			for key := range known {
-				keys = append(keys, key)
-			}
-			slices.Sort(keys)
-			p.errf(k, field, "unknown key (known: %s)", strings.Join(keys, ", "))
-			continue
-		}
-		fn(v, field)
-	}
-}
-
-func (p *parser) str(n *yaml.Node, field string, dst *string) {
-	if n.Kind != yaml.ScalarNode || n.Tag == "!!null" {
-		p.errf(n, field, "must be a string")
-		return
-	}
-	*dst = n.Value
-}
-
-func (p *parser) boolean(n *yaml.Node, field string, dst *bool) {
-	if n.Kind != yaml.ScalarNode || n.Tag != "!!bool" {
-		p.errf(n, field, "must be true or false")
-		return
-	}
-	*dst = n.Value == "true"
-}
-
-func (p *parser) integer(n *yaml.Node, field string, lo, hi int64) (int64, bool) {
-	if n.Kind != yaml.ScalarNode || n.Tag != "!!int" {
-		p.errf(n, field, "must be a whole number")
-		return 0, false
-	}
-	v, err := strconv.ParseInt(strings.ReplaceAll(n.Value, "_", ""), 0, 64)
-	if err != nil || v < lo || v > hi {
-		p.errf(n, field, "%s is out of range %d..%d", n.Value, lo, hi)
-		return 0, false
-	}
-	return v, true
-}
-
+// duration reads a positive duration; "" leaves dst as it is.
 func (p *parser) duration(n *yaml.Node, field string, dst *time.Duration) {
 	var s string
-	p.str(n, field, &s)
-	if s == "" {
-		return
+	p.Str(n, field, &s)
+	if s != "" {
+		p.Duration(n, field, s, "30m or 1h", dst)
 	}
-	d, err := time.ParseDuration(s)
-	if err != nil || d <= 0 {
-		p.errf(n, field, "%q is not a positive duration like 30m or 1h", s)
-		return
-	}
-	*dst = d
 }
 
 // list reads a sequence of strings; a single string is taken as a list
@@ -192,25 +84,12 @@ func (p *parser) duration(n *yaml.Node, field string, dst *time.Duration) {
 func (p *parser) list(n *yaml.Node, field string) []string {
 	if n.Kind == yaml.ScalarNode && n.Tag != "!!null" {
 		if n.Value == "" {
-			p.errf(n, field, "must not be empty")
+			p.Errf(n, field, "must not be empty")
 			return nil
 		}
 		return []string{n.Value}
 	}
-	if n.Kind != yaml.SequenceNode {
-		p.errf(n, field, "must be a list of strings")
-		return nil
-	}
-	var out []string
-	for i, it := range n.Content {
-		f := fmt.Sprintf("%s[%d]", field, i)
-		if it.Kind != yaml.ScalarNode || it.Tag == "!!null" || it.Value == "" {
-			p.errf(it, f, "must be a non-empty string")
-			continue
-		}
-		out = append(out, it.Value)
-	}
-	return out
+	return p.List(n, field)
 }
 
 func (p *parser) config(root *yaml.Node, c *Config) {
@@ -219,15 +98,15 @@ func (p *parser) config(root *yaml.Node, c *Config) {
 	c.TLS.RequireTLS = true
 	c.Limits.MaxMessageBytes = 64 << 20
 	var upstreamsNode, rulesNode *yaml.Node
-	p.fields(root, "", map[string]func(*yaml.Node, string){
+	p.Fields(root, "", map[string]func(*yaml.Node, string){
 		"listen": func(v *yaml.Node, f string) {
-			p.str(v, f, &c.Listen)
+			p.Str(v, f, &c.Listen)
 			if _, _, err := net.SplitHostPort(c.Listen); err != nil {
-				p.errf(v, f, "%q is not host:port", c.Listen)
+				p.Errf(v, f, "%q is not host:port", c.Listen)
 			}
 		},
 		"tls":   func(v *yaml.Node, f string) { p.tls(v, f, &c.TLS) },
-		"state": func(v *yaml.Node, f string) { p.str(v, f, &c.State) },
+		"state": func(v *yaml.Node, f string) { p.Str(v, f, &c.State) },
 		"upstreams": func(v *yaml.Node, f string) {
 			upstreamsNode = v
 			p.upstreams(v, f, c)
@@ -238,36 +117,36 @@ func (p *parser) config(root *yaml.Node, c *Config) {
 		},
 		"request_expiry": func(v *yaml.Node, f string) { p.duration(v, f, &c.RequestExpiry) },
 		"webhook": func(v *yaml.Node, f string) {
-			p.str(v, f, &c.Webhook)
+			p.Str(v, f, &c.Webhook)
 			if u, err := url.Parse(c.Webhook); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-				p.errf(v, f, "%q is not an http(s) URL", c.Webhook)
+				p.Errf(v, f, "%q is not an http(s) URL", c.Webhook)
 			}
 		},
 		"limits": func(v *yaml.Node, f string) { p.limits(v, f, &c.Limits) },
 	})
 	if upstreamsNode == nil {
-		p.errf(root, "upstreams", "missing: name at least one database the gate offers")
+		p.Errf(root, "upstreams", "missing: name at least one database the gate offers")
 	}
 	// Rules last: they name upstreams.
 	if rulesNode == nil {
-		p.errf(root, "rules", "missing: without rules every statement is denied")
+		p.Errf(root, "rules", "missing: without rules every statement is denied")
 	} else {
 		p.rules(rulesNode, "rules", c)
 	}
 	if (c.TLS.Cert == "") != (c.TLS.Key == "") {
-		p.errf(root, "tls", "cert and key go together")
+		p.Errf(root, "tls", "cert and key go together")
 	}
 	if c.TLS.RequireTLS && c.TLS.Cert == "" && !c.TLS.Generate {
-		p.errf(root, "tls", "require_tls needs a certificate: give cert and key, or generate: true")
+		p.Errf(root, "tls", "require_tls needs a certificate: give cert and key, or generate: true")
 	}
 }
 
 func (p *parser) tls(n *yaml.Node, path string, t *TLS) {
-	p.fields(n, path, map[string]func(*yaml.Node, string){
-		"cert":        func(v *yaml.Node, f string) { p.str(v, f, &t.Cert) },
-		"key":         func(v *yaml.Node, f string) { p.str(v, f, &t.Key) },
-		"generate":    func(v *yaml.Node, f string) { p.boolean(v, f, &t.Generate) },
-		"require_tls": func(v *yaml.Node, f string) { p.boolean(v, f, &t.RequireTLS) },
+	p.Fields(n, path, map[string]func(*yaml.Node, string){
+		"cert":        func(v *yaml.Node, f string) { p.Str(v, f, &t.Cert) },
+		"key":         func(v *yaml.Node, f string) { p.Str(v, f, &t.Key) },
+		"generate":    func(v *yaml.Node, f string) { p.Bool(v, f, &t.Generate) },
+		"require_tls": func(v *yaml.Node, f string) { p.Bool(v, f, &t.RequireTLS) },
 	})
 	if t.Generate && t.Cert == "" {
 		t.Cert, t.Key = "gate.crt", "gate.key"
@@ -275,33 +154,33 @@ func (p *parser) tls(n *yaml.Node, path string, t *TLS) {
 }
 
 func (p *parser) limits(n *yaml.Node, path string, l *Limits) {
-	p.fields(n, path, map[string]func(*yaml.Node, string){
+	p.Fields(n, path, map[string]func(*yaml.Node, string){
 		"max_rows": func(v *yaml.Node, f string) {
-			if x, ok := p.integer(v, f, 0, 1<<62); ok {
+			if x, ok := p.Int(v, f, 0, 1<<62); ok {
 				l.MaxRows = x
 			}
 		},
 		"max_message_bytes": func(v *yaml.Node, f string) {
 			// Below 8 KiB ordinary queries fail; above 1 GiB is beyond
 			// what PostgreSQL itself accepts.
-			if x, ok := p.integer(v, f, 8<<10, 1<<30); ok {
+			if x, ok := p.Int(v, f, 8<<10, 1<<30); ok {
 				l.MaxMessageBytes = int(x)
 			}
 		},
 		"max_connections": func(v *yaml.Node, f string) {
-			if x, ok := p.integer(v, f, 0, 1<<20); ok {
+			if x, ok := p.Int(v, f, 0, 1<<20); ok {
 				l.MaxConnections = int(x)
 			}
 		},
 		"max_connections_per_user": func(v *yaml.Node, f string) {
-			if x, ok := p.integer(v, f, 0, 1<<20); ok {
+			if x, ok := p.Int(v, f, 0, 1<<20); ok {
 				l.MaxConnectionsPerUser = int(x)
 			}
 		},
 		"dry_run_timeout": func(v *yaml.Node, f string) { p.duration(v, f, &l.DryRunTimeout) },
 		"dry_run": func(v *yaml.Node, f string) {
 			on := true
-			p.boolean(v, f, &on)
+			p.Bool(v, f, &on)
 			l.NoDryRun = !on
 		},
 	})
@@ -311,7 +190,7 @@ var sslModes = []string{"disable", "prefer", "require", "verify-ca", "verify-ful
 
 func (p *parser) upstreams(n *yaml.Node, path string, c *Config) {
 	if n.Kind != yaml.MappingNode || len(n.Content) == 0 {
-		p.errf(n, path, "must map database names to connection settings")
+		p.Errf(n, path, "must map database names to connection settings")
 		return
 	}
 	for i := 0; i+1 < len(n.Content); i += 2 {
@@ -319,41 +198,41 @@ func (p *parser) upstreams(n *yaml.Node, path string, c *Config) {
 		name := k.Value
 		f := path + "." + name
 		if name == "" || name == "*" {
-			p.errf(k, f, "not a database name")
+			p.Errf(k, f, "not a database name")
 			continue
 		}
 		if _, dup := c.Upstreams[name]; dup {
-			p.errf(k, f, "given twice")
+			p.Errf(k, f, "given twice")
 			continue
 		}
 		u := &Upstream{Name: name, Port: 5432, DBName: name, SSLMode: "prefer", Line: k.Line}
-		p.fields(v, f, map[string]func(*yaml.Node, string){
-			"host":   func(v *yaml.Node, f string) { p.str(v, f, &u.Host) },
-			"dbname": func(v *yaml.Node, f string) { p.str(v, f, &u.DBName) },
-			"user":   func(v *yaml.Node, f string) { p.str(v, f, &u.User) },
+		p.Fields(v, f, map[string]func(*yaml.Node, string){
+			"host":   func(v *yaml.Node, f string) { p.Str(v, f, &u.Host) },
+			"dbname": func(v *yaml.Node, f string) { p.Str(v, f, &u.DBName) },
+			"user":   func(v *yaml.Node, f string) { p.Str(v, f, &u.User) },
 			"port": func(v *yaml.Node, f string) {
-				if x, ok := p.integer(v, f, 1, 65535); ok {
+				if x, ok := p.Int(v, f, 1, 65535); ok {
 					u.Port = int(x)
 				}
 			},
-			"password":      func(v *yaml.Node, f string) { p.str(v, f, &u.Password) },
-			"password_file": func(v *yaml.Node, f string) { p.str(v, f, &u.PasswordFile) },
+			"password":      func(v *yaml.Node, f string) { p.Str(v, f, &u.Password) },
+			"password_file": func(v *yaml.Node, f string) { p.Str(v, f, &u.PasswordFile) },
 			"sslmode": func(v *yaml.Node, f string) {
-				p.str(v, f, &u.SSLMode)
+				p.Str(v, f, &u.SSLMode)
 				if !slices.Contains(sslModes, u.SSLMode) {
-					p.errf(v, f, "%q is not one of %s", u.SSLMode, strings.Join(sslModes, ", "))
+					p.Errf(v, f, "%q is not one of %s", u.SSLMode, strings.Join(sslModes, ", "))
 				}
 			},
-			"sslrootcert": func(v *yaml.Node, f string) { p.str(v, f, &u.SSLRootCert) },
+			"sslrootcert": func(v *yaml.Node, f string) { p.Str(v, f, &u.SSLRootCert) },
 		})
 		if u.Host == "" {
-			p.errf(v, f+".host", "missing")
+			p.Errf(v, f+".host", "missing")
 		}
 		if u.User == "" {
-			p.errf(v, f+".user", "missing: the brokered role the gate connects as")
+			p.Errf(v, f+".user", "missing: the brokered role the gate connects as")
 		}
 		if u.Password != "" && u.PasswordFile != "" {
-			p.errf(v, f, "password and password_file: give one")
+			p.Errf(v, f, "password and password_file: give one")
 		}
 		c.Upstreams[name] = u
 	}
@@ -361,18 +240,18 @@ func (p *parser) upstreams(n *yaml.Node, path string, c *Config) {
 
 func (p *parser) groups(n *yaml.Node, path string, c *Config) {
 	if n.Kind != yaml.MappingNode {
-		p.errf(n, path, "must map group names to lists of users")
+		p.Errf(n, path, "must map group names to lists of users")
 		return
 	}
 	for i := 0; i+1 < len(n.Content); i += 2 {
 		k, v := n.Content[i], n.Content[i+1]
 		f := path + "." + k.Value
 		if k.Value == "" || k.Value == "*" {
-			p.errf(k, f, "not a group name")
+			p.Errf(k, f, "not a group name")
 			continue
 		}
 		if _, dup := c.Groups[k.Value]; dup {
-			p.errf(k, f, "given twice")
+			p.Errf(k, f, "given twice")
 			continue
 		}
 		c.Groups[k.Value] = p.list(v, f)
@@ -383,15 +262,15 @@ var actions = []Action{Allow, Deny, Hold}
 
 func (p *parser) rules(n *yaml.Node, path string, c *Config) {
 	if n.Kind != yaml.SequenceNode || len(n.Content) == 0 {
-		p.errf(n, path, "must be a non-empty list: without rules every statement is denied")
+		p.Errf(n, path, "must be a non-empty list: without rules every statement is denied")
 		return
 	}
 	for i, rn := range n.Content {
 		f := fmt.Sprintf("%s[%d]", path, i)
 		r := Rule{Index: i, Line: rn.Line}
 		var actionNode, maxRowsNode, classesNode, dbNode *yaml.Node
-		p.fields(rn, f, map[string]func(*yaml.Node, string){
-			"name":      func(v *yaml.Node, f string) { p.str(v, f, &r.Name) },
+		p.Fields(rn, f, map[string]func(*yaml.Node, string){
+			"name":      func(v *yaml.Node, f string) { p.Str(v, f, &r.Name) },
 			"users":     func(v *yaml.Node, f string) { r.Users = p.list(v, f) },
 			"groups":    func(v *yaml.Node, f string) { r.Groups = p.list(v, f) },
 			"databases": func(v *yaml.Node, f string) { dbNode = v; r.Databases = p.list(v, f) },
@@ -399,28 +278,28 @@ func (p *parser) rules(n *yaml.Node, path string, c *Config) {
 			"action": func(v *yaml.Node, f string) {
 				actionNode = v
 				var s string
-				p.str(v, f, &s)
+				p.Str(v, f, &s)
 				r.Action = Action(s)
 				if s != "" && !slices.Contains(actions, r.Action) {
-					p.errf(v, f, "%q is not one of allow, deny, hold", s)
+					p.Errf(v, f, "%q is not one of allow, deny, hold", s)
 				}
 			},
 			"max_rows": func(v *yaml.Node, f string) {
 				maxRowsNode = v
-				if x, ok := p.integer(v, f, 1, 1<<62); ok {
+				if x, ok := p.Int(v, f, 1, 1<<62); ok {
 					r.MaxRows = x
 				}
 			},
-			"message": func(v *yaml.Node, f string) { p.str(v, f, &r.Message) },
+			"message": func(v *yaml.Node, f string) { p.Str(v, f, &r.Message) },
 		})
 		if rn.Kind != yaml.MappingNode {
 			continue
 		}
 		if len(r.Users) == 0 && len(r.Groups) == 0 {
-			p.errf(rn, f, "names nobody: give users or groups (\"*\" for everyone)")
+			p.Errf(rn, f, "names nobody: give users or groups (\"*\" for everyone)")
 		}
 		if dbNode == nil {
-			p.errf(rn, f+".databases", "missing (\"*\" for every upstream)")
+			p.Errf(rn, f+".databases", "missing (\"*\" for every upstream)")
 		}
 		for j, db := range r.Databases {
 			if db != "*" && c.Upstreams[db] == nil {
@@ -428,20 +307,19 @@ func (p *parser) rules(n *yaml.Node, path string, c *Config) {
 				if dbNode != nil && dbNode.Kind == yaml.SequenceNode && j < len(dbNode.Content) {
 					line = dbNode.Content[j].Line
 				}
-				p.errs = append(p.errs, &ConfigError{File: p.file, Line: line, Field: fmt.Sprintf("%s.databases[%d]", f, j),
-					Msg: fmt.Sprintf("%q is not an upstream", db)})
+				p.ErrLine(line, fmt.Sprintf("%s.databases[%d]", f, j), "%q is not an upstream", db)
 			}
 		}
 		if classesNode == nil {
-			p.errf(rn, f+".classes", "missing (\"*\" for every class but unknown)")
+			p.Errf(rn, f+".classes", "missing (\"*\" for every class but unknown)")
 		}
 		if actionNode == nil {
-			p.errf(rn, f+".action", "missing: allow, deny or hold")
+			p.Errf(rn, f+".action", "missing: allow, deny or hold")
 		}
 		if maxRowsNode != nil && r.Action != Allow && r.Action != "" {
-			p.errf(maxRowsNode, f+".max_rows", "only an allow rule has a row limit")
+			p.Errf(maxRowsNode, f+".max_rows", "only an allow rule has a row limit")
 		}
-		r.label = r.Label(p.file)
+		r.label = r.Label(p.File)
 		c.Rules = append(c.Rules, r)
 	}
 }
@@ -462,8 +340,7 @@ func (p *parser) classes(n *yaml.Node, f string, r *Rule) {
 			for i, k := range classify.Classes {
 				names[i] = string(k)
 			}
-			p.errs = append(p.errs, &ConfigError{File: p.file, Line: line, Field: fmt.Sprintf("%s[%d]", f, j),
-				Msg: fmt.Sprintf("%q is not a class (%s, or \"*\")", s, strings.Join(names, ", "))})
+			p.ErrLine(line, fmt.Sprintf("%s[%d]", f, j), "%q is not a class (%s, or \"*\")", s, strings.Join(names, ", "))
 			continue
 		}
 		r.Classes = append(r.Classes, cl)

@@ -11,5 +11,5 @@ import (
 // of the proxy, quorum or storage.
 func TestDeps(t *testing.T) {
 	deptest.Only(t, deptest.Module+"internal/gate/policy", "the policy is config and decisions: the classifier's classes and YAML only",
-		deptest.Module+"internal/gate/classify", "github.com/pganalyze/pg_query_go/v6", "google.golang.org/protobuf", "gopkg.in/yaml.v3")
+		deptest.Module+"internal/gate/classify", deptest.Module+"internal/yamlconf", "github.com/pganalyze/pg_query_go/v6", "google.golang.org/protobuf", "gopkg.in/yaml.v3")
 }
