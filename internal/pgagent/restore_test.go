@@ -460,6 +460,68 @@ func TestFetchWALBackground(t *testing.T) {
 	}
 }
 
+// TestPrefetcherKeepsServedSegment: the want file says a segment is served
+// a moment before restore_command's shell moves it out of the spool; the
+// prefetcher must leave that segment alone (removing it sent the request
+// to dualkey, a third of a bench restore's segments), clear the ones
+// before it and fetch the ones after, and say when the spool is ready.
+func TestPrefetcherKeepsServedSegment(t *testing.T) {
+	env := repotest.New(t, 0)
+	const seg = pgwal.DefaultSegmentSize
+	storeTestWAL(t, env.Repo, pgwal.LSN(seg), pgwal.LSN(6*seg))
+	spool := DefaultSpool(filepath.Join(t.TempDir(), "pg_wal", "RECOVERYXLOG"))
+	if err := os.MkdirAll(spool, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	checkBoot(spool)
+	name := func(s uint64) string { return filepath.Join(spool, pgwal.SegmentName(1, s, seg)) }
+	for _, s := range []uint64{2, 3} {
+		if err := os.WriteFile(name(s), []byte("being served"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(spool, wantName), []byte(pgwal.SegmentName(1, 3, seg)+" true\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ready := make(chan struct{})
+	done := make(chan error, 1)
+	opts := FetchOptions{Spool: spool, Prefetch: 2, ready: func() { close(ready) }}
+	go func() {
+		done <- RunPrefetcher(ctx, func(context.Context) (*repo.Repository, error) { return env.Repo, nil }, opts)
+	}()
+	select {
+	case <-ready:
+	case err := <-done:
+		t.Fatalf("prefetcher ended before it was ready: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("prefetcher not ready")
+	}
+	if _, ok := readSummary(spool, time.Minute); !ok {
+		t.Error("ready before the summary was written")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err4 := os.Stat(name(4))
+		_, err5 := os.Stat(name(5))
+		_, err2 := os.Stat(name(2))
+		if err4 == nil && err5 == nil && os.IsNotExist(err2) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("spool: segment 4 %v, 5 %v, 2 %v; want 4 and 5 fetched, 2 removed", err4, err5, err2)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond) // a few more rounds of the prefetcher
+	if got, err := os.ReadFile(name(3)); err != nil || string(got) != "being served" {
+		t.Errorf("the served segment 3: %q, %v; want it left for restore_command", got, err)
+	}
+	cancel()
+	<-done
+}
+
 // TestFetchWALCost fetches a segment stored as a few thousand pieces, and
 // logs what that costs (listing and reading their headers).
 func TestFetchWALCost(t *testing.T) {

@@ -62,6 +62,11 @@ type FetchOptions struct {
 	// owner, when set, is given every file the prefetcher writes: a
 	// restore running as root fetches ahead for a server run as PGOSUser.
 	owner *[2]int
+	// ready, when set, is called once the spool holds the vault's summary
+	// and its history files: from then on restore_command answers for
+	// files the vault lacks, and waits for segments the prefetcher brings,
+	// without opening the vault.
+	ready func()
 }
 
 // own hands p to o.owner, if set.
@@ -250,6 +255,9 @@ func RunPrefetcher(ctx context.Context, open func(context.Context) (*repo.Reposi
 	if err := spoolHistories(ctx, cat, &opts); err != nil {
 		return err
 	}
+	if opts.ready != nil {
+		opts.ready()
+	}
 	var lastWant want
 	lastAsked := time.Now()
 	for {
@@ -259,8 +267,14 @@ func RunPrefetcher(ctx context.Context, open func(context.Context) (*repo.Reposi
 		}
 		n := 0
 		if ok {
-			if w.served { // a segment fetched while it was being served
-				cleanSpool(opts.Spool, w.tli, w.segno+1, opts.SegmentSize)
+			if w.served {
+				// Only the segments before the one served: the want file
+				// says "served" just before the segment leaves the spool
+				// (restore_command's shell moves it a moment later), and
+				// removing it here made that request fall back to dualkey.
+				// A copy of it fetched while it was being served goes
+				// with the next request.
+				cleanSpool(opts.Spool, w.tli, w.segno, opts.SegmentSize)
 			}
 			after := w.segno // fill after the segment served last
 			if !w.served && after > 0 {
