@@ -39,8 +39,15 @@ func (t BlobType) String() string {
 	return fmt.Sprintf("blobtype(%d)", uint8(t))
 }
 
-// Flag bits.
-const FlagZstd = 1
+// Flag bits: how a blob's plaintext was compressed before sealing (none:
+// stored as is). At most one is set.
+const (
+	FlagZstd = 1 // a zstd frame
+	FlagS2   = 2 // an S2 block (github.com/klauspost/compress/s2): database pages
+)
+
+// KnownFlags are the flag values a reader understands.
+func KnownFlags(f uint8) bool { return f == 0 || f == FlagZstd || f == FlagS2 }
 
 // EntrySize is the encoded size of one header entry.
 const EntrySize = 1 + 1 + 4 + 4 + 32
@@ -151,7 +158,7 @@ func decodeEntries(hdr []byte, dataEnd int64) ([]Blob, error) {
 		if b.Type != Data && b.Type != Tree {
 			return nil, fmt.Errorf("%w: blob %d has unknown type %d", ErrFormat, len(blobs), p[0])
 		}
-		if b.Flags&^FlagZstd != 0 {
+		if !KnownFlags(b.Flags) {
 			return nil, fmt.Errorf("%w: blob %d has unknown flags %#x", ErrFormat, len(blobs), b.Flags)
 		}
 		if b.Length < crypto.Overhead || off+int64(b.Length) > dataEnd {

@@ -71,11 +71,12 @@ func FuzzDecodeEntries(f *testing.F) {
 	w := NewWriter(key, 0)
 	w.Add(Tree, [32]byte{1}, FlagZstd, 10, make([]byte, 40))
 	w.Add(Data, [32]byte{2}, 0, 10, make([]byte, 30))
+	w.Add(Data, [32]byte{3}, FlagS2, 10, make([]byte, 30))
 	var hdr []byte
 	for _, b := range w.blobs {
 		hdr = appendEntry(hdr, b)
 	}
-	f.Add(hdr, int64(70))
+	f.Add(hdr, int64(100))
 	f.Add([]byte{}, int64(0))
 	f.Fuzz(func(t *testing.T, hdr []byte, dataEnd int64) {
 		blobs, err := decodeEntries(hdr, dataEnd)
@@ -107,4 +108,17 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("%d blobs in %d bytes", len(blobs), len(data))
 		}
 	})
+}
+
+func TestEntryFlags(t *testing.T) {
+	for _, tt := range []struct {
+		flags uint8
+		ok    bool
+	}{{0, true}, {FlagZstd, true}, {FlagS2, true}, {FlagZstd | FlagS2, false}, {4, false}, {0x80, false}} {
+		hdr := appendEntry(nil, Blob{Type: Data, Flags: tt.flags, Length: 40, RawLength: 10})
+		_, err := decodeEntries(hdr, 40)
+		if (err == nil) != tt.ok {
+			t.Errorf("flags %#x: err %v, want ok %v", tt.flags, err, tt.ok)
+		}
+	}
 }

@@ -3,6 +3,8 @@ package repo
 import (
 	"fmt"
 
+	"github.com/klauspost/compress/s2"
+
 	"github.com/dualkey/dualkey/internal/vault/pack"
 )
 
@@ -23,7 +25,21 @@ func (r *Repository) DecodeBlobBuf(loc Location, sealed []byte, b *BlobBuf) ([]b
 		return nil, fmt.Errorf("%w: blob %s in pack %s: %v", ErrDamaged, ID(loc.ID), loc.Pack, err)
 	}
 	b.opened = plain
-	if loc.Flags&pack.FlagZstd != 0 {
+	switch loc.Flags {
+	case 0:
+	case pack.FlagS2:
+		n, err := s2.DecodedLen(plain)
+		if err != nil || n != int(loc.RawLength) {
+			return nil, fmt.Errorf("%w: blob %s in pack %s: S2 block of %d bytes (%v), want %d", ErrDamaged, ID(loc.ID), loc.Pack, n, err, loc.RawLength)
+		}
+		if cap(b.plain) < n {
+			b.plain = make([]byte, n)
+		}
+		if plain, err = s2.Decode(b.plain[:n], plain); err != nil {
+			return nil, fmt.Errorf("%w: blob %s in pack %s: decompress: %v", ErrDamaged, ID(loc.ID), loc.Pack, err)
+		}
+		b.plain = plain
+	case pack.FlagZstd:
 		if cap(b.plain) < int(loc.RawLength) {
 			b.plain = make([]byte, 0, loc.RawLength)
 		}
@@ -32,6 +48,8 @@ func (r *Repository) DecodeBlobBuf(loc Location, sealed []byte, b *BlobBuf) ([]b
 			return nil, fmt.Errorf("%w: blob %s in pack %s: decompress: %v", ErrDamaged, ID(loc.ID), loc.Pack, err)
 		}
 		b.plain = plain
+	default:
+		return nil, fmt.Errorf("%w: blob %s in pack %s: unknown flags %#x", ErrDamaged, ID(loc.ID), loc.Pack, loc.Flags)
 	}
 	if len(plain) != int(loc.RawLength) || r.key.ID(plain) != loc.ID {
 		return nil, fmt.Errorf("%w: blob %s in pack %s: content does not match its ID", ErrDamaged, ID(loc.ID), loc.Pack)

@@ -101,8 +101,7 @@ type Repository struct {
 	opts     Options
 	idx      *Index
 	enc      *zstd.Encoder
-	pageEnc  *zstd.Encoder // SavePage's: no entropy coding of literals
-	packBufs chan []byte   // memory of uploaded packs, for the next ones (a sync.Pool is emptied by every GC)
+	packBufs chan []byte // memory of uploaded packs, for the next ones (a sync.Pool is emptied by every GC)
 	dec      *zstd.Decoder
 	trees    treePacks // tree packs read whole (treecache.go)
 
@@ -240,19 +239,11 @@ func newRepository(store Store, key *crypto.Key, cfg format.Config, opts Options
 	if err != nil {
 		return nil, err
 	}
-	// Pages: the fastest level, no literal entropy coding, and no lower
-	// memory mode (which made EncodeAll grow its output a step at a time).
-	// See SavePage for what that costs and saves.
-	pageEnc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)),
-		zstd.WithEncoderCRC(false), zstd.WithNoEntropyCompression(true))
-	if err != nil {
-		return nil, err
-	}
 	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(1<<30))
 	if err != nil {
 		return nil, err
 	}
-	r := &Repository{store: store, key: key, cfg: cfg, opts: opts, idx: newIndex(), enc: enc, pageEnc: pageEnc, dec: dec, packBufs: make(chan []byte, opts.Uploads+1),
+	r := &Repository{store: store, key: key, cfg: cfg, opts: opts, idx: newIndex(), enc: enc, dec: dec, packBufs: make(chan []byte, opts.Uploads+1),
 		packers: map[pack.BlobType]*pack.Writer{}, pending: map[ID]bool{}}
 	r.resetUploads()
 	return r, nil
@@ -283,7 +274,6 @@ func (r *Repository) AddKey(ctx context.Context, password string) error {
 // Close releases the compressor's memory.
 func (r *Repository) Close() error {
 	r.enc.Close()
-	r.pageEnc.Close()
 	r.dec.Close()
 	return nil
 }

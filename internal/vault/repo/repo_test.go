@@ -255,3 +255,81 @@ func TestSaveAfterFailedUpload(t *testing.T) {
 		})
 	}
 }
+
+// TestSavePageCompression: pages are stored as S2 blocks when that pays,
+// raw when not, other blobs as zstd; every one loads back after a reopen;
+// an S2 block that decodes to another length than its index entry says is
+// damage, not data.
+func TestSavePageCompression(t *testing.T) {
+	ctx := context.Background()
+	env := repotest.New(t, 0)
+	r := env.Repo
+	page := bytes.Repeat([]byte("row 0042 of a heap page, "), 8192/25+1)[:8192]
+	rand := make([]byte, 8192)
+	binary.LittleEndian.PutUint64(rand, 1)
+	for i := 8; i < len(rand); i += 8 { // xorshift: incompressible
+		x := binary.LittleEndian.Uint64(rand[i-8:])
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+		binary.LittleEndian.PutUint64(rand[i:], x)
+	}
+	other := bytes.Repeat([]byte("not a page "), 1000)
+	tests := []struct {
+		name string
+		data []byte
+		save func(context.Context, []byte) (repo.ID, bool, error)
+		want uint8
+	}{
+		{"page", page, r.SavePage, pack.FlagS2},
+		{"incompressible page", rand, r.SavePage, 0},
+		{"other blob", other, func(ctx context.Context, d []byte) (repo.ID, bool, error) { return r.SaveBlob(ctx, pack.Data, d) }, pack.FlagZstd},
+	}
+	ids := make([]repo.ID, len(tests))
+	for i, tt := range tests {
+		id, _, err := tt.save(ctx, tt.data)
+		if err != nil {
+			t.Fatalf("%s: %v", tt.name, err)
+		}
+		ids[i] = id
+	}
+	if err := r.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r2 := env.Reopen(t)
+	for i, tt := range tests {
+		loc, ok := r2.Index().Lookup(ids[i])
+		if !ok {
+			t.Fatalf("%s: not in the index", tt.name)
+		}
+		if loc.Flags != tt.want {
+			t.Errorf("%s: flags %#x, want %#x", tt.name, loc.Flags, tt.want)
+		}
+		got, err := r2.LoadBlob(ctx, pack.Data, ids[i])
+		if err != nil || !bytes.Equal(got, tt.data) {
+			t.Errorf("%s: loaded %d bytes, %v", tt.name, len(got), err)
+		}
+	}
+	// The page's sealed S2 block read back, with its index entry claiming
+	// another length.
+	loc, _ := r2.Index().Lookup(ids[0])
+	sealed, err := r2.Store().Load(ctx, backend.Handle{Type: backend.Pack, Name: loc.Pack.String()}, int64(loc.Offset), int64(loc.Length))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r2.DecodeBlob(loc, sealed); err != nil {
+		t.Fatalf("the page as stored: %v", err)
+	}
+	for _, raw := range []uint32{loc.RawLength - 1, loc.RawLength + 1} {
+		bad := loc
+		bad.RawLength = raw
+		if _, err := r2.DecodeBlob(bad, sealed); !errors.Is(err, repo.ErrDamaged) {
+			t.Errorf("raw length %d: err %v, want ErrDamaged", raw, err)
+		}
+	}
+	bad := loc
+	bad.Flags = pack.FlagS2 | pack.FlagZstd
+	if _, err := r2.DecodeBlob(bad, sealed); !errors.Is(err, repo.ErrDamaged) {
+		t.Errorf("flags %#x: err %v, want ErrDamaged", bad.Flags, err)
+	}
+}
