@@ -264,6 +264,7 @@ run_one() {
 	fi
 	pgbench_cmd "$w" "$m" "$c" "${PORT_OF[$target]}"
 	pid=${PID_OF[$target]:-}
+	[[ $target != gate ]] || pid=$GATE # gate_start starts a new one for the profile runs
 	[[ -z $pid ]] || c0=$(cpu_ticks "$pid")
 	t0=$(now)
 	as_pg env PGPASSFILE="$GW/pgpass" "${CMD[@]}" >"$log" 2>&1 || {

@@ -503,10 +503,13 @@ func recoverySettings(o *RestoreOptions, b *BaseBackupInfo, now time.Time, exe s
 // restore's replay. It does what FetchWAL does for a spooled segment: the
 // boot check (a spool written before a crash is not trusted), the want
 // file before the segment leaves the spool (the prefetcher reads it, see
-// readWant), then a rename. History files, segments not spooled and a
-// spool of an earlier boot go on to dualkey. The paths are relative:
-// restore_command runs in the data directory, and %p is in pg_wal.
-const spoolFastPath = `s=pg_wal/` + spoolDirName + `; if [ -f "$s/%f" ] && read b </proc/sys/kernel/random/boot_id && read o <"$s/` + bootName + `" && [ "$b" = "$o" ]; then ` +
+// readWant), then a rename. Timeline 1's history file, which PostgreSQL
+// asks for at the end of every recovery, never exists: refused at once.
+// Other history files, segments not spooled and a spool of an earlier boot
+// go on to dualkey. The paths are relative: restore_command runs in the
+// data directory, and %p is in pg_wal.
+const spoolFastPath = `[ "%f" = ` + timeline1History + ` ] && exit 1; ` +
+	`s=pg_wal/` + spoolDirName + `; if [ -f "$s/%f" ] && read b </proc/sys/kernel/random/boot_id && read o <"$s/` + bootName + `" && [ "$b" = "$o" ]; then ` +
 	`case "%f" in *.history) ;; *) echo "%f true" >"$s/` + wantName + `" && mv -f "$s/%f" "%p" && exit 0 ;; esac; fi; `
 
 // FormatTargetTime writes t as recovery_target_time wants it: UTC with

@@ -167,6 +167,7 @@ func TestSpoolFastPath(t *testing.T) {
 		{"spool of an earlier boot", seg, seg, []byte("another boot\n"), false},
 		{"no boot file", seg, seg, nil, false},
 		{"history file", "00000002.history", "00000002.history", boot, false},
+		{"timeline 1's history", "00000001.history", "", boot, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -216,6 +217,13 @@ func TestSpoolFastPath(t *testing.T) {
 				return
 			}
 			var ee *exec.ExitError
+			if tt.file == timeline1History {
+				// Refused by the shell: PostgreSQL reads exit 1 as "no such file".
+				if !errors.As(runErr, &ee) || ee.ExitCode() != 1 || len(called) != 0 {
+					t.Errorf("exit %v, dualkey called %q: want exit 1 from the shell alone", runErr, called)
+				}
+				return
+			}
 			if !errors.As(runErr, &ee) || ee.ExitCode() != 7 {
 				t.Errorf("exit %v (output %q), want dualkey's 7", runErr, out)
 			}

@@ -111,6 +111,10 @@ func DefaultSpool(dest string) string {
 	return filepath.Join(dir, spoolDirName)
 }
 
+// timeline1History is asked for at the end of every recovery and never
+// exists: timeline 1 has no history.
+const timeline1History = "00000001.history"
+
 // spoolDirName is the spool's directory in pg_wal.
 const spoolDirName = "dualkey-prefetch"
 
@@ -143,6 +147,8 @@ func FetchWAL(ctx context.Context, name, dest string, open func(context.Context)
 		isHist, tli = true, t
 	} else if t, s, err := pgwal.ParseSegmentName(name, opts.SegmentSize); err == nil {
 		tli, segno = t, s
+	} else if name == timeline1History {
+		return fmt.Errorf("%w: %s: timeline 1 has no history file", ErrWALNotFound, name)
 	} else {
 		return fmt.Errorf("%w: %q is not a segment or history file name", ErrWALNotFound, name)
 	}
