@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/dualkey/dualkey/internal/pgtest"
-	"github.com/dualkey/dualkey/internal/pgwal"
 	"github.com/dualkey/dualkey/internal/vault/repo"
 	"github.com/dualkey/dualkey/internal/vault/repo/repotest"
 	"github.com/dualkey/dualkey/internal/vault/restorer"
@@ -241,17 +240,7 @@ func TestLocalBaseBackup(t *testing.T) {
 	time.Sleep(500 * time.Millisecond)
 	pg.Exec("app", "DELETE FROM important")
 	rows := wr.finish(t)
-	last, err := pgwal.ParseLSN(pg.Query("postgres", "SELECT pg_current_wal_lsn()::text"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(30 * time.Second)
-	for agent.Status().Durable < last {
-		if time.Now().After(deadline) {
-			t.Fatalf("agent durable %v, server at %v", agent.Status().Durable, last)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitAgentHolds(t, agent, pg, 30*time.Second)
 	stopAgent()
 	if err := <-agentDone; err != nil {
 		t.Fatal(err)

@@ -629,6 +629,24 @@ func newPGVault(t *testing.T) *pgVault {
 	return v
 }
 
+// waitAgentHolds waits until agent has made durable everything pg has
+// written so far, and returns that LSN.
+func waitAgentHolds(t *testing.T, agent *Agent, pg *pgtest.Server, timeout time.Duration) pgwal.LSN {
+	t.Helper()
+	last, err := pgwal.ParseLSN(pg.Query("postgres", "SELECT pg_current_wal_lsn()::text"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(timeout)
+	for agent.Status().Durable < last {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent durable %v, server at %v", agent.Status().Durable, last)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return last
+}
+
 // checkFastPath checks that the server restored segments that never
 // reached dualkey: the spool fast path of restore_command served them.
 func checkFastPath(t *testing.T, serverLog, fetchLog string) {
@@ -861,17 +879,7 @@ func TestRestorePointInTime(t *testing.T) {
 	pg.Exec("postgres", "DROP DATABASE bench")
 	time.Sleep(300 * time.Millisecond)
 	rows := wr.finish(t)
-	last, err := pgwal.ParseLSN(pg.Query("postgres", "SELECT pg_current_wal_lsn()::text"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(30 * time.Second)
-	for agent.Status().Durable < last {
-		if time.Now().After(deadline) {
-			t.Fatalf("agent durable %v, server at %v", agent.Status().Durable, last)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	last := waitAgentHolds(t, agent, pg, 30*time.Second)
 	stopAgent()
 	if err := <-agentDone; err != nil {
 		t.Fatal(err)

@@ -80,17 +80,7 @@ func TestBaseBackupKeepsItsWAL(t *testing.T) {
 		pg.Exec("postgres", "INSERT INTO known (v) SELECT md5(g::text) FROM generate_series(1, 2000) g")
 	}
 	pg.Exec("postgres", "SELECT pg_switch_wal()")
-	last, err := pgwal.ParseLSN(pg.Query("postgres", "SELECT pg_current_wal_lsn()::text"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(60 * time.Second)
-	for agent.Status().Durable < last {
-		if time.Now().After(deadline) {
-			t.Fatalf("agent durable %v, server at %v", agent.Status().Durable, last)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitAgentHolds(t, agent, pg, 60*time.Second)
 	stopAgent()
 	if err := <-agentDone; err != nil {
 		t.Fatal(err)
