@@ -183,14 +183,18 @@ func TestLocalBaseBackup(t *testing.T) {
 		t.Errorf("tablespaces: local %+v, BASE_BACKUP %+v", m.Tablespaces, bb.Meta.Tablespaces)
 	}
 	local, streamed := snapshotPaths(t, v.r, res.ID), snapshotPaths(t, v.r, bb.ID)
+	// The two backups are taken one after the other under writes: a free
+	// space or visibility map fork that (auto)vacuum creates in between
+	// is in one of them only, rightly (seen in a clean-clone run).
+	lazyFork := func(p string) bool { return strings.HasSuffix(p, "_fsm") || strings.HasSuffix(p, "_vm") }
 	var diff []string
 	for p, typ := range local {
-		if st, ok := streamed[p]; !ok || st != typ {
+		if st, ok := streamed[p]; (!ok && !lazyFork(p)) || (ok && st != typ) {
 			diff = append(diff, fmt.Sprintf("local only: %s (%v)", p, typ))
 		}
 	}
 	for p, typ := range streamed {
-		if lt, ok := local[p]; !ok || lt != typ {
+		if lt, ok := local[p]; (!ok && !lazyFork(p)) || (ok && lt != typ) {
 			diff = append(diff, fmt.Sprintf("BASE_BACKUP only: %s (%v)", p, typ))
 		}
 	}
