@@ -254,6 +254,9 @@ func Restore(ctx context.Context, r *repo.Repository, opts RestoreOptions) (*Res
 		opts.Log.Warn(w)
 	}
 	start := time.Now()
+	if err := makeServerDir(target, "target"); err != nil {
+		return res, err
+	}
 	ropts := restorer.Options{Workers: opts.Workers, Progress: opts.Progress, Log: opts.Log}
 	switch {
 	case len(tss) > 0:

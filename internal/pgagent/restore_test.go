@@ -934,10 +934,13 @@ func TestRestorePointInTime(t *testing.T) {
 	})
 
 	t.Run("before-xid", func(t *testing.T) {
-		o := v.opts(newTarget(t))
+		// A target whose parent does not exist yet: restore creates the
+		// parent searchable, or a server run as another OS user than this
+		// process could not reach its data directory.
+		o := v.opts(filepath.Join(newTarget(t), "data"))
 		o.BeforeXID = uint32(xid64)
 		o.Start, o.Port = true, freePort(t)
-		sock := filepath.Join(filepath.Dir(o.Target), "sock")
+		sock := filepath.Join(filepath.Dir(filepath.Dir(o.Target)), "sock")
 		if err := os.Mkdir(sock, 0o755); err != nil {
 			t.Fatal(err)
 		}

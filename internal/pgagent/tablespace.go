@@ -185,7 +185,7 @@ func restoreWithTablespaces(ctx context.Context, r *repo.Repository, root repo.I
 		return fmt.Errorf("pgagent: %w", err)
 	}
 	for _, ts := range tss {
-		if err := makeLocation(ts.Location); err != nil {
+		if err := makeServerDir(ts.Location, "tablespace location"); err != nil {
 			return err
 		}
 		part := &RestoreResult{}
@@ -260,22 +260,25 @@ func splitTablespaces(ctx context.Context, r *repo.Repository, root repo.ID, tss
 	return include, subtrees, nil
 }
 
-// makeLocation creates a tablespace location that does not exist yet; its
-// parents are made searchable, since the server's OS user must reach it.
-func makeLocation(dir string) error {
+// makeServerDir creates a directory for the server's files (the data
+// directory, a tablespace location) that does not exist yet, mode 0700; its
+// missing parents are made searchable (0755), since the server's OS user
+// must reach it (a restore as root for a server run as postgres). what
+// names it in errors.
+func makeServerDir(dir, what string) error {
 	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
-		return fmt.Errorf("pgagent: tablespace location: %w", err)
+		return fmt.Errorf("pgagent: %s: %w", what, err)
 	}
 	err := os.Mkdir(dir, 0o700)
 	if err != nil && !errors.Is(err, fs.ErrExist) {
-		return fmt.Errorf("pgagent: tablespace location: %w", err)
+		return fmt.Errorf("pgagent: %s: %w", what, err)
 	}
 	fi, err := os.Stat(dir)
 	if err != nil {
-		return fmt.Errorf("pgagent: tablespace location: %w", err)
+		return fmt.Errorf("pgagent: %s: %w", what, err)
 	}
 	if !fi.IsDir() {
-		return fmt.Errorf("pgagent: tablespace location %s is not a directory", dir)
+		return fmt.Errorf("pgagent: %s %s is not a directory", what, dir)
 	}
 	return nil
 }
