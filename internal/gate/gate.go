@@ -18,6 +18,7 @@ import (
 	"github.com/dualkey/dualkey/internal/gate/classify"
 	"github.com/dualkey/dualkey/internal/gate/policy"
 	"github.com/dualkey/dualkey/internal/ledger"
+	"github.com/dualkey/dualkey/internal/netfd"
 	"github.com/dualkey/dualkey/internal/quorum"
 	"github.com/dualkey/dualkey/internal/state"
 )
@@ -90,6 +91,10 @@ type Config struct {
 	// dry run (default 5 s; negative turns dry runs off). The session
 	// waits for it, so it bounds how long a hold can take to answer.
 	DryRunTimeout time.Duration
+	// NoEventLoop serves every session on goroutines and Go's network
+	// poller. By default plaintext sessions are served by an event loop
+	// while their statements need no waiting (docs/gate.md).
+	NoEventLoop bool
 }
 
 func (c *Config) applyDefaults() {
@@ -129,6 +134,7 @@ type Gate struct {
 	mock   []byte // secret for mock SCRAM salts of unknown users
 	dbs    map[string]*database
 	rec    *recorder
+	lp     *loopState // nil: every session on goroutines (Config.NoEventLoop)
 	cancel context.CancelFunc
 	ctx    context.Context
 
@@ -193,6 +199,14 @@ func New(cfg Config) (*Gate, error) {
 		d.lookup = newLookup(up.DSN, cfg.Logger)
 		g.dbs[name] = d
 	}
+	if !cfg.NoEventLoop {
+		lp, err := newLoopState()
+		if err != nil {
+			cancel()
+			return nil, fmt.Errorf("gate: event loop: %w", err)
+		}
+		g.lp = lp
+	}
 	g.rec = newRecorder(cfg.Ledger, g.log)
 	return g, nil
 }
@@ -207,6 +221,25 @@ func (g *Gate) Serve(ln net.Listener) error {
 	}
 	g.ln = append(g.ln, ln)
 	g.mu.Unlock()
+	if g.lp != nil {
+		// Accept outside Go's poller, so that sessions can go to the
+		// event loop.
+		nl, err := netfd.Listen(ln)
+		if err != nil {
+			g.log.Warn("gate: sessions from this listener stay off the event loop", "addr", ln.Addr(), "err", err)
+		} else {
+			fl := fdListener{nl}
+			g.mu.Lock()
+			if g.closed {
+				g.mu.Unlock()
+				fl.Close()
+				return ErrClosed
+			}
+			g.ln = append(g.ln, fl)
+			g.mu.Unlock()
+			ln = fl
+		}
+	}
 	var delay time.Duration
 	for {
 		c, err := ln.Accept()
@@ -218,7 +251,7 @@ func (g *Gate) Serve(ln net.Listener) error {
 				return ErrClosed
 			}
 			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
+			if errors.Is(err, netfd.ErrTemporary) || (errors.As(err, &ne) && ne.Timeout()) {
 				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
 				time.Sleep(delay)
 				continue
@@ -226,13 +259,26 @@ func (g *Gate) Serve(ln net.Listener) error {
 			return fmt.Errorf("gate: accept: %w", err)
 		}
 		delay = 0
+		g.mu.Lock()
+		if g.closed {
+			// Close is waiting for the sessions: none may start now.
+			g.mu.Unlock()
+			c.Close()
+			return ErrClosed
+		}
 		g.wg.Add(1)
+		g.mu.Unlock()
 		go func() {
 			defer g.wg.Done()
 			g.serveConn(c)
 		}()
 	}
 }
+
+// fdListener is a netfd.Listener as a net.Listener.
+type fdListener struct{ *netfd.Listener }
+
+func (l fdListener) Accept() (net.Conn, error) { return l.Listener.Accept() }
 
 // Close stops accepting, ends every session (cancelling their running
 // queries upstream), flushes the ledger records and returns when all
@@ -252,6 +298,9 @@ func (g *Gate) Close(ctx context.Context) error {
 	case <-done:
 	case <-ctx.Done():
 		err = fmt.Errorf("gate: close: %w", ctx.Err())
+	}
+	if g.lp != nil {
+		g.lp.stop()
 	}
 	g.rec.close()
 	for _, d := range g.dbs {

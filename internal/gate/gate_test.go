@@ -206,8 +206,23 @@ func (e *env) psql(db string, stdin string, args ...string) (string, error) {
 	return string(out), err
 }
 
+// TestGate runs everything with sessions served by the event loop (while
+// they can be) and again on goroutines from the start.
 func TestGate(t *testing.T) {
-	e := newEnv(t, nil)
+	t.Run("event loop", func(t *testing.T) { testGate(t, false) })
+	t.Run("goroutines", func(t *testing.T) {
+		if testing.Short() {
+			t.Skip("-short: the event loop's run covers the goroutines too, from the first hold on")
+		}
+		testGate(t, true)
+	})
+}
+
+func testGate(t *testing.T, noLoop bool) {
+	e := newEnv(t, func(c *Config) { c.NoEventLoop = noLoop })
+	if (e.g.lp == nil) != noLoop {
+		t.Fatalf("event loop %v, want %v", e.g.lp != nil, !noLoop)
+	}
 	ctx := ctxT(t, 5*time.Minute)
 	c := e.connect("shop")
 	if _, err := c.Exec(ctx, "CREATE TABLE items (id int PRIMARY KEY, name text)"); err != nil {
@@ -232,6 +247,9 @@ func TestGate(t *testing.T) {
 		if _, err := c.Prepare(ctx, "by_id", "SELECT name FROM items WHERE id = $1"); err != nil {
 			t.Fatal(err)
 		}
+		if lp := e.g.lp; lp != nil && (lp.entered.Load() != 1 || lp.escaped.Load() != 0) {
+			t.Fatalf("%d sessions on the event loop (want 1), %d left it (want 0)", lp.entered.Load(), lp.escaped.Load())
+		}
 		b := &pgx.Batch{}
 		for i := 1; i <= 10; i++ {
 			b.Queue("by_id", i)
@@ -248,6 +266,11 @@ func TestGate(t *testing.T) {
 		}
 		if err := br.Close(); err != nil {
 			t.Fatal(err)
+		}
+		if lp := e.g.lp; lp != nil && lp.escaped.Load() != 1 {
+			// The UPDATE runs under the guard (max_rows), which waits for
+			// its row count: off the loop.
+			t.Fatalf("the guarded UPDATE's session did not leave the event loop (%d left)", lp.escaped.Load())
 		}
 		// simple protocol through pgx too
 		var n int

@@ -302,45 +302,45 @@ func (r *relay) loop() error {
 		if err != nil {
 			return err
 		}
-		switch typ {
-		case 'N', 'A', 'S': // notice, notification, parameter status: asynchronous
-			if typ == 'S' {
-				if name, value, ok := paramStatus(body); ok && !lexerSafe(name, value) {
-					// Reached by a path the classifier did not see (a
-					// function's set_config): the gate can no longer read
-					// statements as the server does. End the session.
-					r.s.g.log.Error("gate: upstream reports a setting that changes how statements are read; session ended",
-						"session", r.s.id, "user", r.s.user.Name, "setting", name, "value", value)
-					r.emitError(&pgproto3.ErrorResponse{Severity: "FATAL", SeverityUnlocalized: "FATAL", Code: "XX000",
-						Message: fmt.Sprintf("dualkey: the session's %s became %q, which the gate cannot read statements under; session ended", name, value)})
-					return fmt.Errorf("gate: upstream %s = %q", name, value)
-				}
-			}
-			if e := r.head(); e != nil && e.suppress && typ != 'A' {
-				continue
-			}
-			if err := r.emit(typ, body); err != nil {
-				return err
-			}
-			continue
-		}
-		e := r.head()
-		if e == nil {
-			// Unsolicited: a FATAL error as the server shuts down, say.
-			if typ == 'Z' && len(body) == 1 {
-				r.mu.Lock()
-				r.setTx(body[0])
-				r.mu.Unlock()
-			}
-			if err := r.emit(typ, body); err != nil {
-				return err
-			}
-			continue
-		}
-		if err := r.handle(e, typ, body); err != nil {
+		if err := r.message(typ, body); err != nil {
 			return err
 		}
 	}
+}
+
+// message processes one upstream message (body valid for the call only).
+// An error ends the relay.
+func (r *relay) message(typ byte, body []byte) error {
+	switch typ {
+	case 'N', 'A', 'S': // notice, notification, parameter status: asynchronous
+		if typ == 'S' {
+			if name, value, ok := paramStatus(body); ok && !lexerSafe(name, value) {
+				// Reached by a path the classifier did not see (a
+				// function's set_config): the gate can no longer read
+				// statements as the server does. End the session.
+				r.s.g.log.Error("gate: upstream reports a setting that changes how statements are read; session ended",
+					"session", r.s.id, "user", r.s.user.Name, "setting", name, "value", value)
+				r.emitError(&pgproto3.ErrorResponse{Severity: "FATAL", SeverityUnlocalized: "FATAL", Code: "XX000",
+					Message: fmt.Sprintf("dualkey: the session's %s became %q, which the gate cannot read statements under; session ended", name, value)})
+				return fmt.Errorf("gate: upstream %s = %q", name, value)
+			}
+		}
+		if e := r.head(); e != nil && e.suppress && typ != 'A' {
+			return nil
+		}
+		return r.emit(typ, body)
+	}
+	e := r.head()
+	if e == nil {
+		// Unsolicited: a FATAL error as the server shuts down, say.
+		if typ == 'Z' && len(body) == 1 {
+			r.mu.Lock()
+			r.setTx(body[0])
+			r.mu.Unlock()
+		}
+		return r.emit(typ, body)
+	}
+	return r.handle(e, typ, body)
 }
 
 // handle processes one response to entry e.

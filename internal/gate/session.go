@@ -1,6 +1,8 @@
 package gate
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -21,6 +23,7 @@ import (
 	"github.com/dualkey/dualkey/internal/gate/classify"
 	"github.com/dualkey/dualkey/internal/gate/policy"
 	"github.com/dualkey/dualkey/internal/ledger"
+	"github.com/dualkey/dualkey/internal/netfd"
 	"github.com/dualkey/dualkey/internal/state"
 )
 
@@ -73,6 +76,16 @@ type session struct {
 	afterSync   string // a statement to run (suppressed) right after the client's next Sync
 	copyPending int    // bytes of CopyData buffered towards upstream
 	holds       int    // requests opened by this session
+
+	// The verdict judged last ahead of its message (event loop): judge
+	// takes it instead of classifying again.
+	memoSQL string
+	memoV   verdict
+	memoOK  bool
+
+	rawClient, rawUp *netfd.Conn // the sockets, when outside Go's poller (event loop)
+	onLoop           bool        // the event loop serves the session (mu)
+	ls               *loopSession
 }
 
 // prepared is a statement as the gate judged it at Parse.
@@ -91,6 +104,7 @@ type verdict struct {
 
 func (g *Gate) serveConn(c net.Conn) {
 	s := &session{g: g, client: c, stmts: map[string]*prepared{}, portals: map[string]*prepared{}, counts: map[string]int{}}
+	s.rawClient, _ = c.(*netfd.Conn)
 	defer func() { s.client.Close() }()
 	s.remote, _, _ = net.SplitHostPort(c.RemoteAddr().String())
 	c.SetDeadline(time.Now().Add(startupTimeout))
@@ -256,11 +270,117 @@ func (s *session) run(m *pgproto3.StartupMessage) {
 	s.client.SetDeadline(time.Time{})
 
 	s.r = newRelay(s, hj.TxStatus)
-	go s.r.run()
-	stop := context.AfterFunc(g.ctx, func() { s.client.Close() })
+	stop := context.AfterFunc(g.ctx, s.closeClient)
 	defer stop()
-	why := s.loop()
+	why := s.serve()
 	s.finish(why)
+}
+
+// serve relays until the session ends and returns why: on the event loop
+// while it can, then (or from the start: TLS, no loop) on this goroutine
+// and the relay's.
+func (s *session) serve() string {
+	if ls := s.toLoop(); ls != nil {
+		why, carryOn := s.fromLoop(<-ls.exit)
+		if !carryOn {
+			close(s.r.done) // the relay never ran on a goroutine
+			return why
+		}
+	}
+	go s.r.run()
+	return s.loop()
+}
+
+// toLoop puts the session on the event loop if it can go there: plaintext
+// on both sides, over sockets outside Go's poller. Otherwise the sockets
+// go to Go's poller for good and it returns nil.
+func (s *session) toLoop() *loopSession {
+	g := s.g
+	eligible := g.lp != nil && s.tls == "" && s.rawClient != nil && s.rawUp != nil &&
+		s.client == net.Conn(s.rawClient) && s.up == net.Conn(s.rawUp)
+	var cfd, ufd int
+	var err error
+	if eligible {
+		if cfd, err = s.rawClient.Detach(); err == nil {
+			if ufd, err = s.rawUp.Detach(); err != nil {
+				s.rawClient.UseNetpoll()
+			}
+		}
+		if err != nil {
+			g.log.Warn("gate: session stays off the event loop", "session", s.id, "err", err)
+			eligible = false
+		}
+	}
+	if !eligible {
+		s.netpoll()
+		return nil
+	}
+	ls := &loopSession{s: s, ls: g.lp, cfd: cfd, ufd: ufd, exit: make(chan loopExit, 1)}
+	s.fe = pgproto3.NewFrontend(s.up, &ls.uout)
+	s.r.wr = bufio.NewWriterSize(&ls.cout, 64<<10)
+	s.mu.Lock()
+	s.onLoop, s.ls = true, ls
+	s.mu.Unlock()
+	if !g.lp.l.Submit(ls.start) {
+		// The loop has stopped: the gate is closing.
+		ls.exit <- loopExit{why: "client disconnected"}
+	}
+	return ls
+}
+
+// netpoll hands the session's own sockets to Go's poller.
+func (s *session) netpoll() {
+	for _, c := range []*netfd.Conn{s.rawClient, s.rawUp} {
+		if c != nil {
+			if err := c.UseNetpoll(); err != nil {
+				s.g.log.Warn("gate: socket to Go's poller", "session", s.id, "err", err)
+			}
+		}
+	}
+}
+
+// fromLoop takes the session back from the event loop: the sockets to
+// Go's poller, the bytes the loop had not written written, the bytes it
+// had not handled read first. carryOn is false when the session ended.
+func (s *session) fromLoop(x loopExit) (why string, carryOn bool) {
+	s.mu.Lock()
+	s.onLoop = false
+	s.mu.Unlock()
+	s.netpoll()
+	s.fe = pgproto3.NewFrontend(s.up, s.up)
+	s.r.wr = bufio.NewWriterSize(s.client, 64<<10)
+	why = x.why
+	if len(x.cout) > 0 {
+		if _, err := s.client.Write(x.cout); err != nil && why == "" {
+			why = "client disconnected: " + err.Error()
+		}
+	}
+	if len(x.uout) > 0 {
+		if _, err := s.up.Write(x.uout); err != nil && why == "" {
+			why = "upstream closed"
+		}
+	}
+	if why == "" && s.g.ctx.Err() != nil {
+		why = "client disconnected" // the gate closes; its call to closeClient may have missed the hand-over
+	}
+	if why != "" {
+		return why, false
+	}
+	s.be = pgproto3.NewBackend(io.MultiReader(bytes.NewReader(x.cin), s.client), s.client)
+	s.be.SetMaxBodyLen(s.g.cfg.MaxMessageSize)
+	s.r.rd = bufio.NewReaderSize(io.MultiReader(bytes.NewReader(x.uin), s.up), 64<<10)
+	return "", true
+}
+
+// closeClient ends the session from outside (the gate closes).
+func (s *session) closeClient() {
+	s.mu.Lock()
+	on, ls := s.onLoop, s.ls
+	s.mu.Unlock()
+	if on && s.g.lp.l.Submit(func() { ls.end("client disconnected") }) {
+		return
+	}
+	s.client.Close()
 }
 
 // refused records a session that did not get in.
@@ -381,6 +501,19 @@ func (s *session) connectUpstream(ctx context.Context, params map[string]string)
 			cfg.RuntimeParams[k] = v
 		}
 	}
+	if s.g.lp != nil {
+		// Dial outside Go's poller, so that the session can go to the
+		// event loop; pgconn dials again for each fallback, and the last
+		// connection is the one it keeps.
+		cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := netfd.Dial(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			s.rawUp = c
+			return c, nil
+		}
+	}
 	pc, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("gate: upstream %s: %w", s.dbName, err)
@@ -469,54 +602,63 @@ func (s *session) loop() string {
 			s.be.Flush()
 			return "protocol violation: " + err.Error()
 		}
-		switch m := msg.(type) {
-		case *pgproto3.Query:
-			s.query(m.String)
-		case *pgproto3.Parse:
-			s.parse(m)
-		case *pgproto3.Bind:
-			s.bind(m)
-		case *pgproto3.Describe:
-			if !s.skipToSync {
-				s.send(m, &entry{kind: ekDescribe})
-			}
-		case *pgproto3.Execute:
-			s.execute(m)
-		case *pgproto3.Close:
-			s.closeMsg(m)
-		case *pgproto3.Sync:
-			s.sync()
-		case *pgproto3.Flush:
-			if !s.skipToSync {
-				s.fe.Send(m)
-			}
-			s.flushUp()
-		case *pgproto3.CopyData:
-			s.fe.Send(m)
-			s.copyPending += len(m.Data)
-			if s.copyPending > 64<<10 {
-				s.flushUp()
-			}
-		case *pgproto3.CopyDone, *pgproto3.CopyFail:
-			s.fe.Send(m)
-			s.flushUp()
-		case *pgproto3.FunctionCall:
-			// The fast-path interface calls any function by OID, past any
-			// SQL the classifier could read.
-			s.refuseQuery(errorResponse("0A000", "the function call protocol is not supported through the dualkey gate", "", ""))
-		case *pgproto3.Terminate:
-			return "client terminated"
-		default:
-			s.r.stop()
-			s.be.Send(&pgproto3.ErrorResponse{Severity: "FATAL", SeverityUnlocalized: "FATAL", Code: "08P01",
-				Message: fmt.Sprintf("unexpected message %T", msg)})
-			s.be.Flush()
-			return fmt.Sprintf("protocol violation: %T", msg)
+		if why := s.dispatch(msg); why != "" {
+			return why
 		}
 		if s.r.dead() {
 			return "upstream closed"
 		}
 	}
+}
+
+// dispatch handles one client message; it returns why the session ends,
+// or "".
+func (s *session) dispatch(msg pgproto3.FrontendMessage) string {
+	switch m := msg.(type) {
+	case *pgproto3.Query:
+		s.query(m.String)
+	case *pgproto3.Parse:
+		s.parse(m)
+	case *pgproto3.Bind:
+		s.bind(m)
+	case *pgproto3.Describe:
+		if !s.skipToSync {
+			s.send(m, &entry{kind: ekDescribe})
+		}
+	case *pgproto3.Execute:
+		s.execute(m)
+	case *pgproto3.Close:
+		s.closeMsg(m)
+	case *pgproto3.Sync:
+		s.sync()
+	case *pgproto3.Flush:
+		if !s.skipToSync {
+			s.fe.Send(m)
+		}
+		s.flushUp()
+	case *pgproto3.CopyData:
+		s.fe.Send(m)
+		s.copyPending += len(m.Data)
+		if s.copyPending > 64<<10 {
+			s.flushUp()
+		}
+	case *pgproto3.CopyDone, *pgproto3.CopyFail:
+		s.fe.Send(m)
+		s.flushUp()
+	case *pgproto3.FunctionCall:
+		// The fast-path interface calls any function by OID, past any
+		// SQL the classifier could read.
+		s.refuseQuery(errorResponse("0A000", "the function call protocol is not supported through the dualkey gate", "", ""))
+	case *pgproto3.Terminate:
+		return "client terminated"
+	default:
+		s.r.stop()
+		s.be.Send(&pgproto3.ErrorResponse{Severity: "FATAL", SeverityUnlocalized: "FATAL", Code: "08P01",
+			Message: fmt.Sprintf("unexpected message %T", msg)})
+		s.be.Flush()
+		return fmt.Sprintf("protocol violation: %T", msg)
+	}
+	return ""
 }
 
 // send forwards m upstream with its response entry queued first.
@@ -534,8 +676,37 @@ func (s *session) flushUp() {
 }
 
 func (s *session) judge(sql string) verdict {
+	if s.memoOK && s.memoSQL == sql {
+		s.memoOK = false
+		return s.memoV
+	}
+	return s.judgeNow(sql)
+}
+
+// judgeNow classifies sql (parsing it unless cached, which may look up
+// functions in the database) and decides it. Safe off the session's
+// goroutine: it reads only what does not change.
+func (s *session) judgeNow(sql string) verdict {
 	res := s.db.cache.Classify(sql, classify.Options{Lookup: s.db.lookup.volatility})
+	return s.decide(res)
+}
+
+func (s *session) decide(res classify.Result) verdict {
 	return verdict{res: res, dec: s.g.cfg.Policy.DecideResult(s.user.Name, s.user.Groups, s.dbName, res)}
+}
+
+// cachedVerdict returns sql's verdict if that needs no parse, and keeps it
+// for the judge that follows.
+func (s *session) cachedVerdict(sql string) (verdict, bool) {
+	if s.memoOK && s.memoSQL == sql {
+		return s.memoV, true
+	}
+	res, ok := s.db.cache.Cached(sql)
+	if !ok {
+		return verdict{}, false
+	}
+	s.memoSQL, s.memoV, s.memoOK = sql, s.decide(res), true
+	return s.memoV, true
 }
 
 // guarded reports whether v needs the blast-radius guard, and whether it

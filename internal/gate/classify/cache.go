@@ -64,33 +64,9 @@ func NewCache(size int) *Cache {
 // Classify returns Classify(sql, opts) but for its Fingerprint, from the
 // cache when sql, or a statement of its shape, was seen.
 func (c *Cache) Classify(sql string, opts Options) Result {
-	c.mu.Lock()
-	if e, ok := c.items[sql]; ok {
-		c.ll.MoveToFront(e)
-		c.hits++
-		res := e.Value.(*cacheEntry).res
-		c.mu.Unlock()
+	res, shape, byShape, ok := c.cached(sql)
+	if ok {
 		return res
-	}
-	c.mu.Unlock()
-
-	var shape string
-	byShape := false
-	if len(sql) <= maxCachedText {
-		var n int
-		shape, n, byShape = shapeOf(sql)
-		byShape = byShape && n > 0
-	}
-	if byShape {
-		c.mu.Lock()
-		if e, ok := c.shapes[shape]; ok {
-			c.ll.MoveToFront(e)
-			c.hits++
-			res := e.Value.(*cacheEntry).res
-			c.mu.Unlock()
-			return withText(res, sql)
-		}
-		c.mu.Unlock()
 	}
 
 	// Classify outside the lock: parsing is the slow part, and two
@@ -115,6 +91,46 @@ func (c *Cache) Classify(sql string, opts Options) Result {
 		c.put(c.items, sql, false, res)
 	}
 	return res
+}
+
+// Cached returns what Classify would return for sql if it is in the cache,
+// without classifying it: for callers that must not block (the gate's
+// event loop hands misses to a goroutine, since classifying may look up
+// functions in the database).
+func (c *Cache) Cached(sql string) (Result, bool) {
+	res, _, _, ok := c.cached(sql)
+	return res, ok
+}
+
+// cached looks sql up by text, then by shape; on a miss it returns the
+// shape to store the result under (byShape false: by text only).
+func (c *Cache) cached(sql string) (res Result, shape string, byShape, ok bool) {
+	c.mu.Lock()
+	if e, hit := c.items[sql]; hit {
+		c.ll.MoveToFront(e)
+		c.hits++
+		res = e.Value.(*cacheEntry).res
+		c.mu.Unlock()
+		return res, "", false, true
+	}
+	c.mu.Unlock()
+	if len(sql) <= maxCachedText {
+		var n int
+		shape, n, byShape = shapeOf(sql)
+		byShape = byShape && n > 0
+	}
+	if byShape {
+		c.mu.Lock()
+		if e, hit := c.shapes[shape]; hit {
+			c.ll.MoveToFront(e)
+			c.hits++
+			res = e.Value.(*cacheEntry).res
+			c.mu.Unlock()
+			return withText(res, sql), shape, true, true
+		}
+		c.mu.Unlock()
+	}
+	return Result{}, shape, byShape, false
 }
 
 // put stores res under key in m (items or shapes), evicting the least

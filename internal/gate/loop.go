@@ -1,0 +1,458 @@
+package gate
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"strings"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/dualkey/dualkey/internal/evloop"
+)
+
+// The event loop serves the hot path of established plaintext sessions:
+// client messages the gate can decide without waiting for anything
+// (allowed and unguarded statements whose classification is cached,
+// denials, the extended protocol's plumbing, COPY data) are judged and
+// forwarded inline on the loop's thread, and upstream messages relayed
+// the same way, reading only sockets epoll reports ready and writing once
+// per round (docs/gate.md, "The event loop").
+//
+// Anything else leaves the loop for good: a statement to hold, a guarded
+// or approved one, a reused statement name, a malformed or unknown
+// message, the end of the session. The loop hands the session's sockets
+// and every byte it has not yet dealt with back to the session's
+// goroutine, which carries on exactly as a session that never was on the
+// loop (goroutines and Go's network poller). A classification that is not
+// cached is done by a goroutine while the session's client side pauses.
+
+// loopState is the gate's event loop and what its thread alone uses.
+type loopState struct {
+	l        *evloop.Loop
+	buf      []byte // one read at a time, shared by every session
+	sessions map[*loopSession]struct{}
+
+	entered, escaped atomic.Int64 // sessions put on the loop, and those that left it before their end
+	stalls           atomic.Int64 // times a session's output waited for its socket
+}
+
+func newLoopState() (*loopState, error) {
+	l, err := evloop.New()
+	if err != nil {
+		return nil, err
+	}
+	ls := &loopState{l: l, buf: make([]byte, loopReadSize), sessions: map[*loopSession]struct{}{}}
+	go l.Run()
+	return ls, nil
+}
+
+// stop ends the sessions still on the loop and the loop.
+func (lp *loopState) stop() {
+	lp.l.Submit(func() {
+		for ls := range lp.sessions {
+			ls.end("client disconnected")
+		}
+	})
+	lp.l.Stop()
+}
+
+const loopReadSize = 128 << 10
+
+// loopExit is what the loop hands back to the session's goroutine.
+type loopExit struct {
+	why        string // the session ends; "" when it carries on off the loop
+	cin, uin   []byte // bytes read and not yet handled, from the client and the upstream
+	cout, uout []byte // bytes not yet written to the client and the upstream
+}
+
+// loopSession is a session on the loop; its fields belong to the loop's
+// thread.
+type loopSession struct {
+	s          *session
+	ls         *loopState
+	cfd, ufd   int
+	cin, uin   []byte // partial messages carried over to the next read
+	cout, uout evloop.Out
+	cev, uev   uint32 // events the fds are registered for
+	paused     bool   // a goroutine classifies the next client message
+	ended      bool
+	exit       chan loopExit
+}
+
+// start registers the session's fds (on the loop).
+func (ls *loopSession) start() {
+	ls.ls.sessions[ls] = struct{}{}
+	ls.ls.entered.Add(1)
+	ls.cev, ls.uev = evloop.Readable, evloop.Readable
+	if err := ls.ls.l.Add(ls.cfd, ls, ls.cev); err != nil {
+		ls.end("event loop: " + err.Error())
+		return
+	}
+	if err := ls.ls.l.Add(ls.ufd, ls, ls.uev); err != nil {
+		ls.end("event loop: " + err.Error())
+	}
+}
+
+// Ready is called by the loop when one of the session's fds is ready.
+func (ls *loopSession) Ready(fd int, events uint32) {
+	if ls.ended {
+		return
+	}
+	const in = evloop.Readable | syscall.EPOLLERR | syscall.EPOLLHUP
+	if fd == ls.cfd {
+		if events&in != 0 {
+			ls.readClient()
+		}
+	} else if events&in != 0 {
+		ls.readUp()
+	}
+	ls.settle()
+}
+
+// settle writes what the round produced and watches the fds for what
+// comes next: a side's input only while the other side takes its output
+// (so a slow reader holds its writer back), output readiness only while
+// bytes wait.
+func (ls *loopSession) settle() {
+	if ls.ended {
+		return
+	}
+	if err := ls.s.r.wr.Flush(); err != nil {
+		ls.end("client disconnected: " + err.Error())
+		return
+	}
+	if ls.uout.Pending() > 0 {
+		if _, err := ls.uout.Flush(ls.ufd); err != nil {
+			ls.end("upstream closed")
+			return
+		}
+	}
+	if ls.cout.Pending() > 0 {
+		if _, err := ls.cout.Flush(ls.cfd); err != nil {
+			ls.end("client disconnected: " + err.Error())
+			return
+		}
+	}
+	if (ls.cout.Pending() > 0 && ls.cev&evloop.Writable == 0) || (ls.uout.Pending() > 0 && ls.uev&evloop.Writable == 0) {
+		ls.ls.stalls.Add(1)
+	}
+	var cev, uev uint32
+	if ls.uout.Pending() == 0 && !ls.paused {
+		cev |= evloop.Readable
+	}
+	if ls.cout.Pending() > 0 {
+		cev |= evloop.Writable
+	}
+	if ls.cout.Pending() == 0 {
+		uev |= evloop.Readable
+	}
+	if ls.uout.Pending() > 0 {
+		uev |= evloop.Writable
+	}
+	if cev != ls.cev {
+		if err := ls.ls.l.Mod(ls.cfd, cev); err != nil {
+			ls.end("event loop: " + err.Error())
+			return
+		}
+		ls.cev = cev
+	}
+	if uev != ls.uev {
+		if err := ls.ls.l.Mod(ls.ufd, uev); err != nil {
+			ls.end("event loop: " + err.Error())
+			return
+		}
+		ls.uev = uev
+	}
+}
+
+// read reads fd once (level-triggered: epoll says again if more is
+// there) and returns the bytes with carry prepended.
+func (ls *loopSession) read(fd int, carry []byte) ([]byte, error) {
+	n, err := evloop.Read(fd, ls.ls.buf)
+	if err != nil {
+		return nil, err
+	}
+	if len(carry) > 0 {
+		return append(carry, ls.ls.buf[:n]...), nil
+	}
+	return ls.ls.buf[:n], nil
+}
+
+// keep returns rest as the carry of the next read: copied out of the
+// shared buffer (or slid to the front of the carry it is part of).
+func keep(carry, rest []byte) []byte {
+	if len(rest) == 0 {
+		return carry[:0]
+	}
+	return append(carry[:0], rest...)
+}
+
+func (ls *loopSession) readClient() {
+	if ls.paused || ls.uout.Pending() > 0 {
+		return
+	}
+	data, err := ls.read(ls.cfd, ls.cin)
+	switch {
+	case errors.Is(err, syscall.EAGAIN):
+		return
+	case errors.Is(err, io.EOF):
+		ls.end("client disconnected")
+		return
+	case err != nil:
+		ls.end("client disconnected: " + err.Error())
+		return
+	}
+	ls.clientData(data)
+}
+
+// clientData handles the complete messages in data and keeps the rest.
+func (ls *loopSession) clientData(data []byte) {
+	s := ls.s
+	off := 0
+	for !ls.ended && !ls.paused {
+		typ, body, size, ok := frame(data[off:], s.g.cfg.MaxMessageSize)
+		if !ok {
+			ls.escape(data[off:], "message length") // the goroutine's decoder refuses it, as always
+			return
+		}
+		if size == 0 {
+			break
+		}
+		msg := decodeFrontend(typ, body)
+		if msg == nil {
+			ls.escape(data[off:], fmt.Sprintf("message type %q", typ))
+			return
+		}
+		switch ls.inline(msg) {
+		case inlineNo:
+			ls.escape(data[off:], fmt.Sprintf("%T needs waiting", msg))
+			return
+		case inlineLater:
+			// off stays: the message is handled again once classified.
+			continue
+		}
+		off += size
+		if why := s.dispatch(msg); why != "" {
+			ls.end(why)
+			return
+		}
+	}
+	if !ls.ended {
+		ls.cin = keep(ls.cin, data[off:])
+	}
+}
+
+// frame finds the first message in data: its type, its body and its
+// whole size, which is 0 while data holds only part of it. ok is false
+// when the length is impossible (under 4) or the body longer than max.
+func frame(data []byte, max int) (typ byte, body []byte, size int, ok bool) {
+	if len(data) < 5 {
+		return 0, nil, 0, true
+	}
+	n := int64(binary.BigEndian.Uint32(data[1:]))
+	if n < 4 || n-4 > int64(max) {
+		return 0, nil, 0, false
+	}
+	if int64(len(data)) < 1+n {
+		return 0, nil, 0, true
+	}
+	return data[0], data[5 : 1+n], int(1 + n), true
+}
+
+// decodeFrontend decodes the messages the loop handles itself, or returns
+// nil (anything else, or a body that does not decode).
+func decodeFrontend(typ byte, body []byte) pgproto3.FrontendMessage {
+	var m pgproto3.FrontendMessage
+	switch typ {
+	case 'Q':
+		m = &pgproto3.Query{}
+	case 'P':
+		m = &pgproto3.Parse{}
+	case 'B':
+		m = &pgproto3.Bind{}
+	case 'D':
+		m = &pgproto3.Describe{}
+	case 'E':
+		m = &pgproto3.Execute{}
+	case 'C':
+		m = &pgproto3.Close{}
+	case 'S':
+		m = &pgproto3.Sync{}
+	case 'H':
+		m = &pgproto3.Flush{}
+	case 'd':
+		m = &pgproto3.CopyData{}
+	case 'c':
+		m = &pgproto3.CopyDone{}
+	case 'f':
+		m = &pgproto3.CopyFail{}
+	case 'X':
+		m = &pgproto3.Terminate{}
+	default:
+		return nil
+	}
+	if err := m.Decode(body); err != nil {
+		return nil
+	}
+	return m
+}
+
+type inlineAnswer int
+
+const (
+	inlineYes   inlineAnswer = iota
+	inlineNo                 // leave the loop
+	inlineLater              // classify off the loop first
+)
+
+// inline decides whether dispatching msg can wait for nothing: no hold,
+// no guard, no approval, no round trip to the upstream, no parse that may
+// look up functions.
+func (ls *loopSession) inline(msg pgproto3.FrontendMessage) inlineAnswer {
+	s := ls.s
+	switch m := msg.(type) {
+	case *pgproto3.Query:
+		return ls.inlineSQL(m.String)
+	case *pgproto3.Parse:
+		if s.skipToSync || strings.HasPrefix(m.Name, reservedPrefix) {
+			return inlineYes
+		}
+		if m.Name != "" {
+			s.mu.Lock()
+			_, had := s.stmts[m.Name]
+			s.mu.Unlock()
+			if had {
+				return inlineNo // parse waits for the upstream's answer (drain)
+			}
+		}
+		return ls.inlineSQL(m.Query)
+	case *pgproto3.Execute:
+		if s.skipToSync {
+			return inlineYes
+		}
+		s.mu.Lock()
+		p := s.portals[m.Portal]
+		s.mu.Unlock()
+		if p == nil {
+			return inlineYes
+		}
+		if need, _ := guarded(p.v); need || p.approved {
+			return inlineNo
+		}
+	case *pgproto3.Sync:
+		if s.afterSync != "" {
+			return inlineNo
+		}
+	}
+	return inlineYes
+}
+
+func (ls *loopSession) inlineSQL(sql string) inlineAnswer {
+	s := ls.s
+	v, ok := s.cachedVerdict(sql)
+	if !ok {
+		ls.classifyLater(sql)
+		return inlineLater
+	}
+	switch v.dec.Action {
+	case actAllow:
+		if need, _ := guarded(v); need {
+			return inlineNo
+		}
+		return inlineYes
+	case actHold:
+		return inlineNo // approvals and holds read and write the state store
+	}
+	return inlineYes // deny: recorded and refused without waiting
+}
+
+// classifyLater pauses the client side while a goroutine classifies sql,
+// then hands the verdict to the message's judge and carries on.
+func (ls *loopSession) classifyLater(sql string) {
+	ls.paused = true
+	s := ls.s
+	go func() {
+		v := s.judgeNow(sql)
+		ls.ls.l.Submit(func() {
+			ls.paused = false
+			if ls.ended {
+				return
+			}
+			s.memoSQL, s.memoV, s.memoOK = sql, v, true
+			data := ls.cin
+			ls.cin = nil
+			ls.clientData(data)
+			ls.settle()
+		})
+	}()
+}
+
+func (ls *loopSession) readUp() {
+	if ls.cout.Pending() > 0 {
+		return
+	}
+	data, err := ls.read(ls.ufd, ls.uin)
+	switch {
+	case errors.Is(err, syscall.EAGAIN):
+		return
+	case err != nil:
+		ls.end("upstream closed")
+		return
+	}
+	r := ls.s.r
+	off := 0
+	for {
+		typ, body, size, ok := frame(data[off:], math.MaxInt32)
+		if !ok {
+			ls.s.g.log.Debug("gate: relay ended", "session", ls.s.id, "err", "upstream message of negative length")
+			ls.end("upstream closed")
+			return
+		}
+		if size == 0 {
+			break
+		}
+		if err := r.message(typ, body); err != nil {
+			ls.s.g.log.Debug("gate: relay ended", "session", ls.s.id, "err", err)
+			ls.end("upstream closed")
+			return
+		}
+		off += size
+	}
+	ls.uin = keep(ls.uin, data[off:])
+}
+
+// end ends the session on the loop.
+func (ls *loopSession) end(why string) { ls.leave(loopExit{why: why}) }
+
+// escape hands the session to its goroutine, rest (the client's bytes
+// from the message the loop did not handle) to be read first.
+func (ls *loopSession) escape(rest []byte, why string) {
+	ls.ls.escaped.Add(1)
+	ls.s.g.log.Debug("gate: session leaves the event loop", "session", ls.s.id, "why", why)
+	ls.leave(loopExit{cin: append([]byte(nil), rest...)})
+}
+
+func (ls *loopSession) leave(x loopExit) {
+	if ls.ended {
+		return
+	}
+	ls.ended = true
+	s := ls.s
+	s.r.wr.Flush() // into cout
+	s.fe.Flush()   // extended-protocol messages not yet flushed: into uout
+	x.cout = ls.cout.Take()
+	x.uout = ls.uout.Take()
+	x.uin = append([]byte(nil), ls.uin...)
+	ls.ls.l.Del(ls.cfd)
+	ls.ls.l.Del(ls.ufd)
+	delete(ls.ls.sessions, ls)
+	s.mu.Lock()
+	s.onLoop = false
+	s.mu.Unlock()
+	ls.exit <- x
+}

@@ -1,0 +1,255 @@
+package gate
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// TestEventLoop checks what only the event loop does: sessions stay on it
+// through large results and COPY, a slow client holds back only its own
+// session, a hold in the middle of a pipelined batch leaves the loop
+// without losing or reordering a message, and a client that vanishes, an
+// oversized message and a closing gate end loop sessions as they end
+// goroutine ones.
+func TestEventLoop(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.MaxMessageSize = 1 << 20 })
+	lp := e.g.lp
+	if lp == nil {
+		t.Fatal("no event loop by default")
+	}
+	ctx := ctxT(t, 3*time.Minute)
+	c := e.connect("shop")
+	if _, err := c.Exec(ctx, "CREATE TABLE t (id int PRIMARY KEY, v text)"); err != nil {
+		t.Fatal(err)
+	}
+	onLoop := func(t *testing.T, entered, escaped int64) {
+		t.Helper()
+		if lp.entered.Load() != entered || lp.escaped.Load() != escaped {
+			t.Fatalf("%d sessions went on the event loop (want %d), %d left it early (want %d)",
+				lp.entered.Load(), entered, lp.escaped.Load(), escaped)
+		}
+	}
+
+	t.Run("COPY in and large results stay on the loop", func(t *testing.T) {
+		var in bytes.Buffer
+		for i := range 50000 {
+			fmt.Fprintf(&in, "%d\t%s\n", i, strings.Repeat("v", 80)) // ~4.5 MiB
+		}
+		tag, err := c.PgConn().CopyFrom(ctx, &in, "COPY t FROM STDIN")
+		if err != nil || tag.RowsAffected() != 50000 {
+			t.Fatalf("copy in: %v %v", tag, err)
+		}
+		var out bytes.Buffer
+		tag, err = c.PgConn().CopyTo(ctx, &out, "COPY (SELECT * FROM t ORDER BY id) TO STDOUT")
+		if err != nil || tag.RowsAffected() != 50000 || out.Len() < 4<<20 {
+			t.Fatalf("copy out: %v %v, %d bytes", tag, err, out.Len())
+		}
+		rows, err := c.Query(ctx, "SELECT v || $1 FROM t ORDER BY id", strings.Repeat("w", 300))
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, size := 0, 0
+		for rows.Next() {
+			var v string
+			if err := rows.Scan(&v); err != nil {
+				t.Fatal(err)
+			}
+			n, size = n+1, size+len(v)
+		}
+		if rows.Err() != nil || n != 50000 || size != 50000*380 {
+			t.Fatalf("large result: %d rows, %d bytes, %v", n, size, rows.Err())
+		}
+		onLoop(t, 1, 0)
+	})
+
+	t.Run("a slow client holds back only its own session", func(t *testing.T) {
+		slow := e.connect("shop")
+		// 30 MB that the client does not read for a while: the socket
+		// fills, the loop stops reading this session's upstream.
+		rows, err := slow.Query(ctx, "SELECT repeat('x', 1000) FROM generate_series(1, 30000)")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range 20 {
+			var n int
+			if err := c.QueryRow(ctx, "SELECT count(*) FROM t WHERE id < $1", 10).Scan(&n); err != nil || n != 10 {
+				t.Fatalf("other session while one is stalled: %d, %v", n, err)
+			}
+		}
+		n := 0
+		for rows.Next() {
+			n++
+		}
+		if rows.Err() != nil || n != 30000 {
+			t.Fatalf("the slow client got %d rows, %v", n, rows.Err())
+		}
+		if lp.stalls.Load() == 0 {
+			t.Fatal("the slow client's output never waited for its socket")
+		}
+		onLoop(t, 2, 0)
+	})
+
+	t.Run("a hold mid-batch leaves the loop, nothing lost or reordered", func(t *testing.T) {
+		d := e.connect("shop")
+		b := &pgx.Batch{}
+		b.Queue("INSERT INTO t VALUES (-1, 'first')")
+		b.Queue("SELECT count(*) FROM t")
+		b.Queue("DELETE FROM t") // destructive: held
+		b.Queue("INSERT INTO t VALUES (-2, 'after')")
+		heldID(t, d.SendBatch(ctx, b).Close())
+		// one implicit transaction: the refused statement failed it whole
+		if n := count(t, e.srv, "shop", "t WHERE id < 0"); n != 0 {
+			t.Fatalf("%d rows of the refused batch committed", n)
+		}
+		onLoop(t, 3, 1)
+		// off the loop, the session goes on as before
+		b = &pgx.Batch{}
+		for i := range 5 {
+			b.Queue("SELECT $1::int", i)
+		}
+		br := d.SendBatch(ctx, b)
+		for i := range 5 {
+			var got int
+			if err := br.QueryRow().Scan(&got); err != nil || got != i {
+				t.Fatalf("batch after the hold: %d, %v", got, err)
+			}
+		}
+		if err := br.Close(); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("a statement seen for the first time is classified off the loop", func(t *testing.T) {
+		// Unique texts: every one misses the cache, pauses the session
+		// while a goroutine classifies it, and carries on in order.
+		b := &pgx.Batch{}
+		for i := range 50 {
+			b.Queue(fmt.Sprintf("SELECT %d AS n%d", i, i))
+		}
+		br := c.SendBatch(ctx, b)
+		for i := range 50 {
+			var got int
+			if err := br.QueryRow().Scan(&got); err != nil || got != i {
+				t.Fatalf("statement %d: %d, %v", i, got, err)
+			}
+		}
+		if err := br.Close(); err != nil {
+			t.Fatal(err)
+		}
+		onLoop(t, 3, 1)
+	})
+
+	t.Run("a client that vanishes mid-query has its query cancelled", func(t *testing.T) {
+		pc, err := pgconn.Connect(ctx, e.url("alice", alicePW, "shop", "disable"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan struct{})
+		go func() {
+			pc.Exec(ctx, "SELECT pg_sleep(60) AS vanishing").ReadAll()
+			close(done)
+		}()
+		running := "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(60) AS vanishing%' AND state = 'active'"
+		waitFor(t, func() bool { return e.srv.Query("postgres", running) == "1" }, "the query to run upstream")
+		onLoop(t, 4, 1)
+		pc.Conn().Close()
+		<-done
+		waitFor(t, func() bool { return e.srv.Query("postgres", running) == "0" }, "the vanished client's query to be cancelled")
+	})
+
+	t.Run("an oversized message ends its session only", func(t *testing.T) {
+		big := e.connect("shop")
+		_, err := big.Exec(ctx, "SELECT '"+strings.Repeat("x", 2<<20)+"'")
+		var pe *pgconn.PgError
+		if err == nil || (errors.As(err, &pe) && pe.Code != "08P01") {
+			t.Fatalf("a 2 MiB query through a 1 MiB limit: %v", err)
+		}
+		var n int
+		if err := c.QueryRow(ctx, "SELECT count(*) FROM t").Scan(&n); err != nil || n != 50000 {
+			t.Fatalf("other session after the oversized one: %d, %v", n, err)
+		}
+	})
+
+	t.Run("closing the gate ends the sessions on the loop", func(t *testing.T) {
+		e2 := startGate(t, e.srv, nil)
+		x := e2.connect("shop")
+		if _, err := x.Exec(ctx, "SELECT 1"); err != nil {
+			t.Fatal(err)
+		}
+		if e2.g.lp.entered.Load() != 1 {
+			t.Fatalf("%d sessions on the second gate's loop", e2.g.lp.entered.Load())
+		}
+		if err := e2.g.Close(ctxT(t, 30*time.Second)); err != nil {
+			t.Fatalf("close with a session on the loop: %v", err)
+		}
+		if _, err := x.Exec(ctx, "SELECT 1"); err == nil {
+			t.Fatal("a session outlived its gate")
+		}
+	})
+}
+
+func waitFor(t *testing.T, cond func() bool, what string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// FuzzFrames feeds the event loop's framing and decoding of client
+// messages arbitrary bytes. Besides not panicking, what the gate forwards
+// (the decoded message encoded again) must read back as the same message:
+// otherwise the server could run something other than what was judged.
+func FuzzFrames(f *testing.F) {
+	f.Add(msg('Q', "SELECT 1\x00"))
+	f.Add(append(msg('P', "s1\x00SELECT $1\x00\x00\x01\x00\x00\x00\x17"), msg('S', "")...))
+	f.Add(msg('B', "\x00s1\x00\x00\x01\x00\x01\x00\x01\x00\x00\x00\x041234\x00\x01\x00\x01"))
+	f.Add(msg('E', "\x00\x00\x00\x00\x00"))
+	f.Add(msg('d', "1\t2\n"))
+	f.Add([]byte{'Q', 0, 0, 0, 3})
+	f.Add([]byte{'Q', 0xff, 0xff, 0xff, 0xff, 'x'})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		off := 0
+		for off < len(data) {
+			typ, body, size, ok := frame(data[off:], 1<<16)
+			if !ok || size == 0 {
+				return
+			}
+			if size < 5 || off+size > len(data) || len(body) != size-5 || typ != data[off] {
+				t.Fatalf("frame at %d: type %q, %d-byte body, size %d of %d bytes", off, typ, len(body), size, len(data)-off)
+			}
+			off += size
+			m := decodeFrontend(typ, body)
+			if m == nil {
+				continue
+			}
+			enc, err := m.Encode(nil)
+			if err != nil {
+				continue // the upstream write fails and ends the session
+			}
+			typ2, body2, size2, ok := frame(enc, math.MaxInt32)
+			if !ok || size2 != len(enc) || typ2 != typ {
+				t.Fatalf("%T encodes to an unreadable frame", m)
+			}
+			m2 := decodeFrontend(typ2, body2)
+			if m2 == nil {
+				t.Fatalf("%T as forwarded does not decode", m)
+			}
+			enc2, err := m2.Encode(nil)
+			if err != nil || !bytes.Equal(enc, enc2) {
+				t.Fatalf("%T reads back differently: %q then %q (%v)", m, enc, enc2, err)
+			}
+		}
+	})
+}
