@@ -1,4 +1,4 @@
-// Package evloop runs callbacks for ready sockets on one OS thread with
+// Package evloop runs callbacks for ready sockets on one goroutine with
 // epoll: the design of PgBouncer (libevent), for the gate's hot path.
 //
 // Why not goroutines and Go's network poller: per message, the poller
@@ -14,9 +14,7 @@
 package evloop
 
 import (
-	"errors"
 	"fmt"
-	"runtime"
 	"sync"
 	"syscall"
 	"unsafe"
@@ -36,7 +34,7 @@ const (
 	Writable = unix.EPOLLOUT
 )
 
-// Loop is one epoll thread.
+// Loop is one epoll goroutine, which keeps its processor (a thread).
 type Loop struct {
 	epfd int
 	wake int // eventfd: Submit wakes the loop through it
@@ -74,7 +72,8 @@ func (l *Loop) closeFds() {
 	unix.Close(l.wake)
 }
 
-// Add registers fd with h for events (Readable, Writable or both). Loop thread only.
+// Add registers fd with h for events (Readable, Writable or both). On the
+// loop only (from a handler or a submitted function), as Mod and Del.
 func (l *Loop) Add(fd int, h Handler, events uint32) error {
 	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &unix.EpollEvent{Events: events, Fd: int32(fd)}); err != nil {
 		return fmt.Errorf("evloop: add fd %d: %w", fd, err)
@@ -83,7 +82,7 @@ func (l *Loop) Add(fd int, h Handler, events uint32) error {
 	return nil
 }
 
-// Mod changes the events fd is watched for. Loop thread only.
+// Mod changes the events fd is watched for.
 func (l *Loop) Mod(fd int, events uint32) error {
 	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, fd, &unix.EpollEvent{Events: events, Fd: int32(fd)}); err != nil {
 		return fmt.Errorf("evloop: mod fd %d: %w", fd, err)
@@ -92,7 +91,6 @@ func (l *Loop) Mod(fd int, events uint32) error {
 }
 
 // Del stops watching fd; events already collected for it are dropped.
-// Loop thread only.
 func (l *Loop) Del(fd int) error {
 	delete(l.handlers, int32(fd))
 	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil); err != nil {
@@ -132,11 +130,11 @@ func (l *Loop) Stop() {
 	<-l.done
 }
 
-// Run runs the loop on the calling goroutine, locked to its OS thread,
-// until Stop.
+// Run runs the loop on the calling goroutine until Stop. Not locked to
+// its OS thread: a locked goroutine that the scheduler preempts (every
+// 10 ms, as it never parks) is handed between threads with futex
+// wake-ups, thousands a second under load; unlocked it just resumes.
 func (l *Loop) Run() {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
 	defer close(l.done)
 	defer l.closeFds()
 	var tasks []func()
@@ -177,23 +175,29 @@ func (l *Loop) Run() {
 	}
 }
 
-// wait collects ready events. It asks without blocking first, through a
-// raw system call the runtime does not see; only when nothing is ready
-// does it block in a call the scheduler knows about, so that the thread's
-// processor can run other goroutines meanwhile.
+// wait collects ready events, blocking for at most waitTimeout.
+//
+// A raw system call the scheduler does not see: in an ordinary one, the
+// runtime's monitor takes the thread's processor away whenever the wait
+// lasts more than a few microseconds, and hands it back when the wait
+// ends, which costs more than the wait's own work at thousands of rounds
+// a second (futex wake-ups, and the monitor polling every 20 µs). The
+// loop keeps its processor instead; the runtime still stops it when it
+// must (garbage collection): its preemption signal interrupts epoll_wait
+// (EINTR) and the goroutine yields at its next function call.
 func (l *Loop) wait() (int, error) {
 	for {
-		r, _, e := syscall.RawSyscall6(syscall.SYS_EPOLL_WAIT, uintptr(l.epfd), uintptr(unsafe.Pointer(&l.evs[0])), uintptr(len(l.evs)), 0, 0, 0)
-		if e == 0 && r > 0 {
-			return int(r), nil
+		r, _, e := syscall.RawSyscall6(syscall.SYS_EPOLL_WAIT, uintptr(l.epfd), uintptr(unsafe.Pointer(&l.evs[0])), uintptr(len(l.evs)), waitTimeout, 0, 0)
+		if e == syscall.EINTR {
+			return 0, nil
 		}
-		if e != 0 && e != syscall.EINTR {
+		if e != 0 {
 			return 0, e
 		}
-		n, err := unix.EpollWait(l.epfd, l.evs, -1)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		return n, err
+		return int(r), nil
 	}
 }
+
+// waitTimeout (ms) bounds a wait, so that an idle loop still gets to the
+// scheduler now and then even if no signal comes.
+const waitTimeout = 100

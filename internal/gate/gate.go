@@ -11,10 +11,12 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/dualkey/dualkey/internal/evloop"
 	"github.com/dualkey/dualkey/internal/gate/classify"
 	"github.com/dualkey/dualkey/internal/gate/policy"
 	"github.com/dualkey/dualkey/internal/ledger"
@@ -223,22 +225,13 @@ func (g *Gate) Serve(ln net.Listener) error {
 	g.mu.Unlock()
 	if g.lp != nil {
 		// Accept outside Go's poller, so that sessions can go to the
-		// event loop.
+		// event loop, and on the loop, so that no thread sits in a
+		// blocking accept.
 		nl, err := netfd.Listen(ln)
-		if err != nil {
-			g.log.Warn("gate: sessions from this listener stay off the event loop", "addr", ln.Addr(), "err", err)
-		} else {
-			fl := fdListener{nl}
-			g.mu.Lock()
-			if g.closed {
-				g.mu.Unlock()
-				fl.Close()
-				return ErrClosed
-			}
-			g.ln = append(g.ln, fl)
-			g.mu.Unlock()
-			ln = fl
+		if err == nil {
+			return g.serveOnLoop(nl)
 		}
+		g.log.Warn("gate: sessions from this listener stay off the event loop", "addr", ln.Addr(), "err", err)
 	}
 	var delay time.Duration
 	for {
@@ -251,7 +244,7 @@ func (g *Gate) Serve(ln net.Listener) error {
 				return ErrClosed
 			}
 			var ne net.Error
-			if errors.Is(err, netfd.ErrTemporary) || (errors.As(err, &ne) && ne.Timeout()) {
+			if errors.As(err, &ne) && ne.Timeout() {
 				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
 				time.Sleep(delay)
 				continue
@@ -259,19 +252,87 @@ func (g *Gate) Serve(ln net.Listener) error {
 			return fmt.Errorf("gate: accept: %w", err)
 		}
 		delay = 0
-		g.mu.Lock()
-		if g.closed {
-			// Close is waiting for the sessions: none may start now.
-			g.mu.Unlock()
-			c.Close()
+		if !g.startSession(c) {
 			return ErrClosed
 		}
-		g.wg.Add(1)
+	}
+}
+
+// startSession serves c on a goroutine of its own, unless the gate is
+// closing (false: c closed).
+func (g *Gate) startSession(c net.Conn) bool {
+	g.mu.Lock()
+	if g.closed {
+		// Close is waiting for the sessions: none may start now.
 		g.mu.Unlock()
-		go func() {
-			defer g.wg.Done()
-			g.serveConn(c)
-		}()
+		c.Close()
+		return false
+	}
+	g.wg.Add(1)
+	g.mu.Unlock()
+	go func() {
+		defer g.wg.Done()
+		g.serveConn(c)
+	}()
+	return true
+}
+
+// serveOnLoop accepts from nl on the event loop until Close.
+func (g *Gate) serveOnLoop(nl *netfd.Listener) error {
+	fl := fdListener{nl}
+	g.mu.Lock()
+	if g.closed {
+		g.mu.Unlock()
+		fl.Close()
+		return ErrClosed
+	}
+	g.ln = append(g.ln, fl)
+	g.mu.Unlock()
+	a := &acceptor{g: g, nl: nl, fd: nl.Fd()}
+	l := g.lp.l
+	if !l.Submit(func() {
+		if err := l.Add(a.fd, a, evloop.Readable); err != nil {
+			g.log.Error("gate: accept on the event loop", "addr", nl.Addr(), "err", err)
+		}
+	}) {
+		return ErrClosed
+	}
+	<-g.ctx.Done()
+	l.Submit(func() { l.Del(a.fd) })
+	return ErrClosed
+}
+
+// acceptor accepts connections when the event loop finds the listener
+// readable.
+type acceptor struct {
+	g  *Gate
+	nl *netfd.Listener
+	fd int
+}
+
+// acceptPause is how long accepting stops after an error such as running
+// out of file descriptors, rather than spin on it.
+const acceptPause = 100 * time.Millisecond
+
+func (a *acceptor) Ready(int, uint32) {
+	for {
+		c, err := a.nl.TryAccept()
+		if errors.Is(err, syscall.EAGAIN) {
+			return
+		}
+		if err != nil {
+			if a.g.ctx.Err() != nil {
+				return
+			}
+			a.g.log.Warn("gate: accept", "addr", a.nl.Addr(), "err", err, "pause", acceptPause)
+			l := a.g.lp.l
+			l.Mod(a.fd, 0)
+			time.AfterFunc(acceptPause, func() { l.Submit(func() { l.Mod(a.fd, evloop.Readable) }) })
+			return
+		}
+		if !a.g.startSession(c) {
+			return
+		}
 	}
 }
 

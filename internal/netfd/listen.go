@@ -89,6 +89,24 @@ func (l *Listener) opErr(err error) error {
 // Close from another goroutine makes it return net.ErrClosed within about
 // 50 ms. Errors matching [ErrTemporary] may be retried.
 func (l *Listener) Accept() (*Conn, error) {
+	return l.accept(true)
+}
+
+// TryAccept returns a waiting connection, or an error matching
+// syscall.EAGAIN when there is none: for an event loop that watches Fd.
+func (l *Listener) TryAccept() (*Conn, error) {
+	return l.accept(false)
+}
+
+// Fd returns the Listener's own fd, to watch for readability (a
+// connection waits). Only while the Listener is open.
+func (l *Listener) Fd() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.fd
+}
+
+func (l *Listener) accept(wait bool) (*Conn, error) {
 	l.mu.Lock()
 	if l.closed.Load() {
 		l.mu.Unlock()
@@ -119,6 +137,9 @@ func (l *Listener) Accept() (*Conn, error) {
 			return c, nil
 		case unix.EINTR:
 		case unix.EAGAIN:
+			if !wait {
+				return nil, l.opErr(os.NewSyscallError("accept4", err))
+			}
 			err := waitFD(fd, unix.POLLIN, func() (time.Duration, error) {
 				if l.closed.Load() {
 					return 0, net.ErrClosed

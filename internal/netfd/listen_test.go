@@ -115,3 +115,38 @@ func TestAcceptEMFILE(t *testing.T) {
 	}
 	c.Close()
 }
+
+// TryAccept never waits: EAGAIN with nobody connecting, the connection
+// once its fd polls readable.
+func TestTryAccept(t *testing.T) {
+	nl := listen(t, "tcp")
+	l, err := Listen(nl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if c, err := l.TryAccept(); !errors.Is(err, unix.EAGAIN) {
+		t.Fatalf("TryAccept with nobody connecting: %v, %v", c, err)
+	}
+	peer, err := Dial(context.Background(), "tcp", nl.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	fds := []unix.PollFd{{Fd: int32(l.Fd()), Events: unix.POLLIN}}
+	if n, err := unix.Poll(fds, 5000); n != 1 || err != nil {
+		t.Fatalf("the listener's fd never became readable: %d, %v", n, err)
+	}
+	c, err := l.TryAccept()
+	if err != nil {
+		t.Fatalf("TryAccept with a connection waiting: %v", err)
+	}
+	defer c.Close()
+	if _, err := peer.Write([]byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 2)
+	if _, err := c.Read(buf); err != nil || string(buf) != "hi" {
+		t.Fatalf("read %q, %v", buf, err)
+	}
+}
