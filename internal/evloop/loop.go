@@ -15,6 +15,7 @@ package evloop
 
 import (
 	"fmt"
+	"runtime"
 	"sync"
 	"syscall"
 	"unsafe"
@@ -44,8 +45,9 @@ type Loop struct {
 	stopped bool
 	done    chan struct{}
 
-	handlers map[int32]Handler // loop thread only
+	handlers map[int32]Handler // on the loop only
 	evs      []unix.EpollEvent
+	raw      bool // wait in a raw system call (see wait)
 }
 
 // New returns a loop; Run runs it.
@@ -59,7 +61,8 @@ func New() (*Loop, error) {
 		unix.Close(epfd)
 		return nil, fmt.Errorf("evloop: eventfd: %w", err)
 	}
-	l := &Loop{epfd: epfd, wake: wake, done: make(chan struct{}), handlers: map[int32]Handler{}, evs: make([]unix.EpollEvent, 256)}
+	l := &Loop{epfd: epfd, wake: wake, done: make(chan struct{}), handlers: map[int32]Handler{}, evs: make([]unix.EpollEvent, 256),
+		raw: runtime.GOMAXPROCS(0) > 1}
 	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wake)}); err != nil {
 		l.closeFds()
 		return nil, fmt.Errorf("evloop: add eventfd: %w", err)
@@ -184,20 +187,31 @@ func (l *Loop) Run() {
 // a second (futex wake-ups, and the monitor polling every 20 µs). The
 // loop keeps its processor instead; the runtime still stops it when it
 // must (garbage collection): its preemption signal interrupts epoll_wait
-// (EINTR) and the goroutine yields at its next function call.
+// (EINTR) and the goroutine yields at its next function call. With a
+// single processor (GOMAXPROCS=1) that would leave every other goroutine
+// waiting for the loop's preemption, so there the wait is an ordinary
+// system call.
 func (l *Loop) wait() (int, error) {
-	for {
-		r, _, e := syscall.RawSyscall6(syscall.SYS_EPOLL_WAIT, uintptr(l.epfd), uintptr(unsafe.Pointer(&l.evs[0])), uintptr(len(l.evs)), waitTimeout, 0, 0)
-		if e == syscall.EINTR {
-			return 0, nil
-		}
-		if e != 0 {
-			return 0, e
-		}
+	timeout := uintptr(waitTimeout)
+	if !l.raw {
+		timeout = 0 // a look without blocking first
+	}
+	r, _, e := syscall.RawSyscall6(syscall.SYS_EPOLL_WAIT, uintptr(l.epfd), uintptr(unsafe.Pointer(&l.evs[0])), uintptr(len(l.evs)), timeout, 0, 0)
+	switch {
+	case e == syscall.EINTR:
+		return 0, nil
+	case e != 0:
+		return 0, e
+	case r > 0 || l.raw:
 		return int(r), nil
 	}
+	n, err := unix.EpollWait(l.epfd, l.evs, -1)
+	if err == unix.EINTR {
+		return 0, nil
+	}
+	return n, err
 }
 
-// waitTimeout (ms) bounds a wait, so that an idle loop still gets to the
-// scheduler now and then even if no signal comes.
+// waitTimeout (ms) bounds a raw wait, so that an idle loop still gets to
+// the scheduler now and then even if no signal comes.
 const waitTimeout = 100
