@@ -137,6 +137,13 @@ func dialOne(ctx context.Context, family int, sa unix.Sockaddr) (*Conn, error) {
 		unix.Close(fd)
 		return nil, err
 	}
+	if family != unix.AF_UNIX {
+		// As pgconn's own dialer: a peer that vanished without a word is
+		// noticed after minutes, not never.
+		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
+		unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, keepAliveSeconds)
+		unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, keepAliveSeconds)
+	}
 	c, err := newConn(fd, sa)
 	if err != nil {
 		unix.Close(fd)
@@ -144,6 +151,9 @@ func dialOne(ctx context.Context, family int, sa unix.Sockaddr) (*Conn, error) {
 	}
 	return c, nil
 }
+
+// keepAliveSeconds is pgconn's default dialer's TCP keep-alive (5 min).
+const keepAliveSeconds = 300
 
 func connect(ctx context.Context, fd int, sa unix.Sockaddr) error {
 	switch err := unix.Connect(fd, sa); err {

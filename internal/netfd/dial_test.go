@@ -123,3 +123,29 @@ func TestDialContextWhileConnecting(t *testing.T) {
 		t.Fatalf("cancelled dial returned after %v", el)
 	}
 }
+
+// Dialed TCP connections keep alive, as pgconn's own dialer's do.
+func TestDialKeepAlive(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := Dial(context.Background(), "tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fd, err := c.Detach()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, o := range []struct{ level, opt, want int }{
+		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, keepAliveSeconds},
+	} {
+		if v, err := unix.GetsockoptInt(fd, o.level, o.opt); err != nil || v != o.want {
+			t.Errorf("option %d/%d = %d, %v; want %d", o.level, o.opt, v, err, o.want)
+		}
+	}
+}
