@@ -1,18 +1,22 @@
 package gate
 
 import (
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"math"
+	"net"
 	"strings"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/dualkey/dualkey/internal/evloop"
+	"github.com/dualkey/dualkey/internal/netfd"
 )
 
 // The event loop serves the hot path of established plaintext sessions:
@@ -82,6 +86,9 @@ type loopSession struct {
 	paused     bool   // a goroutine classifies the next client message
 	ended      bool
 	exit       chan loopExit
+
+	tc *tls.Conn     // the client's TLS, if any
+	tt *tlsTransport // ... and the transport under it
 }
 
 // start registers the session's fds (on the loop).
@@ -196,6 +203,10 @@ func (ls *loopSession) readClient() {
 	if ls.paused || ls.uout.Pending() > 0 {
 		return
 	}
+	if ls.tc != nil {
+		ls.readClientTLS()
+		return
+	}
 	data, err := ls.read(ls.cfd, ls.cin)
 	switch {
 	case errors.Is(err, syscall.EAGAIN):
@@ -206,6 +217,41 @@ func (ls *loopSession) readClient() {
 	case err != nil:
 		ls.end("client disconnected: " + err.Error())
 		return
+	}
+	ls.clientData(data)
+}
+
+// readClientTLS reads the client's records, decrypts what they complete
+// and handles the messages in it.
+func (ls *loopSession) readClientTLS() {
+	n, err := evloop.Read(ls.cfd, ls.ls.buf)
+	switch {
+	case errors.Is(err, syscall.EAGAIN):
+		return
+	case errors.Is(err, io.EOF):
+		ls.end("client disconnected")
+		return
+	case err != nil:
+		ls.end("client disconnected: " + err.Error())
+		return
+	}
+	ls.tt.feed(ls.ls.buf[:n])
+	data := ls.cin
+	ls.cin = nil
+	for {
+		m, err := ls.tc.Read(ls.ls.buf)
+		data = append(data, ls.ls.buf[:m]...)
+		if errors.Is(err, errWouldBlock) {
+			break
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				ls.end("client disconnected")
+			} else {
+				ls.end("client disconnected: " + err.Error())
+			}
+			return
+		}
 	}
 	ls.clientData(data)
 }
@@ -456,3 +502,57 @@ func (ls *loopSession) leave(x loopExit) {
 	s.mu.Unlock()
 	ls.exit <- x
 }
+
+// tlsTransport is the net.Conn under a client's tls.Conn, so that the
+// event loop can serve TLS sessions with crypto/tls, whose reader blocks:
+// on the loop, reads take the records the loop fed and then end with
+// errWouldBlock, a temporary net.Error after which crypto/tls keeps its
+// state (a partial record stays buffered in the tls.Conn), and writes go to
+// the loop's output. Off the loop it is the socket, the records the loop
+// read and TLS did not take coming first. It changes modes only while
+// nothing uses it (before the loop starts, after it hands the session
+// back).
+type tlsTransport struct {
+	raw *netfd.Conn
+	in  []byte      // records read by the loop, not yet taken by TLS
+	out *evloop.Out // on the loop: where records go
+}
+
+type wouldBlock struct{}
+
+func (wouldBlock) Error() string   { return "gate: no more TLS records for now" }
+func (wouldBlock) Timeout() bool   { return false }
+func (wouldBlock) Temporary() bool { return true }
+
+var errWouldBlock net.Error = wouldBlock{}
+
+func (t *tlsTransport) Read(p []byte) (int, error) {
+	if len(t.in) > 0 {
+		n := copy(p, t.in)
+		if t.in = t.in[n:]; len(t.in) == 0 {
+			t.in = nil
+		}
+		return n, nil
+	}
+	if t.out != nil {
+		return 0, errWouldBlock
+	}
+	return t.raw.Read(p)
+}
+
+func (t *tlsTransport) Write(p []byte) (int, error) {
+	if t.out != nil {
+		return t.out.Write(p)
+	}
+	return t.raw.Write(p)
+}
+
+func (t *tlsTransport) feed(b []byte)                      { t.in = append(t.in, b...) }
+func (t *tlsTransport) toLoop(out *evloop.Out)             { t.out = out }
+func (t *tlsTransport) fromLoop()                          { t.out = nil }
+func (t *tlsTransport) Close() error                       { return t.raw.Close() }
+func (t *tlsTransport) LocalAddr() net.Addr                { return t.raw.LocalAddr() }
+func (t *tlsTransport) RemoteAddr() net.Addr               { return t.raw.RemoteAddr() }
+func (t *tlsTransport) SetDeadline(d time.Time) error      { return t.raw.SetDeadline(d) }
+func (t *tlsTransport) SetReadDeadline(d time.Time) error  { return t.raw.SetReadDeadline(d) }
+func (t *tlsTransport) SetWriteDeadline(d time.Time) error { return t.raw.SetWriteDeadline(d) }

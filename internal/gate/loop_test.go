@@ -2,6 +2,7 @@ package gate
 
 import (
 	"bytes"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"math"
@@ -147,6 +148,40 @@ func TestEventLoop(t *testing.T) {
 		onLoop(t, 3, 1)
 	})
 
+	t.Run("TLS sessions on the loop, and off it after a hold", func(t *testing.T) {
+		x, err := pgx.Connect(ctx, e.url("alice", alicePW, "shop", "require"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer x.Close(ctx)
+		if !x.PgConn().Conn().(interface{ ConnectionState() tls.ConnectionState }).ConnectionState().HandshakeComplete {
+			t.Fatal("not TLS")
+		}
+		var in bytes.Buffer
+		for i := range 20000 {
+			fmt.Fprintf(&in, "%d\t%s\n", 100000+i, strings.Repeat("t", 200)) // ~4 MiB: many records
+		}
+		if tag, err := x.PgConn().CopyFrom(ctx, &in, "COPY t FROM STDIN"); err != nil || tag.RowsAffected() != 20000 {
+			t.Fatalf("copy in over TLS: %v %v", tag, err)
+		}
+		var n, size int
+		if err := x.QueryRow(ctx, "SELECT count(*), sum(length(v)) FROM t WHERE id >= $1", 100000).Scan(&n, &size); err != nil || n != 20000 || size != 20000*200 {
+			t.Fatalf("over TLS: %d rows, %d bytes, %v", n, size, err)
+		}
+		var out bytes.Buffer
+		if tag, err := x.PgConn().CopyTo(ctx, &out, "COPY (SELECT * FROM t WHERE id >= 100000) TO STDOUT"); err != nil || tag.RowsAffected() != 20000 {
+			t.Fatalf("copy out over TLS: %v %v", tag, err)
+		}
+		onLoop(t, 4, 1)
+		_, err = x.Exec(ctx, "DELETE FROM t WHERE true")
+		heldID(t, err)
+		onLoop(t, 4, 2)
+		// off the loop, the same TLS connection carries on
+		if err := x.QueryRow(ctx, "SELECT count(*) FROM t WHERE id >= $1", 100000).Scan(&n); err != nil || n != 20000 {
+			t.Fatalf("over TLS after the hold: %d, %v", n, err)
+		}
+	})
+
 	t.Run("a client that vanishes mid-query has its query cancelled", func(t *testing.T) {
 		pc, err := pgconn.Connect(ctx, e.url("alice", alicePW, "shop", "disable"))
 		if err != nil {
@@ -159,7 +194,7 @@ func TestEventLoop(t *testing.T) {
 		}()
 		running := "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(60) AS vanishing%' AND state = 'active'"
 		waitFor(t, func() bool { return e.srv.Query("postgres", running) == "1" }, "the query to run upstream")
-		onLoop(t, 4, 1)
+		onLoop(t, 5, 2)
 		pc.Conn().Close()
 		<-done
 		waitFor(t, func() bool { return e.srv.Query("postgres", running) == "0" }, "the vanished client's query to be cancelled")
@@ -173,7 +208,7 @@ func TestEventLoop(t *testing.T) {
 			t.Fatalf("a 2 MiB query through a 1 MiB limit: %v", err)
 		}
 		var n int
-		if err := c.QueryRow(ctx, "SELECT count(*) FROM t").Scan(&n); err != nil || n != 50000 {
+		if err := c.QueryRow(ctx, "SELECT count(*) FROM t WHERE id < 100000").Scan(&n); err != nil || n != 50000 {
 			t.Fatalf("other session after the oversized one: %d, %v", n, err)
 		}
 	})

@@ -84,6 +84,7 @@ type session struct {
 	memoOK  bool
 
 	rawClient, rawUp *netfd.Conn // the sockets, when outside Go's poller (event loop)
+	tlsT             *tlsTransport // under the client's TLS, when it may go to the event loop
 	onLoop           bool        // the event loop serves the session (mu)
 	ls               *loopSession
 }
@@ -129,7 +130,14 @@ func (g *Gate) serveConn(c net.Conn) {
 			if _, err := s.client.Write([]byte{'S'}); err != nil {
 				return
 			}
-			tc := tls.Server(s.client, g.cfg.TLS)
+			transport := s.client
+			if s.rawClient != nil && g.lp != nil {
+				// Under TLS the event loop feeds the records to the
+				// same tls.Conn; see tlsTransport.
+				s.tlsT = &tlsTransport{raw: s.rawClient}
+				transport = s.tlsT
+			}
+			tc := tls.Server(transport, g.cfg.TLS)
 			ctx, cancel := context.WithTimeout(g.ctx, startupTimeout)
 			err := tc.HandshakeContext(ctx)
 			cancel()
@@ -296,8 +304,11 @@ func (s *session) serve() string {
 // go to Go's poller for good and it returns nil.
 func (s *session) toLoop() *loopSession {
 	g := s.g
-	eligible := g.lp != nil && s.tls == "" && s.rawClient != nil && s.rawUp != nil &&
-		s.client == net.Conn(s.rawClient) && s.up == net.Conn(s.rawUp)
+	tc, _ := s.client.(*tls.Conn)
+	plainClient := s.tls == "" && s.client == net.Conn(s.rawClient)
+	tlsClient := s.tls != "" && tc != nil && s.tlsT != nil
+	eligible := g.lp != nil && s.rawClient != nil && s.rawUp != nil && (plainClient || tlsClient) &&
+		s.up == net.Conn(s.rawUp)
 	var cfd, ufd int
 	var err error
 	if eligible {
@@ -317,7 +328,13 @@ func (s *session) toLoop() *loopSession {
 	}
 	ls := &loopSession{s: s, ls: g.lp, cfd: cfd, ufd: ufd, exit: make(chan loopExit, 1)}
 	s.fe = pgproto3.NewFrontend(s.up, &ls.uout)
-	s.r.wr = bufio.NewWriterSize(&ls.cout, 64<<10)
+	if tlsClient {
+		ls.tc, ls.tt = tc, s.tlsT
+		s.tlsT.toLoop(&ls.cout)
+		s.r.wr = bufio.NewWriterSize(tc, 64<<10) // records, encrypted into cout
+	} else {
+		s.r.wr = bufio.NewWriterSize(&ls.cout, 64<<10)
+	}
 	s.mu.Lock()
 	s.onLoop, s.ls = true, ls
 	s.mu.Unlock()
@@ -350,8 +367,13 @@ func (s *session) fromLoop(x loopExit) (why string, carryOn bool) {
 	s.fe = pgproto3.NewFrontend(s.up, s.up)
 	s.r.wr = bufio.NewWriterSize(s.client, 64<<10)
 	why = x.why
+	clientRaw := s.client
+	if s.tlsT != nil {
+		s.tlsT.fromLoop() // the records the loop read and TLS did not take are read first
+		clientRaw = s.rawClient // x.cout holds records, already encrypted
+	}
 	if len(x.cout) > 0 {
-		if _, err := s.client.Write(x.cout); err != nil && why == "" {
+		if _, err := clientRaw.Write(x.cout); err != nil && why == "" {
 			why = "client disconnected: " + err.Error()
 		}
 	}
