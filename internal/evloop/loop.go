@@ -85,7 +85,8 @@ func (l *Loop) Add(fd int, h Handler, events uint32) error {
 	return nil
 }
 
-// Mod changes the events fd is watched for.
+// Mod changes the events fd is watched for. epoll reports a hang-up or an
+// error whatever the events, even 0, until the fd is deleted.
 func (l *Loop) Mod(fd int, events uint32) error {
 	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, fd, &unix.EpollEvent{Events: events, Fd: int32(fd)}); err != nil {
 		return fmt.Errorf("evloop: mod fd %d: %w", fd, err)
@@ -166,14 +167,7 @@ func (l *Loop) Run() {
 			tasks[i] = nil
 		}
 		if stopped {
-			l.mu.Lock()
-			rest := l.tasks
-			l.tasks = nil
-			l.mu.Unlock()
-			for _, f := range rest {
-				f()
-			}
-			return
+			return // Submit refuses from the moment stopped is set: no task is left
 		}
 	}
 }

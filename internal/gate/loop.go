@@ -111,6 +111,19 @@ func (ls *loopSession) Ready(fd int, events uint32) {
 		return
 	}
 	const in = evloop.Readable | syscall.EPOLLERR | syscall.EPOLLHUP
+	if events&(syscall.EPOLLERR|syscall.EPOLLHUP) != 0 {
+		// epoll reports these even for an fd watched for nothing, and
+		// again every round: a side the loop is not reading now (paused,
+		// or its peer not taking output) would spin. The socket is dead.
+		if fd == ls.cfd && (ls.paused || ls.uout.Pending() > 0) {
+			ls.end("client disconnected")
+			return
+		}
+		if fd == ls.ufd && ls.cout.Pending() > 0 {
+			ls.end("upstream closed")
+			return
+		}
+	}
 	if fd == ls.cfd {
 		if events&in != 0 {
 			ls.readClient()

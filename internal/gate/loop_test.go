@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -211,6 +212,37 @@ func TestEventLoop(t *testing.T) {
 		if err := c.QueryRow(ctx, "SELECT count(*) FROM t WHERE id < 100000").Scan(&n); err != nil || n != 50000 {
 			t.Fatalf("other session after the oversized one: %d, %v", n, err)
 		}
+	})
+
+	t.Run("a client reset while its session is not read ends the session", func(t *testing.T) {
+		pc, err := pgconn.Connect(ctx, e.url("alice", alicePW, "shop", "disable"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := pc.Exec(ctx, "SELECT 1").ReadAll(); err != nil {
+			t.Fatal(err)
+		}
+		before, _ := e.g.Sessions("alice")
+		// Stop reading the client, as while its next statement is being
+		// classified: epoll still reports the reset, every round.
+		paused := make(chan bool, 1)
+		lp.l.Submit(func() {
+			for ls := range lp.sessions {
+				if ls.s.pid == pc.PID() {
+					ls.paused = true
+					ls.settle()
+					paused <- true
+					return
+				}
+			}
+			paused <- false
+		})
+		if !<-paused {
+			t.Fatal("the session is not on the loop")
+		}
+		pc.Conn().(*net.TCPConn).SetLinger(0)
+		pc.Conn().Close() // RST
+		waitFor(t, func() bool { n, _ := e.g.Sessions("alice"); return n == before-1 }, "the reset session to end")
 	})
 
 	t.Run("closing the gate ends the sessions on the loop", func(t *testing.T) {
