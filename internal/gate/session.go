@@ -83,9 +83,9 @@ type session struct {
 	memoV   verdict
 	memoOK  bool
 
-	rawClient, rawUp *netfd.Conn // the sockets, when outside Go's poller (event loop)
+	rawClient, rawUp *netfd.Conn   // the sockets, when outside Go's poller (event loop)
 	tlsT             *tlsTransport // under the client's TLS, when it may go to the event loop
-	onLoop           bool        // the event loop serves the session (mu)
+	onLoop           bool          // the event loop serves the session (mu)
 	ls               *loopSession
 }
 
@@ -369,7 +369,7 @@ func (s *session) fromLoop(x loopExit) (why string, carryOn bool) {
 	why = x.why
 	clientRaw := s.client
 	if s.tlsT != nil {
-		s.tlsT.fromLoop() // the records the loop read and TLS did not take are read first
+		s.tlsT.fromLoop()       // the records the loop read and TLS did not take are read first
 		clientRaw = s.rawClient // x.cout holds records, already encrypted
 	}
 	if len(x.cout) > 0 {
