@@ -225,9 +225,9 @@ type BatchStore interface {
 // AppendBatch appends es in order, in one store transaction when the store
 // is a BatchStore, as consecutive records; otherwise one record at a time,
 // and another writer's records may come between them. It checkpoints like
-// Append once the records since the last checkpoint reach CheckpointEvery.
-// Callers keep batches to about CheckpointEvery entries: a checkpoint
-// never lands inside a batch.
+// Append once the records since the last checkpoint reach CheckpointEvery;
+// with a BatchStore the checkpoint is stored in the batch's transaction,
+// right after its records (never inside a batch).
 func (l *Ledger) AppendBatch(ctx context.Context, es []Entry) ([]Record, error) {
 	data := make([]json.RawMessage, len(es))
 	for i, e := range es {
@@ -263,8 +263,8 @@ func (l *Ledger) AppendBatch(ctx context.Context, es []Entry) ([]Record, error) 
 			if err := ctx.Err(); err != nil {
 				return nil, fmt.Errorf("ledger: append: %w", err)
 			}
-			recs = make([]Record, len(es))
-			encs := make([][]byte, len(es))
+			recs = make([]Record, len(es), len(es)+1)
+			encs := make([][]byte, len(es), len(es)+1)
 			now, prev := l.opts.Now().UTC(), l.hash
 			for i, e := range es {
 				r := Record{Seq: l.seq + 1 + uint64(i), Time: now, Kind: e.Kind, Actor: e.Actor, Data: data[i], Prev: prev}
@@ -275,13 +275,26 @@ func (l *Ledger) AppendBatch(ctx context.Context, es []Entry) ([]Record, error) 
 				}
 				recs[i], prev = r, r.Hash
 			}
+			all := recs
+			if last := l.seq + uint64(len(es)); last-l.lastCP >= uint64(l.opts.CheckpointEvery) {
+				// The checkpoint the batch calls for goes into the same
+				// transaction: on its own it cost a second commit (an
+				// fsync) for every few batches of a busy gate.
+				cp := Record{Seq: last + 1, Time: now, Kind: KindCheckpoint, Data: signCheckpoint(l.key, last, prev), Prev: prev}
+				cp.Hash = cp.ComputeHash()
+				all = append(recs, cp)
+				encs = append(encs, cp.Encode())
+			}
 			ok, err := bs.AppendBatch(ctx, l.seq+1, encs)
 			if err != nil {
-				return nil, fmt.Errorf("ledger: append %d-%d: %w", l.seq+1, l.seq+uint64(len(es)), err)
+				return nil, fmt.Errorf("ledger: append %d-%d: %w", l.seq+1, l.seq+uint64(len(encs)), err)
 			}
 			if ok {
-				for i := range recs {
-					l.advance(&recs[i])
+				for i := range all {
+					l.advance(&all[i])
+				}
+				if len(all) > len(recs) {
+					l.kickMirror()
 				}
 				break
 			}

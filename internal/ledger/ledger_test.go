@@ -464,3 +464,69 @@ func TestAppendBatch(t *testing.T) {
 		})
 	}
 }
+
+// countingStore counts the transactions a ledger asks of its store.
+type countingStore struct {
+	batchStore
+	appends, batches int
+	lastBatch        int
+}
+
+func (s *countingStore) Append(ctx context.Context, seq uint64, rec []byte) (bool, error) {
+	s.appends++
+	return s.batchStore.Append(ctx, seq, rec)
+}
+
+func (s *countingStore) AppendBatch(ctx context.Context, first uint64, recs [][]byte) (bool, error) {
+	s.batches++
+	s.lastBatch = len(recs)
+	return s.batchStore.AppendBatch(ctx, first, recs)
+}
+
+// A batch that reaches CheckpointEvery carries its checkpoint in the same
+// store transaction (one commit, not two), and the chain verifies.
+func TestAppendBatchCheckpointInside(t *testing.T) {
+	ctx := context.Background()
+	st := &countingStore{batchStore: batchStore{newMemStore()}}
+	mir := newMemMirror()
+	l, err := Open(ctx, st, mir, testKey(1), testOptions(16))
+	if err != nil {
+		t.Fatal(err)
+	}
+	appends0, batches0 := st.appends, st.batches
+	for round, n := range []int{10, 10, 20} { // 10 (no checkpoint yet), 20 >= 16, 20 >= 16
+		recs, err := l.AppendBatch(ctx, entries(n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(recs) != n {
+			t.Fatalf("round %d: %d records returned for %d entries", round, len(recs), n)
+		}
+		want := n
+		if round > 0 {
+			want = n + 1 // and the checkpoint
+		}
+		if st.lastBatch != want || st.appends != appends0 || st.batches != batches0+round+1 {
+			t.Fatalf("round %d: the store got a batch of %d (want %d), %d single appends (want %d), %d batches (want %d)",
+				round, st.lastBatch, want, st.appends-appends0, 0, st.batches-batches0, round+1)
+		}
+	}
+	if err := l.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rep := verify(t, st.memStore, mir)
+	if !rep.OK() {
+		t.Fatalf("problems: %v", rep.Problems)
+	}
+	var cps []uint64
+	Read(ctx, st.memStore, 1, func(r Record) error {
+		if r.IsCheckpoint() {
+			cps = append(cps, r.Seq)
+		}
+		return nil
+	})
+	// after 10+10 records (seq 21), after 20 more (seq 42), and Close's over the tip if any
+	if len(cps) < 2 || cps[0] != 21 || cps[1] != 42 {
+		t.Fatalf("checkpoints at %v, want 21 and 42 first", cps)
+	}
+}
