@@ -221,31 +221,32 @@ func (ls *loopSession) readClient() {
 		return
 	}
 	data, err := ls.read(ls.cfd, ls.cin)
-	switch {
-	case errors.Is(err, syscall.EAGAIN):
-		return
-	case errors.Is(err, io.EOF):
-		ls.end("client disconnected")
-		return
-	case err != nil:
-		ls.end("client disconnected: " + err.Error())
+	if ls.clientReadFailed(err) {
 		return
 	}
 	ls.clientData(data)
+}
+
+// clientReadFailed reports whether a read from the client brought nothing
+// to handle, ending the session if the client is gone.
+func (ls *loopSession) clientReadFailed(err error) bool {
+	switch {
+	case err == nil:
+		return false
+	case errors.Is(err, syscall.EAGAIN):
+	case errors.Is(err, io.EOF):
+		ls.end("client disconnected")
+	default:
+		ls.end("client disconnected: " + err.Error())
+	}
+	return true
 }
 
 // readClientTLS reads the client's records, decrypts what they complete
 // and handles the messages in it.
 func (ls *loopSession) readClientTLS() {
 	n, err := evloop.Read(ls.cfd, ls.ls.buf)
-	switch {
-	case errors.Is(err, syscall.EAGAIN):
-		return
-	case errors.Is(err, io.EOF):
-		ls.end("client disconnected")
-		return
-	case err != nil:
-		ls.end("client disconnected: " + err.Error())
+	if ls.clientReadFailed(err) {
 		return
 	}
 	ls.tt.feed(ls.ls.buf[:n])
@@ -257,13 +258,8 @@ func (ls *loopSession) readClientTLS() {
 		if errors.Is(err, errWouldBlock) {
 			break
 		}
-		if err != nil {
-			if errors.Is(err, io.EOF) {
-				ls.end("client disconnected")
-			} else {
-				ls.end("client disconnected: " + err.Error())
-			}
-			return
+		if ls.clientReadFailed(err) {
+			return // TLS's close_notify (EOF) or a bad record
 		}
 	}
 	ls.clientData(data)

@@ -105,32 +105,33 @@ func (c *Cache) Cached(sql string) (Result, bool) {
 // cached looks sql up by text, then by shape; on a miss it returns the
 // shape to store the result under (byShape false: by text only).
 func (c *Cache) cached(sql string) (res Result, shape string, byShape, ok bool) {
-	c.mu.Lock()
-	if e, hit := c.items[sql]; hit {
-		c.ll.MoveToFront(e)
-		c.hits++
-		res = e.Value.(*cacheEntry).res
-		c.mu.Unlock()
+	if res, ok := c.hit(c.items, sql); ok {
 		return res, "", false, true
 	}
-	c.mu.Unlock()
 	if len(sql) <= maxCachedText {
 		var n int
 		shape, n, byShape = shapeOf(sql)
 		byShape = byShape && n > 0
 	}
 	if byShape {
-		c.mu.Lock()
-		if e, hit := c.shapes[shape]; hit {
-			c.ll.MoveToFront(e)
-			c.hits++
-			res = e.Value.(*cacheEntry).res
-			c.mu.Unlock()
+		if res, ok := c.hit(c.shapes, shape); ok {
 			return withText(res, sql), shape, true, true
 		}
-		c.mu.Unlock()
 	}
 	return Result{}, shape, byShape, false
+}
+
+// hit returns m's entry for key, now the most recently used.
+func (c *Cache) hit(m map[string]*list.Element, key string) (Result, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := m[key]
+	if !ok {
+		return Result{}, false
+	}
+	c.ll.MoveToFront(e)
+	c.hits++
+	return e.Value.(*cacheEntry).res, true
 }
 
 // put stores res under key in m (items or shapes), evicting the least

@@ -188,3 +188,28 @@ func TestCacheShapes(t *testing.T) {
 		t.Fatal("a shape hit carries another text")
 	}
 }
+
+// Cached never classifies: a miss until Classify has seen the text (or its
+// shape), then what Classify returns, text included.
+func TestCacheCached(t *testing.T) {
+	c := NewCache(16)
+	opts := Options{}
+	for _, sql := range []string{"SELECT f()", "SELECT abalance FROM a WHERE aid = 1"} {
+		if _, ok := c.Cached(sql); ok {
+			t.Fatalf("%q cached before it was classified", sql)
+		}
+		want := c.Classify(sql, opts)
+		got, ok := c.Cached(sql)
+		if !ok || got.Class != want.Class || len(got.Statements) != 1 || got.Statements[0].Text != sql {
+			t.Fatalf("%q: Cached = %+v, %v; Classify said %s", sql, got, ok, want.Class)
+		}
+	}
+	// by shape: another constant, never classified itself
+	got, ok := c.Cached("SELECT abalance FROM a WHERE aid = 42")
+	if !ok || got.Class != Read || got.Statements[0].Text != "SELECT abalance FROM a WHERE aid = 42" {
+		t.Fatalf("shape hit: %+v, %v", got, ok)
+	}
+	if h, m := c.Stats(); m != 2 || h != 3 {
+		t.Fatalf("stats = %d hits, %d misses; Cached must not count a miss as a classification", h, m)
+	}
+}
