@@ -506,9 +506,6 @@ func (ls *loopSession) leave(x loopExit) {
 	ls.ls.l.Del(ls.cfd)
 	ls.ls.l.Del(ls.ufd)
 	delete(ls.ls.sessions, ls)
-	s.mu.Lock()
-	s.onLoop = false
-	s.mu.Unlock()
 	ls.exit <- x
 }
 

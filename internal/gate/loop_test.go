@@ -8,6 +8,7 @@ import (
 	"math"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -261,6 +262,50 @@ func TestEventLoop(t *testing.T) {
 			t.Fatal("a session outlived its gate")
 		}
 	})
+}
+
+// TestCloseWhileLeavingLoop closes gates while TLS sessions are being
+// handed between the event loop and their goroutines (a first statement,
+// then a hold), where closing the client from outside once raced with the
+// hand-over of its TLS transport. Run with -race.
+func TestCloseWhileLeavingLoop(t *testing.T) {
+	e := newEnv(t, nil)
+	e.srv.Exec("shop", "CREATE TABLE t (x int)")
+	ctx := ctxT(t, 3*time.Minute)
+	for round := range 4 {
+		e2 := startGate(t, e.srv, nil)
+		var wg sync.WaitGroup
+		started := make(chan struct{}, 64)
+		for range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for ctx.Err() == nil {
+					x, err := pgx.Connect(ctx, e2.url("alice", alicePW, "shop", "require"))
+					if err != nil {
+						return // the gate has closed
+					}
+					select {
+					case started <- struct{}{}:
+					default:
+					}
+					x.Exec(ctx, "SELECT 1")
+					x.Exec(ctx, "DELETE FROM t WHERE true") // held: leaves the loop
+					x.Close(ctx)
+				}
+			}()
+		}
+		for range 4 + round*4 {
+			<-started
+		}
+		if err := e2.g.Close(ctxT(t, 30*time.Second)); err != nil {
+			t.Fatalf("round %d: close: %v", round, err)
+		}
+		wg.Wait()
+		if n, _ := e2.g.Sessions("alice"); n != 0 {
+			t.Fatalf("round %d: %d sessions outlived their gate", round, n)
+		}
+	}
 }
 
 func waitFor(t *testing.T, cond func() bool, what string) {

@@ -86,6 +86,7 @@ type session struct {
 	rawClient, rawUp *netfd.Conn   // the sockets, when outside Go's poller (event loop)
 	tlsT             *tlsTransport // under the client's TLS, when it may go to the event loop
 	onLoop           bool          // the event loop serves the session (mu)
+	closing          bool          // closeClient ran (mu)
 	ls               *loopSession
 }
 
@@ -302,6 +303,10 @@ func (s *session) serve() string {
 // toLoop puts the session on the event loop if it can go there: plaintext
 // on both sides, over sockets outside Go's poller. Otherwise the sockets
 // go to Go's poller for good and it returns nil.
+//
+// The hand-over and closeClient exclude each other (mu): closeClient must
+// never close an fd the loop is about to use, nor write to the client
+// through a transport that is changing modes.
 func (s *session) toLoop() *loopSession {
 	g := s.g
 	tc, _ := s.client.(*tls.Conn)
@@ -309,6 +314,11 @@ func (s *session) toLoop() *loopSession {
 	tlsClient := s.tls != "" && tc != nil && s.tlsT != nil
 	eligible := g.lp != nil && s.rawClient != nil && s.rawUp != nil && (plainClient || tlsClient) &&
 		s.up == net.Conn(s.rawUp)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		eligible = false // closeClient closed the client: the goroutines see it
+	}
 	var cfd, ufd int
 	var err error
 	if eligible {
@@ -335,9 +345,7 @@ func (s *session) toLoop() *loopSession {
 	} else {
 		s.r.wr = bufio.NewWriterSize(&ls.cout, 64<<10)
 	}
-	s.mu.Lock()
 	s.onLoop, s.ls = true, ls
-	s.mu.Unlock()
 	if !g.lp.l.Submit(ls.start) {
 		// The loop has stopped: the gate is closing.
 		ls.exit <- loopExit{why: "client disconnected"}
@@ -345,11 +353,11 @@ func (s *session) toLoop() *loopSession {
 	return ls
 }
 
-// netpoll hands the session's own sockets to Go's poller.
+// netpoll hands the session's own sockets to Go's poller (mu held).
 func (s *session) netpoll() {
 	for _, c := range []*netfd.Conn{s.rawClient, s.rawUp} {
 		if c != nil {
-			if err := c.UseNetpoll(); err != nil {
+			if err := c.UseNetpoll(); err != nil && !s.closing {
 				s.g.log.Warn("gate: socket to Go's poller", "session", s.id, "err", err)
 			}
 		}
@@ -362,14 +370,17 @@ func (s *session) netpoll() {
 func (s *session) fromLoop(x loopExit) (why string, carryOn bool) {
 	s.mu.Lock()
 	s.onLoop = false
-	s.mu.Unlock()
 	s.netpoll()
+	if s.tlsT != nil {
+		s.tlsT.fromLoop() // the records the loop read and TLS did not take are read first
+	}
+	closing := s.closing
+	s.mu.Unlock()
 	s.fe = pgproto3.NewFrontend(s.up, s.up)
 	s.r.wr = bufio.NewWriterSize(s.client, 64<<10)
 	why = x.why
 	clientRaw := s.client
 	if s.tlsT != nil {
-		s.tlsT.fromLoop()       // the records the loop read and TLS did not take are read first
 		clientRaw = s.rawClient // x.cout holds records, already encrypted
 	}
 	if len(x.cout) > 0 {
@@ -382,8 +393,8 @@ func (s *session) fromLoop(x loopExit) (why string, carryOn bool) {
 			why = "upstream closed"
 		}
 	}
-	if why == "" && s.g.ctx.Err() != nil {
-		why = "client disconnected" // the gate closes; its call to closeClient may have missed the hand-over
+	if why == "" && closing {
+		why = "client disconnected" // the gate closes; closeClient found the session on the loop, which had let it go
 	}
 	if why != "" {
 		return why, false
@@ -394,15 +405,27 @@ func (s *session) fromLoop(x loopExit) (why string, carryOn bool) {
 	return "", true
 }
 
-// closeClient ends the session from outside (the gate closes).
+// closeClient ends the session from outside (the gate closes). On the
+// loop the loop ends it; off the loop it closes the client's socket, under
+// TLS the raw one: a close_notify would be written through the transport
+// while its mode may change, and the session's own Close sends none to a
+// closed socket anyway.
 func (s *session) closeClient() {
 	s.mu.Lock()
+	s.closing = true
 	on, ls := s.onLoop, s.ls
-	s.mu.Unlock()
-	if on && s.g.lp.l.Submit(func() { ls.end("client disconnected") }) {
-		return
+	if !on && s.rawClient != nil {
+		s.rawClient.Close()
 	}
-	s.client.Close()
+	s.mu.Unlock()
+	switch {
+	case on:
+		if !s.g.lp.l.Submit(func() { ls.end("client disconnected") }) {
+			s.rawClient.Close() // the loop has stopped and uses the fd no more
+		}
+	case s.rawClient == nil:
+		s.client.Close() // no mode changes: TLS may say goodbye
+	}
 }
 
 // refused records a session that did not get in.
