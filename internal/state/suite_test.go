@@ -580,21 +580,29 @@ func testLedgerBatch(t *testing.T, dsn string) {
 		}
 		return recs
 	}
-	if ok, err := l.AppendBatch(ctx, 1, batch(1, 100, "rec")); !ok || err != nil {
-		t.Fatalf("AppendBatch 1-100 = %v, %v", ok, err)
+	// 300 records: more than one INSERT (ledgerInsertRows) in the batch.
+	if ok, err := l.AppendBatch(ctx, 1, batch(1, 300, "rec")); !ok || err != nil {
+		t.Fatalf("AppendBatch 1-300 = %v, %v", ok, err)
 	}
-	if ok, err := l.Append(ctx, 105, []byte("single 105")); !ok || err != nil {
-		t.Fatalf("Append 105 = %v, %v", ok, err)
+	if ok, err := l.Append(ctx, 590, []byte("single 590")); !ok || err != nil {
+		t.Fatalf("Append 590 = %v, %v", ok, err)
 	}
-	// 101-110 collides at 105: nothing of it is stored.
-	if ok, err := l.AppendBatch(ctx, 101, batch(101, 10, "lost")); ok || err != nil {
-		t.Fatalf("AppendBatch over 105 = %v, %v; want false, nil", ok, err)
+	// 301-600 collides at 590, in its third INSERT: nothing of it is
+	// stored, not even the two INSERTs before.
+	if ok, err := l.AppendBatch(ctx, 301, batch(301, 300, "lost")); ok || err != nil {
+		t.Fatalf("AppendBatch over 590 = %v, %v; want false, nil", ok, err)
 	}
 	var got []string
-	if err := l.Read(ctx, 1, func(seq uint64, rec []byte) error { got = append(got, string(rec)); return nil }); err != nil {
+	if err := l.Read(ctx, 1, func(seq uint64, rec []byte) error {
+		if want := fmt.Sprintf(" %d", seq); !strings.HasSuffix(string(rec), want) {
+			t.Errorf("record %d reads %q", seq, rec)
+		}
+		got = append(got, string(rec))
+		return nil
+	}); err != nil {
 		t.Fatal(err)
 	}
-	if len(got) != 101 || got[0] != "rec 1" || got[99] != "rec 100" || got[100] != "single 105" {
+	if len(got) != 301 || got[0] != "rec 1" || got[299] != "rec 300" || got[300] != "single 590" {
 		t.Fatalf("after a refused batch the ledger holds %d records: %q ... %q", len(got), got[0], got[len(got)-1])
 	}
 	if _, err := l.AppendBatch(ctx, 200, [][]byte{[]byte("x"), nil}); !errors.Is(err, ErrInvalid) {
