@@ -66,7 +66,7 @@ func (l *LedgerStore) AppendBatch(ctx context.Context, first uint64, recs [][]by
 			for i, rec := range chunk {
 				args = append(args, s+int64(off+i), rec)
 			}
-			res, err := tx.ExecContext(ctx, ledgerInsertSQL(len(chunk)), args...)
+			res, err := tx.ExecContext(ctx, ledgerInsertSQL(l.db.dialect, len(chunk)), args...)
 			if err != nil {
 				return err
 			}
@@ -91,9 +91,12 @@ func (l *LedgerStore) AppendBatch(ctx context.Context, first uint64, recs [][]by
 // below SQLite's and PostgreSQL's limits on parameters.
 const ledgerInsertRows = 128
 
-// ledgerInsertSQL is the INSERT of n records, built once per n.
-func ledgerInsertSQL(n int) string {
-	if q, ok := ledgerInserts.Load(n); ok {
+// ledgerInsertSQL is the INSERT of n records, built once per dialect and
+// n. SQLite gets anonymous parameters: it looks each $N up by name, which
+// with hundreds per statement showed in the gate's profile.
+func ledgerInsertSQL(d Dialect, n int) string {
+	key := ledgerInsertKey{d, n}
+	if q, ok := ledgerInserts.Load(key); ok {
 		return q.(string)
 	}
 	var b strings.Builder
@@ -102,14 +105,23 @@ func ledgerInsertSQL(n int) string {
 		if i > 0 {
 			b.WriteString(", ")
 		}
-		fmt.Fprintf(&b, "($%d, $%d)", 2*i+1, 2*i+2)
+		if d == Postgres {
+			fmt.Fprintf(&b, "($%d, $%d)", 2*i+1, 2*i+2)
+		} else {
+			b.WriteString("(?, ?)")
+		}
 	}
 	b.WriteString(" ON CONFLICT DO NOTHING")
-	q, _ := ledgerInserts.LoadOrStore(n, b.String())
+	q, _ := ledgerInserts.LoadOrStore(key, b.String())
 	return q.(string)
 }
 
-var ledgerInserts sync.Map // rows -> SQL
+type ledgerInsertKey struct {
+	d Dialect
+	n int
+}
+
+var ledgerInserts sync.Map // ledgerInsertKey -> SQL
 
 // errLedgerTaken rolls back a batch one of whose seqs exists.
 var errLedgerTaken = errors.New("state: ledger seq taken")
