@@ -855,25 +855,9 @@ func (s *session) parse(m *pgproto3.Parse) {
 		s.refuseExt(denyError(v))
 		return
 	}
-	name := m.Name
-	s.mu.Lock()
-	prev, had := s.stmts[name]
-	s.stmts[name] = p
-	s.mu.Unlock()
-	s.send(m, &entry{kind: ekParse, onError: func() {
-		// PostgreSQL drops the unnamed statement before parsing; a named
-		// one keeps its old definition when the new Parse fails.
-		s.mu.Lock()
-		if s.stmts[name] == p {
-			if had && name != "" {
-				s.stmts[name] = prev
-			} else {
-				delete(s.stmts, name)
-			}
-		}
-		s.mu.Unlock()
-	}})
-	if had && name != "" {
+	undo, had := s.define(s.stmts, m.Name, p)
+	s.send(m, &entry{kind: ekParse, onError: undo})
+	if had && m.Name != "" {
 		// Reusing a name: if PostgreSQL refuses it ("already exists"), the
 		// old statement stays; settle which before judging anything else.
 		s.drain()
@@ -897,22 +881,30 @@ func (s *session) bind(m *pgproto3.Bind) {
 		s.refuseExt(errorResponse("26000", fmt.Sprintf("prepared statement %q does not exist", m.PreparedStatement), "", ""))
 		return
 	}
-	name := m.DestinationPortal
+	undo, _ := s.define(s.portals, m.DestinationPortal, p)
+	s.send(m, &entry{kind: ekBind, onError: undo})
+}
+
+// define sets name in table (the statements or the portals) to p, and
+// returns what undoes that when PostgreSQL refuses the message: a named one
+// keeps its old definition, the unnamed one (dropped before the new one is
+// parsed or bound) is gone. had: name was defined before.
+func (s *session) define(table map[string]*prepared, name string, p *prepared) (undo func(), had bool) {
 	s.mu.Lock()
-	prev, had := s.portals[name]
-	s.portals[name] = p
+	prev, had := table[name]
+	table[name] = p
 	s.mu.Unlock()
-	s.send(m, &entry{kind: ekBind, onError: func() {
+	return func() {
 		s.mu.Lock()
-		if s.portals[name] == p {
+		if table[name] == p {
 			if had && name != "" {
-				s.portals[name] = prev
+				table[name] = prev
 			} else {
-				delete(s.portals, name)
+				delete(table, name)
 			}
 		}
 		s.mu.Unlock()
-	}})
+	}, had
 }
 
 func (s *session) execute(m *pgproto3.Execute) {
