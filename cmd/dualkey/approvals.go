@@ -90,15 +90,7 @@ func (a *app) approvalsCmd() *cobra.Command {
 			Use: decision + " ID", Args: cobra.ExactArgs(1),
 			Short: map[string]string{cert.Approve: "sign your approval of a request", cert.Deny: "sign your refusal: one valid deny denies the request"}[decision],
 			RunE: func(cmd *cobra.Command, args []string) error {
-				me, err := a.whoAmI(as)
-				if err != nil {
-					return err
-				}
-				return a.withQuorum(cmd.Context(), func(q *quorumEnv) error {
-					id, err := resolveRequest(cmd.Context(), q, args[0])
-					if err != nil {
-						return err
-					}
+				return a.actOnRequest(cmd.Context(), as, args[0], func(q *quorumEnv, me string, id cert.ID) error {
 					s, err := q.svc.Show(cmd.Context(), id)
 					if err != nil {
 						return err
@@ -229,15 +221,7 @@ func (a *app) approvalsCmd() *cobra.Command {
 		Use: "consume ID", Short: "claim the single run of an approved request and print its certificate", Hidden: true,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			me, err := a.whoAmI(consumeAs)
-			if err != nil {
-				return err
-			}
-			return a.withQuorum(cmd.Context(), func(q *quorumEnv) error {
-				id, err := resolveRequest(cmd.Context(), q, args[0])
-				if err != nil {
-					return err
-				}
+			return a.actOnRequest(cmd.Context(), consumeAs, args[0], func(q *quorumEnv, me string, id cert.ID) error {
 				r, c, err := q.svc.Consume(cmd.Context(), id, me)
 				if err != nil {
 					return err

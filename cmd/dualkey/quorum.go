@@ -216,15 +216,7 @@ state enforce one approver set:
 	apply := &cobra.Command{
 		Use: "apply ID", Short: "install the policy of an approved policy:change request", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			me, err := a.whoAmI(applyAs)
-			if err != nil {
-				return err
-			}
-			return a.withQuorum(cmd.Context(), func(q *quorumEnv) error {
-				id, err := resolveRequest(cmd.Context(), q, args[0])
-				if err != nil {
-					return err
-				}
+			return a.actOnRequest(cmd.Context(), applyAs, args[0], func(q *quorumEnv, me string, id cert.ID) error {
 				p, err := q.svc.ApplyPolicyChange(cmd.Context(), id, me)
 				if err != nil {
 					return err

@@ -197,6 +197,23 @@ func (a *app) withQuorum(ctx context.Context, fn func(q *quorumEnv) error) error
 	return quorumCode(err)
 }
 
+// actOnRequest runs fn as the person as (default DUALKEY_USER) on the
+// request ref names (an ID or a unique prefix), with an open quorum
+// environment: what approve, deny, consume and apply share.
+func (a *app) actOnRequest(ctx context.Context, as, ref string, fn func(q *quorumEnv, me string, id cert.ID) error) error {
+	me, err := a.whoAmI(as)
+	if err != nil {
+		return err
+	}
+	return a.withQuorum(ctx, func(q *quorumEnv) error {
+		id, err := resolveRequest(ctx, q, ref)
+		if err != nil {
+			return err
+		}
+		return fn(q, me, id)
+	})
+}
+
 // quorumCode gives quorum refusals their exit codes.
 func quorumCode(err error) error {
 	if err == nil {
