@@ -49,15 +49,8 @@ func (a *app) runGate(ctx context.Context, cfg *policy.Config) error {
 	}
 	defer q.close(ctx)
 
-	gc := gate.Config{
-		Upstreams: map[string]gate.Upstream{}, Policy: cfg, State: q.db, Quorum: q.svc, Ledger: q.led,
-		RequireTLS: cfg.TLS.RequireTLS, Logger: a.log, RequestLifetime: cfg.RequestExpiry,
-		MaxMessageSize: cfg.Limits.MaxMessageBytes, MaxConnections: cfg.Limits.MaxConnections,
-		MaxConnectionsPerUser: cfg.Limits.MaxConnectionsPerUser, DryRunTimeout: cfg.Limits.DryRunTimeout,
-	}
-	if cfg.Limits.NoDryRun {
-		gc.DryRunTimeout = -1
-	}
+	gc := gate.ConfigFrom(cfg)
+	gc.Upstreams, gc.State, gc.Quorum, gc.Ledger, gc.Logger = map[string]gate.Upstream{}, q.db, q.svc, q.led, a.log
 	fingerprint := ""
 	if cfg.TLS.Cert != "" {
 		host, _, _ := net.SplitHostPort(cfg.Listen)

@@ -99,6 +99,24 @@ type Config struct {
 	NoEventLoop bool
 }
 
+// ConfigFrom is the part of a gate's Config that gate.yaml sets: the
+// policy, require_tls, request_expiry, the limits and event_loop. The
+// caller adds the rest (upstreams, state, quorum, ledger, TLS, logger).
+// `dualkey gate` and `dualkey run` both start from it, so a setting in
+// gate.yaml means the same under either.
+func ConfigFrom(p *policy.Config) Config {
+	c := Config{
+		Policy: p, RequireTLS: p.TLS.RequireTLS, RequestLifetime: p.RequestExpiry,
+		MaxMessageSize: p.Limits.MaxMessageBytes, MaxConnections: p.Limits.MaxConnections,
+		MaxConnectionsPerUser: p.Limits.MaxConnectionsPerUser, DryRunTimeout: p.Limits.DryRunTimeout,
+		NoEventLoop: p.NoEventLoop,
+	}
+	if p.Limits.NoDryRun {
+		c.DryRunTimeout = -1
+	}
+	return c
+}
+
 func (c *Config) applyDefaults() {
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))

@@ -90,6 +90,20 @@ func TestConfigExample(t *testing.T) {
 	}
 }
 
+// TestConfigGateSettings: the gate section's limits and event_loop reach
+// the gate's policy config (the runner builds the gate's Config from it
+// with gate.ConfigFrom, as `dualkey gate` does).
+func TestConfigGateSettings(t *testing.T) {
+	c, err := Parse([]byte("gate:\n  event_loop: false\n  limits:\n    max_connections: 3\n    max_connections_per_user: 1\n"), "x.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := c.Gate.Policy
+	if p == nil || !p.NoEventLoop || p.Limits.MaxConnections != 3 || p.Limits.MaxConnectionsPerUser != 1 {
+		t.Fatalf("gate policy: %+v", p)
+	}
+}
+
 // TestConfigFlagsOnly: with no file (only --pg and --data), or an empty
 // one, what is on by default stays on: the tripwire and the first base
 // backup (they were off when no document reached the parser).

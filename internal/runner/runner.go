@@ -991,9 +991,8 @@ func (r *Runner) startGate(ctx context.Context) error {
 			}
 		}
 	}
-	gc := gate.Config{Upstreams: gups, Policy: pc, State: r.db, Quorum: r.svc, Ledger: r.led,
-		RequireTLS: pc.TLS.RequireTLS, Logger: r.log.With("part", "gate"), RequestLifetime: pc.RequestExpiry,
-		MaxMessageSize: pc.Limits.MaxMessageBytes}
+	gc := gate.ConfigFrom(pc)
+	gc.Upstreams, gc.State, gc.Quorum, gc.Ledger, gc.Logger = gups, r.db, r.svc, r.led, r.log.With("part", "gate")
 	if pc.TLS.Cert != "" {
 		host, _, _ := net.SplitHostPort(pc.Listen)
 		if gc.TLS, r.info.GateFingerprint, err = gate.TLSConfig(pc.TLS.Cert, pc.TLS.Key, pc.TLS.Generate, []string{host}); err != nil {

@@ -123,6 +123,11 @@ func (p *parser) config(root *yaml.Node, c *Config) {
 			}
 		},
 		"limits": func(v *yaml.Node, f string) { p.limits(v, f, &c.Limits) },
+		"event_loop": func(v *yaml.Node, f string) {
+			on := true
+			p.Bool(v, f, &on)
+			c.NoEventLoop = !on
+		},
 	})
 	if upstreamsNode == nil {
 		p.Errf(root, "upstreams", "missing: name at least one database the gate offers")

@@ -71,6 +71,9 @@ type Config struct {
 	RequestExpiry time.Duration // how long a held statement may be approved and run (default 1h)
 	Webhook       string        // URL told about held statements; "" for none
 	Limits        Limits
+	// NoEventLoop (event_loop: false) serves every session on goroutines:
+	// a way out should the event loop (docs/gate.md) misbehave somewhere.
+	NoEventLoop bool
 }
 
 // TLS is the certificate the gate offers.

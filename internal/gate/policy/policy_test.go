@@ -69,6 +69,7 @@ rules:
 func TestParseLimits(t *testing.T) {
 	c, err := Parse([]byte(`tls: {require_tls: false}
 limits: {max_connections: 50, max_connections_per_user: 4, dry_run_timeout: 2s, dry_run: false}
+event_loop: false
 upstreams: {db: {host: h, user: u}}
 rules: [{users: [a], databases: [db], classes: [read], action: allow}]
 `), "g.yaml")
@@ -77,6 +78,9 @@ rules: [{users: [a], databases: [db], classes: [read], action: allow}]
 	}
 	if l := c.Limits; l.MaxConnections != 50 || l.MaxConnectionsPerUser != 4 || l.DryRunTimeout != 2*time.Second || !l.NoDryRun {
 		t.Errorf("limits = %+v", l)
+	}
+	if !c.NoEventLoop {
+		t.Error("event_loop: false left the event loop on")
 	}
 }
 
@@ -87,7 +91,7 @@ func TestParseExample(t *testing.T) {
 	}
 	if c.Listen != "0.0.0.0:6432" || !c.TLS.Generate || !c.TLS.RequireTLS || c.TLS.Cert != "gate.crt" ||
 		c.RequestExpiry != 30*time.Minute || c.Limits.MaxRows != 1000 || c.Limits.MaxConnections != 200 ||
-		c.Limits.MaxMessageBytes != 64<<20 || len(c.Rules) != 6 {
+		c.Limits.MaxMessageBytes != 64<<20 || len(c.Rules) != 6 || c.NoEventLoop {
 		t.Errorf("config = %+v", c)
 	}
 	app := c.Upstreams["app"]
@@ -197,7 +201,7 @@ func TestBrokenConfigs(t *testing.T) {
 		{"syntax", "a: 1\nlisten: [\n", []string{"g.yaml:2: did not find"}},
 		{"empty", "", []string{"g.yaml: empty config"}},
 		{"not a mapping", "- a\n", []string{"g.yaml:1: must be a mapping"}},
-		{"unknown key", "tls: {require_tls: false}\nlistn: x\n" + ok, []string{"g.yaml:2: listn: unknown key (known: groups, limits, listen"}},
+		{"unknown key", "tls: {require_tls: false}\nlistn: x\n" + ok, []string{"g.yaml:2: listn: unknown key (known: event_loop, groups, limits, listen"}},
 		{"twice", "tls: {require_tls: false}\nlisten: a:1\nlisten: b:2\n" + ok, []string{"g.yaml:3: listen: given twice"}},
 		{"listen", "tls: {require_tls: false}\nlisten: nowhere\n" + ok, []string{`g.yaml:2: listen: "nowhere" is not host:port`}},
 		{"no upstreams", "tls: {require_tls: false}\nrules: []\n", []string{"upstreams: missing", "g.yaml:2: rules: must be a non-empty list"}},
@@ -207,6 +211,7 @@ func TestBrokenConfigs(t *testing.T) {
 		{"tls bool", "tls: {require_tls: maybe}\n" + ok, []string{"g.yaml:1: tls.require_tls: must be true or false"}},
 		{"expiry", "tls: {require_tls: false}\nrequest_expiry: soon\n" + ok, []string{`g.yaml:2: request_expiry: "soon" is not a positive duration`}},
 		{"webhook", "tls: {require_tls: false}\nwebhook: ftp://x\n" + ok, []string{"g.yaml:2: webhook:"}},
+		{"event_loop", "tls: {require_tls: false}\nevent_loop: off\n" + ok, []string{"g.yaml:2: event_loop: must be true or false"}},
 		{"limits", "tls: {require_tls: false}\nlimits:\n  max_rows: -1\n  max_message_bytes: 10\n  max_connections_per_user: -2\n  dry_run_timeout: soon\n" + ok,
 			[]string{"g.yaml:3: limits.max_rows: -1 is out of range", "g.yaml:4: limits.max_message_bytes: 10 is out of range",
 				"g.yaml:5: limits.max_connections_per_user: -2 is out of range", `g.yaml:6: limits.dry_run_timeout: "soon" is not a positive duration`}},
