@@ -361,7 +361,9 @@ func TestRunURL(t *testing.T) {
 	srv.Exec("postgres", "CREATE ROLE norepl LOGIN")
 	srv.Exec("postgres", "CREATE DATABASE shop")
 	dir := workDir(t)
-	cfg := testConfig(t, fmt.Sprintf("data_dir: %s\npg:\n  url: %s\ngate:\n  listen: 127.0.0.1:0\n", filepath.Join(dir, "data"), srv.URL("shop")))
+	// The gate section's limits apply under dualkey run too.
+	cfg := testConfig(t, fmt.Sprintf("data_dir: %s\npg:\n  url: %s\ngate:\n  listen: 127.0.0.1:0\n  limits:\n    max_connections_per_user: 1\n",
+		filepath.Join(dir, "data"), srv.URL("shop")))
 	r, err := Start(ctx, cfg, Options{Log: testLog(t)})
 	if err != nil {
 		t.Fatal(err)
@@ -372,6 +374,14 @@ func TestRunURL(t *testing.T) {
 		t.Fatalf("info: %+v", in)
 	}
 	alice := gateConn(t, ctx, in, "alice", "shop")
+	second, err := pgx.Connect(ctx, fmt.Sprintf("postgres://alice:%s@%s/shop?sslmode=require", readSecret(t, person(t, in, "alice").PasswordFile), in.GateAddr))
+	var pe *pgconn.PgError
+	if err == nil {
+		second.Close(ctx)
+		t.Fatal("a second session of alice beyond max_connections_per_user: 1")
+	} else if !errors.As(err, &pe) || pe.Code != "53300" {
+		t.Fatalf("a second session of alice: %v, want 53300", err)
+	}
 	if _, err := alice.Exec(ctx, "CREATE TABLE o (id int); INSERT INTO o VALUES (1)"); err != nil {
 		t.Fatal(err)
 	}
