@@ -102,6 +102,12 @@ func (ls *loopSession) start() {
 	}
 	if err := ls.ls.l.Add(ls.ufd, ls, ls.uev); err != nil {
 		ls.end("event loop: " + err.Error())
+		return
+	}
+	if ls.tc != nil {
+		// TLS may hold plaintext already (a query in the record of the
+		// client's last login message): epoll will not say so.
+		ls.Ready(ls.cfd, evloop.Readable)
 	}
 }
 
@@ -246,7 +252,8 @@ func (ls *loopSession) clientReadFailed(err error) bool {
 // and handles the messages in it.
 func (ls *loopSession) readClientTLS() {
 	n, err := evloop.Read(ls.cfd, ls.ls.buf)
-	if ls.clientReadFailed(err) {
+	// Nothing new on the socket still leaves what TLS holds decrypted.
+	if !errors.Is(err, syscall.EAGAIN) && ls.clientReadFailed(err) {
 		return
 	}
 	ls.tt.feed(ls.ls.buf[:n])

@@ -48,8 +48,9 @@ type session struct {
 	id     string // for the ledger
 	client net.Conn
 	be     *pgproto3.Backend
-	remote string // the client's IP
-	tls    string // TLS version, "" for plaintext
+	login  *framedReader // under be until the session relays
+	remote string        // the client's IP
+	tls    string        // TLS version, "" for plaintext
 
 	user    state.User
 	dbName  string
@@ -110,7 +111,8 @@ func (g *Gate) serveConn(c net.Conn) {
 	defer func() { s.client.Close() }()
 	s.remote, _, _ = net.SplitHostPort(c.RemoteAddr().String())
 	c.SetDeadline(time.Now().Add(startupTimeout))
-	be := pgproto3.NewBackend(c, c)
+	fr := &framedReader{r: c}
+	be := pgproto3.NewBackend(fr, c)
 	be.SetMaxBodyLen(g.cfg.MaxMessageSize)
 	for {
 		m, err := be.ReceiveStartupMessage()
@@ -148,7 +150,8 @@ func (g *Gate) serveConn(c net.Conn) {
 			}
 			s.client = tc
 			s.tls = tls.VersionName(tc.ConnectionState().Version)
-			be = pgproto3.NewBackend(tc, tc)
+			fr = &framedReader{r: tc}
+			be = pgproto3.NewBackend(fr, tc)
 			be.SetMaxBodyLen(g.cfg.MaxMessageSize)
 		case *pgproto3.GSSEncRequest:
 			if _, err := s.client.Write([]byte{'N'}); err != nil {
@@ -158,7 +161,7 @@ func (g *Gate) serveConn(c net.Conn) {
 			g.cancelRequest(m.ProcessID, m.SecretKey)
 			return
 		case *pgproto3.StartupMessage:
-			s.be = be
+			s.be, s.login = be, fr
 			s.run(m)
 			return
 		default:
@@ -296,6 +299,7 @@ func (s *session) serve() string {
 			return why
 		}
 	}
+	s.login.relaying = true // s.be reads the client from here on, its buffer empty
 	go s.r.run()
 	return s.loop()
 }
