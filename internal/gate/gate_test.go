@@ -82,11 +82,21 @@ func newEnv(t testing.TB, mod func(*Config)) *env {
 
 func startGate(t testing.TB, srv *pgtest.Server, mod func(*Config)) *env {
 	t.Helper()
+	return startGateOn(t, srv, "", mod)
+}
+
+// startGateOn is startGate with its state store at stateDSN (""; SQLite in
+// a temporary directory).
+func startGateOn(t testing.TB, srv *pgtest.Server, stateDSN string, mod func(*Config)) *env {
+	t.Helper()
 	dir := t.TempDir()
 	e := &env{t: t, srv: srv, dir: dir}
 	ctx := ctxT(t, time.Minute)
+	if stateDSN == "" {
+		stateDSN = filepath.Join(dir, "state.db")
+	}
 	var err error
-	if e.db, err = state.Open(ctx, filepath.Join(dir, "state.db")); err != nil {
+	if e.db, err = state.Open(ctx, stateDSN); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.db.Close() })

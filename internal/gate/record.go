@@ -2,8 +2,10 @@ package gate
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/dualkey/dualkey/internal/ledger"
@@ -14,6 +16,11 @@ import (
 // queue blocks when full rather than drop a record. Records that gate a
 // decision (a request, a hold, a consume) are written synchronously by the
 // session instead.
+//
+// When the ledger cannot be written (its store is down, its disk full)
+// the recorder keeps the batch and tries again, and the gate refuses every
+// statement until it can (failing): no statement runs without a record,
+// as no session opens without one.
 type recorder struct {
 	led     *ledger.Ledger
 	log     *slog.Logger
@@ -21,6 +28,7 @@ type recorder struct {
 	closing chan struct{} // closed by close: stop lingering
 	done    chan struct{}
 	once    sync.Once
+	down    atomic.Bool // the last write failed
 }
 
 func newRecorder(led *ledger.Ledger, log *slog.Logger) *recorder {
@@ -103,18 +111,62 @@ func (r *recorder) run() {
 }
 
 func (r *recorder) write(es []ledger.Entry) {
+	for wait := recordRetry; ; wait = min(2*wait, maxRecordRetry) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		_, err := r.led.AppendBatch(ctx, es)
+		cancel()
+		switch {
+		case err == nil:
+			if r.down.Swap(false) {
+				r.log.Info("gate: ledger writable again; statements run again", "records", len(es))
+			}
+			return
+		case errors.Is(err, ledger.ErrInvalid):
+			r.oneByOne(es) // a record the ledger refuses, not a store that fails
+			return
+		case errors.Is(err, ledger.ErrClosed):
+			r.log.Error("gate: ledger closed; records lost", "records", len(es))
+			return
+		}
+		if !r.down.Swap(true) {
+			r.log.Error("gate: ledger cannot be written; statements are refused until it can", "err", err)
+		}
+		select {
+		case <-time.After(wait):
+		case <-r.closing:
+			// One last try: a stopping gate must not wait for ever.
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_, err := r.led.AppendBatch(ctx, es)
+			cancel()
+			if err != nil {
+				r.log.Error("gate: ledger cannot be written; records lost as the gate stops", "records", len(es), "err", err)
+			}
+			return
+		}
+	}
+}
+
+// Retries of an unwritable ledger: soon, then every few seconds.
+const (
+	recordRetry    = 50 * time.Millisecond
+	maxRecordRetry = 2 * time.Second
+)
+
+// oneByOne appends es one at a time, so that one bad record does not take
+// its batch with it.
+func (r *recorder) oneByOne(es []ledger.Entry) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if _, err := r.led.AppendBatch(ctx, es); err == nil {
-		return
-	}
-	// One bad record must not take its batch with it: one by one.
 	for _, e := range es {
 		if _, err := r.led.Append(ctx, e); err != nil {
 			r.log.Error("gate: ledger record lost", "kind", e.Kind, "actor", e.Actor, "err", err)
 		}
 	}
 }
+
+// failing reports whether the ledger's last write failed: statements are
+// refused until one succeeds.
+func (r *recorder) failing() bool { return r.down.Load() }
 
 // add queues e.
 func (r *recorder) add(e ledger.Entry) { r.q <- queued{e: e} }

@@ -776,6 +776,10 @@ func guarded(v verdict) (need, measurable bool) {
 // statement in it, and the strictest class decides.
 func (s *session) query(sql string) {
 	s.skipToSync = false
+	if s.g.rec.failing() {
+		s.refuseQuery(ledgerDown())
+		return
+	}
 	v := s.judge(sql)
 	switch v.dec.Action {
 	case actAllow:
@@ -920,6 +924,10 @@ func (s *session) execute(m *pgproto3.Execute) {
 	s.mu.Unlock()
 	if p == nil {
 		s.refuseExt(errorResponse("34000", fmt.Sprintf("portal %q does not exist", m.Portal), "", ""))
+		return
+	}
+	if s.g.rec.failing() {
+		s.refuseExt(ledgerDown())
 		return
 	}
 	decision := "allow"
@@ -1156,6 +1164,13 @@ func (s *session) deny(sql string, v verdict) {
 
 func errorResponse(code, msg, detail, hint string) *pgproto3.ErrorResponse {
 	return &pgproto3.ErrorResponse{Severity: "ERROR", SeverityUnlocalized: "ERROR", Code: code, Message: msg, Detail: detail, Hint: hint}
+}
+
+// ledgerDown answers every statement while the ledger cannot be written
+// (recorder.failing): the gate runs nothing it cannot record.
+func ledgerDown() *pgproto3.ErrorResponse {
+	return errorResponse("58000", "dualkey: the gate cannot write its audit ledger; no statement runs until it can", "",
+		"The gate's log says why. It retries on its own; try again shortly.")
 }
 
 func denyError(v verdict) *pgproto3.ErrorResponse {
