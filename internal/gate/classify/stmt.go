@@ -249,32 +249,12 @@ func (c *classifier) stmt(node any, text string, depth int) verdict {
 
 	case *pg_query.UpdateStmt:
 		t := rangeName(x.Relation)
-		v.table(t)
-		v.target = depth == 0
-		switch {
-		case x.WhereClause == nil:
-			v.hit("update.no-where", "UPDATE "+t+" without WHERE rewrites every row")
-		case c.truth(x.WhereClause) == 1:
-			v.hit("update.always-true", "UPDATE "+t+" with a WHERE that is always true rewrites every row")
-		default:
-			v.hit("update", "UPDATE "+t+" with a WHERE")
-			v.rowsGuard, v.rowsCounted = true, true
-		}
+		c.where(&v, "update", "UPDATE "+t, t, "rewrites every row", x.WhereClause, depth)
 		c.scan(&v, x, depth)
 
 	case *pg_query.DeleteStmt:
 		t := rangeName(x.Relation)
-		v.table(t)
-		v.target = depth == 0
-		switch {
-		case x.WhereClause == nil:
-			v.hit("delete.no-where", "DELETE FROM "+t+" without WHERE removes every row")
-		case c.truth(x.WhereClause) == 1:
-			v.hit("delete.always-true", "DELETE FROM "+t+" with a WHERE that is always true removes every row")
-		default:
-			v.hit("delete", "DELETE FROM "+t+" with a WHERE")
-			v.rowsGuard, v.rowsCounted = true, true
-		}
+		c.where(&v, "delete", "DELETE FROM "+t, t, "removes every row", x.WhereClause, depth)
 		c.scan(&v, x, depth)
 
 	case *pg_query.MergeStmt:
@@ -490,6 +470,23 @@ func mergeDeletes(m *pg_query.MergeStmt) bool {
 		}
 	}
 	return false
+}
+
+// where judges an UPDATE or DELETE of table t by its WHERE: none, or one
+// that is always true, reaches every row (rule.no-where,
+// rule.always-true); any other is counted and kept under the row limit.
+func (c *classifier) where(v *verdict, rule, what, t, all string, where *pg_query.Node, depth int) {
+	v.table(t)
+	v.target = depth == 0
+	switch {
+	case where == nil:
+		v.hit(rule+".no-where", what+" without WHERE "+all)
+	case c.truth(where) == 1:
+		v.hit(rule+".always-true", what+" with a WHERE that is always true "+all)
+	default:
+		v.hit(rule, what+" with a WHERE")
+		v.rowsGuard, v.rowsCounted = true, true
+	}
 }
 
 func (c *classifier) drop(v *verdict, x *pg_query.DropStmt) {
