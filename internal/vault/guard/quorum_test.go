@@ -2,7 +2,6 @@ package guard
 
 import (
 	"context"
-	"crypto/ed25519"
 	"encoding/json"
 	"errors"
 	"os"
@@ -12,41 +11,15 @@ import (
 	"time"
 
 	"github.com/dualkey/dualkey/internal/quorum/cert"
+	"github.com/dualkey/dualkey/internal/quorum/cert/certtest"
 	"github.com/dualkey/dualkey/internal/vault/backend"
 	"github.com/dualkey/dualkey/internal/vault/format"
 )
 
 // people are approvers with deterministic keys.
-type people map[string]ed25519.PrivateKey
+type people = certtest.People
 
-func newPeople(names ...string) people {
-	p := people{}
-	for i, n := range names {
-		seed := make([]byte, ed25519.SeedSize)
-		seed[0] = byte(i + 1)
-		copy(seed[1:], n)
-		p[n] = ed25519.NewKeyFromSeed(seed)
-	}
-	return p
-}
-
-// policy returns a policy over names with threshold m for vault actions and
-// policy changes.
-func (pp people) policy(t testing.TB, serial uint64, m int, names ...string) *cert.Policy {
-	t.Helper()
-	p := &cert.Policy{Version: cert.PolicyVersion, Serial: serial, Rules: []cert.Rule{
-		{Name: "policy", Actions: []string{cert.ActionPolicyChange}, Threshold: m},
-		{Name: "vault", Actions: []string{"vault:*"}, Threshold: m},
-	}}
-	for _, n := range names {
-		p.Approvers = append(p.Approvers, cert.Approver{Name: n, PublicKey: pp[n].Public().(ed25519.PublicKey)})
-	}
-	p, err := cert.ParsePolicy(p.Encode()) // canonical order
-	if err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
+var newPeople = certtest.NewPeople
 
 const testRepo = "abababababababababababababababababababababababababababababababab"
 
@@ -60,7 +33,7 @@ type certReq struct {
 	signers   []string
 }
 
-func (pp people) cert(t testing.TB, r certReq) []byte {
+func signed(t testing.TB, pp people, r certReq) []byte {
 	t.Helper()
 	if r.repo == "" {
 		r.repo = testRepo
@@ -71,17 +44,8 @@ func (pp people) cert(t testing.TB, r certReq) []byte {
 	if r.expires.IsZero() {
 		r.expires = t0.Add(time.Hour)
 	}
-	req := &cert.Request{Requester: r.requester, Action: "vault:" + r.act.Op, Reason: "test",
-		Created: t0.Add(-time.Minute), Expires: r.expires, PolicySerial: r.serial,
-		Vault: &cert.VaultAction{Op: r.act.Op, Repo: r.repo, Params: r.act.Params}}
-	if err := req.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	c := &cert.Certificate{Request: req.Encode()}
-	for _, s := range r.signers {
-		c.Approvals = append(c.Approvals, cert.Sign(pp[s], s, req.ID(), cert.Approve, r.expires))
-	}
-	return c.Encode()
+	return pp.Cert(t, certtest.Vault{Requester: r.requester, Op: r.act.Op, Params: r.act.Params, Repo: r.repo,
+		Serial: r.serial, Created: t0.Add(-time.Minute), Expires: r.expires, Signers: r.signers})
 }
 
 func quorumConfig(t testing.TB, p *cert.Policy) []byte {
@@ -105,7 +69,7 @@ type quorumFixture struct {
 
 func newQuorumFixture(t testing.TB) *quorumFixture {
 	pp := newPeople("alice", "bob", "carol", "mallory")
-	pol := pp.policy(t, 1, 2, "alice", "bob", "carol")
+	pol := pp.Policy(t, 1, 2, "alice", "bob", "carol")
 	f := newFixtureWith(t, quorumConfig(t, pol))
 	k2 := []byte("wrapped key 2")
 	if err := f.admin.Save(context.Background(), h(backend.Key, k2), k2); err != nil {
@@ -130,8 +94,8 @@ func TestCertifiedRefusals(t *testing.T) {
 			return RemoveKeyAction(q.key2), RemoveKeyAction(q.keyName)
 		},
 		OpRotate: func(q *quorumFixture) (Action, Action) {
-			return RotateAction(q.pp.policy(t, 2, 2, "alice", "bob", "carol", "mallory")),
-				RotateAction(q.pp.policy(t, 2, 1, "mallory", "alice"))
+			return RotateAction(q.pp.Policy(t, 2, 2, "alice", "bob", "carol", "mallory")),
+				RotateAction(q.pp.Policy(t, 2, 1, "mallory", "alice"))
 		},
 	}
 	for op, mk := range actions {
@@ -168,7 +132,7 @@ func TestCertifiedRefusals(t *testing.T) {
 			}
 			before := listAll(t, q.be)
 			for _, r := range refusals {
-				_, err := r.sess.Certified(ctx, r.use, q.pp.cert(t, r.c))
+				_, err := r.sess.Certified(ctx, r.use, signed(t, q.pp, r.c))
 				if !errors.Is(err, r.want) || !errors.Is(err, ErrForbidden) {
 					t.Errorf("%s: err = %v, want %v and ErrForbidden", r.name, err, r.want)
 				}
@@ -177,7 +141,7 @@ func TestCertifiedRefusals(t *testing.T) {
 				t.Errorf("refusals changed the vault:\nbefore %v\nafter  %v", before, after)
 			}
 
-			c := q.pp.cert(t, good)
+			c := signed(t, q.pp, good)
 			out, err := q.admin.Certified(ctx, act, c)
 			if err != nil {
 				t.Fatalf("valid certificate refused: %v", err)
@@ -224,7 +188,7 @@ func TestAdminAloneCannot(t *testing.T) {
 	// A vault without a policy refuses guarded actions, certificate or not.
 	f := newFixture(t)
 	pp := newPeople("alice", "bob", "carol")
-	c := pp.cert(t, certReq{requester: "alice", act: ForgetAction(f.snap), signers: []string{"bob", "carol"}})
+	c := signed(t, pp, certReq{requester: "alice", act: ForgetAction(f.snap), signers: []string{"bob", "carol"}})
 	if _, err := f.admin.Certified(ctx, ForgetAction(f.snap), c); !errors.Is(err, ErrForbidden) {
 		t.Errorf("no policy: %v", err)
 	}
@@ -234,7 +198,7 @@ func TestCertifiedEffects(t *testing.T) {
 	ctx := context.Background()
 	q := newQuorumFixture(t)
 	sign := func(act Action) []byte {
-		return q.pp.cert(t, certReq{requester: "carol", act: act, signers: []string{"alice", "bob"}})
+		return signed(t, q.pp, certReq{requester: "carol", act: act, signers: []string{"alice", "bob"}})
 	}
 
 	// Shorten to an hour: the snapshot and its packs are free after it.
@@ -322,15 +286,15 @@ func TestPolicyRotation(t *testing.T) {
 	for n, k := range dave {
 		q.pp[n] = k
 	}
-	next := q.pp.policy(t, 2, 2, "bob", "dave", "erin")
+	next := q.pp.Policy(t, 2, 2, "bob", "dave", "erin")
 	rot := RotateAction(next)
 
 	// The new set cannot sign its own installation.
-	c := q.pp.cert(t, certReq{requester: "alice", act: rot, signers: []string{"dave", "erin"}})
+	c := signed(t, q.pp, certReq{requester: "alice", act: rot, signers: []string{"dave", "erin"}})
 	if _, err := q.admin.Certified(ctx, rot, c); !errors.Is(err, cert.ErrUnknownApprover) {
 		t.Errorf("rotation signed by the new set: %v", err)
 	}
-	c = q.pp.cert(t, certReq{requester: "alice", act: rot, signers: []string{"bob", "carol"}})
+	c = signed(t, q.pp, certReq{requester: "alice", act: rot, signers: []string{"bob", "carol"}})
 	if _, err := q.admin.Certified(ctx, rot, c); err != nil {
 		t.Fatal(err)
 	}
@@ -342,13 +306,13 @@ func TestPolicyRotation(t *testing.T) {
 	// The old approvers no longer govern: a certificate under serial 1 is stale,
 	// and alice and carol are not in the new set.
 	forget := ForgetAction(q.snap)
-	if _, err := q.admin.Certified(ctx, forget, q.pp.cert(t, certReq{requester: "bob", act: forget, signers: []string{"alice", "carol"}})); !errors.Is(err, cert.ErrStalePolicy) {
+	if _, err := q.admin.Certified(ctx, forget, signed(t, q.pp, certReq{requester: "bob", act: forget, signers: []string{"alice", "carol"}})); !errors.Is(err, cert.ErrStalePolicy) {
 		t.Errorf("old serial: %v", err)
 	}
-	if _, err := q.admin.Certified(ctx, forget, q.pp.cert(t, certReq{requester: "bob", act: forget, serial: 2, signers: []string{"alice", "carol"}})); !errors.Is(err, cert.ErrUnknownApprover) {
+	if _, err := q.admin.Certified(ctx, forget, signed(t, q.pp, certReq{requester: "bob", act: forget, serial: 2, signers: []string{"alice", "carol"}})); !errors.Is(err, cert.ErrUnknownApprover) {
 		t.Errorf("old approvers under serial 2: %v", err)
 	}
-	if _, err := q.admin.Certified(ctx, forget, q.pp.cert(t, certReq{requester: "bob", act: forget, serial: 2, signers: []string{"dave", "erin"}})); err != nil {
+	if _, err := q.admin.Certified(ctx, forget, signed(t, q.pp, certReq{requester: "bob", act: forget, serial: 2, signers: []string{"dave", "erin"}})); err != nil {
 		t.Errorf("new approvers: %v", err)
 	}
 
@@ -362,7 +326,7 @@ func TestPolicyRotation(t *testing.T) {
 func TestForgedPolicyRejected(t *testing.T) {
 	ctx := context.Background()
 	q := newQuorumFixture(t)
-	evil := q.pp.policy(t, 2, 1, "mallory", "alice")
+	evil := q.pp.Policy(t, 2, 1, "mallory", "alice")
 	plant := func(name string, c []byte) string {
 		data, _ := json.Marshal(format.PolicyRecord{Time: t0, Prev: q.pol.Hash(), Policy: evil.Encode(), Certificate: c})
 		n := format.Hash(data).String()
@@ -373,9 +337,9 @@ func TestForgedPolicyRejected(t *testing.T) {
 	}
 	rot := RotateAction(evil)
 	forged := []string{
-		plant("self-signed by mallory", q.pp.cert(t, certReq{requester: "mallory", act: rot, signers: []string{"mallory"}})),
-		plant("one real approval", q.pp.cert(t, certReq{requester: "mallory", act: rot, signers: []string{"alice"}})),
-		plant("another repository", q.pp.cert(t, certReq{requester: "mallory", act: rot, repo: strings.Repeat("cd", 32), signers: []string{"alice", "bob"}})),
+		plant("self-signed by mallory", signed(t, q.pp, certReq{requester: "mallory", act: rot, signers: []string{"mallory"}})),
+		plant("one real approval", signed(t, q.pp, certReq{requester: "mallory", act: rot, signers: []string{"alice"}})),
+		plant("another repository", signed(t, q.pp, certReq{requester: "mallory", act: rot, repo: strings.Repeat("cd", 32), signers: []string{"alice", "bob"}})),
 	}
 	// Junk under a name that is not its hash.
 	junk := strings.Repeat("0", 64)
@@ -393,14 +357,14 @@ func TestForgedPolicyRejected(t *testing.T) {
 	}
 	// mallory's policy does not govern.
 	forget := ForgetAction(q.snap)
-	if _, err := q.admin.Certified(ctx, forget, q.pp.cert(t, certReq{requester: "alice", act: forget, serial: 2, signers: []string{"mallory"}})); err == nil {
+	if _, err := q.admin.Certified(ctx, forget, signed(t, q.pp, certReq{requester: "alice", act: forget, serial: 2, signers: []string{"mallory"}})); err == nil {
 		t.Error("forged policy's approvers accepted")
 	}
 
 	// A planted shortening record without a valid certificate shortens nothing.
 	fake := format.LockRecord{Snapshot: q.snap, Time: t0, Until: t0.Add(time.Second), Reason: format.ReasonShorten,
 		Supersedes:  []format.ID{format.ID(mustID(t, q.lockName))},
-		Certificate: q.pp.cert(t, certReq{requester: "mallory", act: ShortenLockAction(q.snap, t0.Add(time.Second)), signers: []string{"alice"}})}
+		Certificate: signed(t, q.pp, certReq{requester: "mallory", act: ShortenLockAction(q.snap, t0.Add(time.Second)), signers: []string{"alice"}})}
 	data, _ := json.Marshal(fake)
 	os.WriteFile(filepath.Join(q.dir, string(backend.Lock), format.Hash(data).String()), data, 0o600)
 	q.clock.Set(t0.Add(time.Hour))
@@ -408,7 +372,7 @@ func TestForgedPolicyRejected(t *testing.T) {
 		t.Errorf("planted shortening honoured: %v", err)
 	}
 	// Nor does a planted change record lower the minimum.
-	ch, _ := json.Marshal(format.ChangeRecord{Time: t0, MinRetention: 0, Certificate: q.pp.cert(t, certReq{requester: "mallory", act: LowerRetentionAction(0), signers: []string{"bob"}})})
+	ch, _ := json.Marshal(format.ChangeRecord{Time: t0, MinRetention: 0, Certificate: signed(t, q.pp, certReq{requester: "mallory", act: LowerRetentionAction(0), signers: []string{"bob"}})})
 	os.WriteFile(filepath.Join(q.dir, string(backend.Change), format.Hash(ch).String()), ch, 0o600)
 	if st, _ := New(q.be, Options{Now: q.clock.Now}).Session(Read).Quorum(ctx); time.Duration(st.MinRetention) != minRetention {
 		t.Errorf("planted change lowered the minimum to %v", time.Duration(st.MinRetention))
@@ -469,7 +433,7 @@ func TestShortenKeepsWALRange(t *testing.T) {
 		t.Fatal(err)
 	}
 	act := ShortenLockAction(snap, t0.Add(2*time.Hour))
-	out, err := q.admin.Certified(ctx, act, q.pp.cert(t, certReq{requester: "carol", act: act, signers: []string{"alice", "bob"}}))
+	out, err := q.admin.Certified(ctx, act, signed(t, q.pp, certReq{requester: "carol", act: act, signers: []string{"alice", "bob"}}))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"crypto/ed25519"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -13,6 +12,7 @@ import (
 	"time"
 
 	"github.com/dualkey/dualkey/internal/quorum/cert"
+	"github.com/dualkey/dualkey/internal/quorum/cert/certtest"
 	"github.com/dualkey/dualkey/internal/vault/backend"
 	"github.com/dualkey/dualkey/internal/vault/backend/local"
 	"github.com/dualkey/dualkey/internal/vault/format"
@@ -21,50 +21,18 @@ import (
 
 var repoID = strings.Repeat("cd", 32)
 
-type approvers map[string]ed25519.PrivateKey
-
-func newApprovers(names ...string) approvers {
-	a := approvers{}
-	for i, n := range names {
-		seed := make([]byte, ed25519.SeedSize)
-		seed[0] = byte(i + 1)
-		copy(seed[1:], n)
-		a[n] = ed25519.NewKeyFromSeed(seed)
-	}
-	return a
-}
-
-func (a approvers) policy(t *testing.T, serial uint64, m int, names ...string) *cert.Policy {
-	t.Helper()
-	p := &cert.Policy{Version: cert.PolicyVersion, Serial: serial, Rules: []cert.Rule{
-		{Name: "policy", Actions: []string{cert.ActionPolicyChange}, Threshold: m},
-		{Name: "vault", Actions: []string{"vault:*"}, Threshold: m},
-	}}
-	for _, n := range names {
-		p.Approvers = append(p.Approvers, cert.Approver{Name: n, PublicKey: a[n].Public().(ed25519.PublicKey)})
-	}
-	p, err := cert.ParsePolicy(p.Encode())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
+type approvers = certtest.People
 
 // sign builds a certificate for act by requester on repo under serial.
-func (a approvers) sign(t *testing.T, requester, repo string, serial uint64, act guard.Action, expires time.Time, signers ...string) []byte {
+func sign(t *testing.T, a approvers, requester, repo string, serial uint64, act guard.Action, expires time.Time, signers ...string) []byte {
 	t.Helper()
-	req := &cert.Request{Requester: requester, Action: "vault:" + act.Op, Reason: "test", Created: t0.Add(-time.Minute),
-		Expires: expires, PolicySerial: serial, Vault: &cert.VaultAction{Op: act.Op, Repo: repo, Params: act.Params}}
-	c := &cert.Certificate{Request: req.Encode()}
-	for _, s := range signers {
-		c.Approvals = append(c.Approvals, cert.Sign(a[s], s, req.ID(), cert.Approve, expires))
-	}
-	return c.Encode()
+	return a.Cert(t, certtest.Vault{Requester: requester, Op: act.Op, Params: act.Params, Repo: repo, Serial: serial,
+		Created: t0.Add(-time.Minute), Expires: expires, Signers: signers})
 }
 
 func newQuorumEnv(t *testing.T) (*env, approvers, *cert.Policy) {
-	a := newApprovers("alice", "bob", "carol", "dave")
-	pol := a.policy(t, 1, 2, "alice", "bob", "carol")
+	a := certtest.NewPeople("alice", "bob", "carol", "dave")
+	pol := a.Policy(t, 1, 2, "alice", "bob", "carol")
 	cfg, _ := json.Marshal(format.Config{Version: 1, ID: repoID, Created: t0, MinRetention: format.Duration(24 * time.Hour), QuorumPolicy: pol.Encode()})
 	return newEnvConfig(t, Options{}, cfg), a, pol
 }
@@ -88,23 +56,23 @@ func TestCertifiedOverHTTPS(t *testing.T) {
 		{guard.LowerRetentionAction(time.Hour), guard.LowerRetentionAction(time.Minute)},
 		{guard.RemoveKeyAction(format.Hash(key2).String()), guard.RemoveKeyAction(format.Hash(e.keyData).String())},
 		{guard.ForgetAction(snapID), guard.ForgetAction(format.Hash([]byte("x")))},
-		{guard.RotateAction(a.policy(t, 2, 2, "alice", "bob", "dave")), guard.RotateAction(a.policy(t, 2, 1, "dave", "alice"))},
+		{guard.RotateAction(a.Policy(t, 2, 2, "alice", "bob", "dave")), guard.RotateAction(a.Policy(t, 2, 1, "dave", "alice"))},
 	}
 	for _, tc := range acts {
 		act := tc.act
-		good := a.sign(t, "alice", repoID, 1, act, exp, "bob", "carol")
+		good := sign(t, a, "alice", repoID, 1, act, exp, "bob", "carol")
 		refused := []struct {
 			name string
 			c    *Client
 			cert []byte
 			act  guard.Action
 		}{
-			{"too few approvals", e.admin, a.sign(t, "alice", repoID, 1, act, exp, "bob"), act},
-			{"self approval", e.admin, a.sign(t, "alice", repoID, 1, act, exp, "alice", "bob"), act},
-			{"expired", e.admin, a.sign(t, "alice", repoID, 1, act, t0.Add(-time.Second), "bob", "carol"), act},
-			{"other repository", e.admin, a.sign(t, "alice", strings.Repeat("ab", 32), 1, act, exp, "bob", "carol"), act},
+			{"too few approvals", e.admin, sign(t, a, "alice", repoID, 1, act, exp, "bob"), act},
+			{"self approval", e.admin, sign(t, a, "alice", repoID, 1, act, exp, "alice", "bob"), act},
+			{"expired", e.admin, sign(t, a, "alice", repoID, 1, act, t0.Add(-time.Second), "bob", "carol"), act},
+			{"other repository", e.admin, sign(t, a, "alice", strings.Repeat("ab", 32), 1, act, exp, "bob", "carol"), act},
 			{"other parameters", e.admin, good, tc.other},
-			{"certificate for other parameters", e.admin, a.sign(t, "alice", repoID, 1, tc.other, exp, "bob", "carol"), act},
+			{"certificate for other parameters", e.admin, sign(t, a, "alice", repoID, 1, tc.other, exp, "bob", "carol"), act},
 			{"append token", e.app, good, act},
 			{"read token", e.rd, good, act},
 		}
@@ -135,16 +103,16 @@ func TestCertifiedOverHTTPS(t *testing.T) {
 		t.Fatal(err)
 	}
 	forget := guard.ForgetAction(snap2ID)
-	if _, err := e.admin.Certified(ctx, forget, a.sign(t, "alice", repoID, 1, forget, exp, "bob", "carol")); !errors.Is(err, guard.ErrForbidden) {
+	if _, err := e.admin.Certified(ctx, forget, sign(t, a, "alice", repoID, 1, forget, exp, "bob", "carol")); !errors.Is(err, guard.ErrForbidden) {
 		t.Errorf("old policy after rotation: %v", err)
 	}
-	if _, err := e.admin.Certified(ctx, forget, a.sign(t, "alice", repoID, 2, forget, exp, "bob", "carol")); !errors.Is(err, guard.ErrForbidden) {
+	if _, err := e.admin.Certified(ctx, forget, sign(t, a, "alice", repoID, 2, forget, exp, "bob", "carol")); !errors.Is(err, guard.ErrForbidden) {
 		t.Errorf("removed approver carol after rotation: %v", err)
 	}
 	if err := e.admin.Remove(ctx, hd(backend.Snapshot, snap2)); !errors.Is(err, guard.ErrLocked) {
 		t.Errorf("plain forget of a locked snapshot: %v", err)
 	}
-	if _, err := e.admin.Certified(ctx, forget, a.sign(t, "alice", repoID, 2, forget, exp, "bob", "dave")); err != nil {
+	if _, err := e.admin.Certified(ctx, forget, sign(t, a, "alice", repoID, 2, forget, exp, "bob", "dave")); err != nil {
 		t.Errorf("forget with the new set: %v", err)
 	}
 	if _, err := e.be.Stat(ctx, hd(backend.Snapshot, snap2)); !errors.Is(err, backend.ErrNotExist) {
@@ -163,9 +131,9 @@ func TestNoPolicyRefusesOverHTTPS(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t, Options{})
 	_, _, _, snap, _ := e.seed(t)
-	a := newApprovers("alice", "bob", "carol")
+	a := certtest.NewPeople("alice", "bob", "carol")
 	act := guard.ForgetAction(format.Hash(snap))
-	if _, err := e.admin.Certified(ctx, act, a.sign(t, "alice", repoID, 1, act, t0.Add(time.Hour), "bob", "carol")); !errors.Is(err, guard.ErrForbidden) {
+	if _, err := e.admin.Certified(ctx, act, sign(t, a, "alice", repoID, 1, act, t0.Add(time.Hour), "bob", "carol")); !errors.Is(err, guard.ErrForbidden) {
 		t.Errorf("vault without a policy: %v", err)
 	}
 }
@@ -173,8 +141,8 @@ func TestNoPolicyRefusesOverHTTPS(t *testing.T) {
 func TestForgedPolicyOverHTTPS(t *testing.T) {
 	ctx := context.Background()
 	e, a, pol := newQuorumEnv(t)
-	evil := a.policy(t, 2, 1, "dave", "alice")
-	c := a.sign(t, "dave", repoID, 1, guard.RotateAction(evil), t0.Add(time.Hour), "alice")
+	evil := a.Policy(t, 2, 1, "dave", "alice")
+	c := sign(t, a, "dave", repoID, 1, guard.RotateAction(evil), t0.Add(time.Hour), "alice")
 	data, _ := json.Marshal(format.PolicyRecord{Time: t0, Prev: pol.Hash(), Policy: evil.Encode(), Certificate: c})
 	root := e.be.(*local.Backend).Root()
 	if err := os.WriteFile(filepath.Join(root, string(backend.Policy), format.Hash(data).String()), data, 0o600); err != nil {
