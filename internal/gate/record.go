@@ -20,7 +20,10 @@ import (
 // When the ledger cannot be written (its store is down, its disk full)
 // the recorder keeps the batch and tries again, and the gate refuses every
 // statement until it can (failing): no statement runs without a record,
-// as no session opens without one.
+// as no session opens without one. A write that takes longer than
+// recordStall (the store stalls: another process holds SQLite's write
+// lock, a disk hangs) counts as failing while it lasts, so that the queue
+// does not fill behind it and stop the event loop.
 type recorder struct {
 	led     *ledger.Ledger
 	log     *slog.Logger
@@ -32,7 +35,7 @@ type recorder struct {
 }
 
 func newRecorder(led *ledger.Ledger, log *slog.Logger) *recorder {
-	r := &recorder{led: led, log: log, q: make(chan queued, 4096), closing: make(chan struct{}), done: make(chan struct{})}
+	r := &recorder{led: led, log: log, q: make(chan queued, recordQueue), closing: make(chan struct{}), done: make(chan struct{})}
 	go r.run()
 	return r
 }
@@ -113,22 +116,34 @@ func (r *recorder) run() {
 func (r *recorder) write(es []ledger.Entry) {
 	for wait := recordRetry; ; wait = min(2*wait, maxRecordRetry) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		fired := make(chan struct{})
+		stalled := time.AfterFunc(recordStall, func() {
+			defer close(fired)
+			if !r.down.Swap(true) {
+				r.log.Error("gate: a ledger write has not finished; statements are refused until it does", "after", recordStall, "records", len(es))
+			}
+		})
 		_, err := r.led.AppendBatch(ctx, es)
+		if !stalled.Stop() {
+			<-fired // it ran: it must not set down after the outcome below
+		}
 		cancel()
 		switch {
-		case err == nil:
+		case err == nil || errors.Is(err, ledger.ErrInvalid):
+			if err != nil {
+				r.oneByOne(es) // a record the ledger refuses, not a store that fails
+			}
 			if r.down.Swap(false) {
 				r.log.Info("gate: ledger writable again; statements run again", "records", len(es))
 			}
-			return
-		case errors.Is(err, ledger.ErrInvalid):
-			r.oneByOne(es) // a record the ledger refuses, not a store that fails
 			return
 		case errors.Is(err, ledger.ErrClosed):
 			r.log.Error("gate: ledger closed; records lost", "records", len(es))
 			return
 		}
-		if !r.down.Swap(true) {
+		if r.down.Swap(true) && wait > recordRetry {
+			r.log.Warn("gate: ledger still cannot be written", "err", err)
+		} else {
 			r.log.Error("gate: ledger cannot be written; statements are refused until it can", "err", err)
 		}
 		select {
@@ -151,6 +166,16 @@ const (
 	recordRetry    = 50 * time.Millisecond
 	maxRecordRetry = 2 * time.Second
 )
+
+// recordStall is how long a ledger write may take before statements are
+// refused (a var for tests). A commit takes milliseconds; the queue
+// (recordQueue) holds a few seconds of a busy gate's records, so
+// statements stop before it fills.
+var recordStall = 2 * time.Second
+
+// recordQueue bounds the records waiting for the recorder: ~3 s of
+// pgbench TPC-B with 8 clients, at most 64 MiB of clipped statement text.
+const recordQueue = 16384
 
 // oneByOne appends es one at a time, so that one bad record does not take
 // its batch with it.

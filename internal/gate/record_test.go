@@ -3,9 +3,11 @@ package gate
 import (
 	"bytes"
 	"crypto/ed25519"
+	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -44,38 +46,80 @@ func TestStmtDataAsMap(t *testing.T) {
 	}
 }
 
-// TestLedgerOutage: while the ledger cannot be written (its state store,
-// here a PostgreSQL server, is down) the gate refuses every statement with
-// 58000 and keeps the records it could not write; when the store is back
-// it writes them, in one chain that verifies, and statements run again.
+// TestLedgerOutage: while the ledger cannot be written the gate refuses
+// every statement with 58000 and keeps the records it could not write;
+// when the store is back it writes them, in one chain that verifies, and
+// statements run again. The store fails (a PostgreSQL state store
+// stopped), or stalls (another process holds SQLite's write lock).
 func TestLedgerOutage(t *testing.T) {
 	if testing.Short() {
-		t.Skip("starts two PostgreSQL servers")
+		t.Skip("starts PostgreSQL servers")
 	}
 	upstream := pgtest.Start(t, pgtest.Options{})
 	upstream.Exec("postgres", "CREATE ROLE app_owner LOGIN PASSWORD 'brokered-secret'")
 	upstream.Exec("postgres", "CREATE DATABASE shop OWNER app_owner")
 	upstream.Exec("postgres", "CREATE DATABASE bench OWNER app_owner")
-	store := pgtest.Start(t, pgtest.Options{})
-	store.Exec("postgres", "CREATE DATABASE dualkey_state")
-	e := startGateOn(t, upstream, store.URL("dualkey_state"), nil)
+
+	t.Run("store down", func(t *testing.T) {
+		store := pgtest.Start(t, pgtest.Options{})
+		store.Exec("postgres", "CREATE DATABASE dualkey_state")
+		e := startGateOn(t, upstream, store.URL("dualkey_state"), nil)
+		ledgerOutage(t, e, "t1", 0, store.Stop, store.Start)
+	})
+
+	t.Run("store stalled", func(t *testing.T) {
+		defer func(d time.Duration) { recordStall = d }(recordStall)
+		recordStall = 300 * time.Millisecond
+		e := startGate(t, upstream, nil)
+		ctx := ctxT(t, time.Minute)
+		other, err := sql.Open("sqlite", filepath.Join(e.dir, "state.db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer other.Close()
+		lock, err := other.Conn(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer lock.Close()
+		// Within 15 s: the stalled write itself would only give up after
+		// 30 (the recorder's deadline; SQLite's busy waits retry until it).
+		ledgerOutage(t, e, "t2", 15*time.Second, func() {
+			if _, err := lock.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
+				t.Fatal(err)
+			}
+		}, func() {
+			if _, err := lock.ExecContext(ctx, "ROLLBACK"); err != nil {
+				t.Fatal(err)
+			}
+		})
+	})
+}
+
+// ledgerOutage runs inserts into table through e until down() makes the
+// gate refuse them (within, if not 0), checks that reads are refused too,
+// calls up(), waits for statements to run again and checks every insert
+// that ran has its one record.
+func ledgerOutage(t *testing.T, e *env, table string, within time.Duration, down, up func()) {
 	ctx := ctxT(t, 3*time.Minute)
 	c := e.connect("shop")
-	if _, err := c.Exec(ctx, "CREATE TABLE t (id int)"); err != nil {
+	if _, err := c.Exec(ctx, "CREATE TABLE "+table+" (id int)"); err != nil {
 		t.Fatal(err)
 	}
 	refused := func(err error) bool {
 		var pe *pgconn.PgError
 		return errors.As(err, &pe) && pe.Code == "58000" && strings.Contains(pe.Message, "audit ledger")
 	}
+	insert := func(i int) string { return fmt.Sprintf("INSERT INTO %s VALUES (%d)", table, i) }
 
 	e.g.rec.flush()
-	store.Stop()
-	// The statement that finds the store down still runs (its record is
-	// written after it); the failed write makes the gate refuse the next.
+	down()
+	since := time.Now()
+	// The statement that meets the outage still runs (its record is
+	// written after it); the failed or stalled write refuses the next.
 	ran := 0
 	for i := 0; ; i++ {
-		_, err := c.Exec(ctx, fmt.Sprintf("INSERT INTO t VALUES (%d)", i))
+		_, err := c.Exec(ctx, insert(i))
 		if refused(err) {
 			break
 		}
@@ -83,25 +127,28 @@ func TestLedgerOutage(t *testing.T) {
 			t.Fatalf("insert %d: %v", i, err)
 		}
 		ran++
-		if ctx.Err() != nil || i > 10000 {
+		if ctx.Err() != nil || i > 100000 {
 			t.Fatal("statements still run with the ledger down")
 		}
 	}
 	if ran == 0 {
 		t.Fatal("no statement ran before the outage was noticed: the test shows nothing about records kept")
 	}
+	if d := time.Since(since); within > 0 && d > within {
+		t.Fatalf("statements ran for %v with the ledger down (%d of them), want refusals within %v", d, ran, within)
+	}
 	for _, mode := range []pgx.QueryExecMode{pgx.QueryExecModeSimpleProtocol, pgx.QueryExecModeCacheStatement} {
 		if _, err := c.Exec(ctx, "SELECT 1", mode); !refused(err) {
 			t.Errorf("%v: a read with the ledger down: %v, want 58000", mode, err)
 		}
 	}
-	if n := upstream.Query("shop", "SELECT count(*) FROM t"); n != strconv.Itoa(ran) {
-		t.Fatalf("%s rows in t, %d inserts ran", n, ran)
+	if n := e.srv.Query("shop", "SELECT count(*) FROM "+table); n != strconv.Itoa(ran) {
+		t.Fatalf("%s rows in %s, %d inserts ran", n, table, ran)
 	}
 
-	store.Start()
+	up()
 	for {
-		_, err := c.Exec(ctx, "INSERT INTO t VALUES (-1)")
+		_, err := c.Exec(ctx, insert(-1))
 		if err == nil {
 			break
 		}
@@ -118,7 +165,7 @@ func TestLedgerOutage(t *testing.T) {
 			return err
 		}
 		var d stmtData
-		if r.Kind == ledger.KindStatement && json.Unmarshal(r.Data, &d) == nil && strings.HasPrefix(d.SQL, "INSERT") {
+		if r.Kind == ledger.KindStatement && json.Unmarshal(r.Data, &d) == nil && strings.HasPrefix(d.SQL, "INSERT INTO "+table) {
 			inserts[d.SQL]++
 		}
 		return nil
@@ -127,11 +174,11 @@ func TestLedgerOutage(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i := range ran {
-		if sql := fmt.Sprintf("INSERT INTO t VALUES (%d)", i); inserts[sql] != 1 {
-			t.Errorf("%q: %d records, want 1 (records %v)", sql, inserts[sql], inserts)
+		if inserts[insert(i)] != 1 {
+			t.Errorf("%q: %d records, want 1 (records %v)", insert(i), inserts[insert(i)], inserts)
 		}
 	}
-	if inserts["INSERT INTO t VALUES (-1)"] != 1 || len(inserts) != ran+1 {
+	if inserts[insert(-1)] != 1 || len(inserts) != ran+1 {
 		t.Errorf("records %v: want the %d inserts that ran and the one after", inserts, ran)
 	}
 	rep, err := ledger.Verify(ctx, e.db.Ledger(), nil, ed25519.NewKeyFromSeed(make([]byte, 32)).Public().(ed25519.PublicKey))
