@@ -32,6 +32,7 @@ type recorder struct {
 	done    chan struct{}
 	once    sync.Once
 	down    atomic.Bool // the last write failed
+	gaveUp  bool        // the gate stops with the ledger down: what is left is lost (run's goroutine only)
 }
 
 func newRecorder(led *ledger.Ledger, log *slog.Logger) *recorder {
@@ -114,6 +115,16 @@ func (r *recorder) run() {
 }
 
 func (r *recorder) write(es []ledger.Entry) {
+	var flushes []chan struct{} // flush requests taken while retrying
+	defer func() {
+		for _, f := range flushes {
+			close(f)
+		}
+	}()
+	if r.gaveUp {
+		r.log.Error("gate: ledger cannot be written; records lost as the gate stops", "records", len(es))
+		return
+	}
 	for wait := recordRetry; ; wait = min(2*wait, maxRecordRetry) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		fired := make(chan struct{})
@@ -146,17 +157,43 @@ func (r *recorder) write(es []ledger.Entry) {
 		} else {
 			r.log.Error("gate: ledger cannot be written; statements are refused until it can", "err", err)
 		}
-		select {
-		case <-time.After(wait):
-		case <-r.closing:
+		if !r.idle(wait, &es, &flushes) {
 			// One last try: a stopping gate must not wait for ever.
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			_, err := r.led.AppendBatch(ctx, es)
 			cancel()
 			if err != nil {
+				r.gaveUp = true
 				r.log.Error("gate: ledger cannot be written; records lost as the gate stops", "records", len(es), "err", err)
 			}
 			return
+		}
+	}
+}
+
+// idle waits d before the next try, taking what is queued meanwhile into
+// es (and flush requests into flushes): the event loop queues records and
+// must not block on a full queue while the ledger is away. Little comes,
+// as statements are refused meanwhile. It returns false when the gate
+// closes.
+func (r *recorder) idle(d time.Duration, es *[]ledger.Entry, flushes *[]chan struct{}) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			return true
+		case <-r.closing:
+			return false
+		case it, ok := <-r.q:
+			switch {
+			case !ok:
+				return false
+			case it.flushed != nil:
+				*flushes = append(*flushes, it.flushed)
+			default:
+				*es = append(*es, it.e)
+			}
 		}
 	}
 }
@@ -174,8 +211,9 @@ const (
 var recordStall = 2 * time.Second
 
 // recordQueue bounds the records waiting for the recorder: ~3 s of
-// pgbench TPC-B with 8 clients, at most 64 MiB of clipped statement text.
-const recordQueue = 16384
+// pgbench TPC-B with 8 clients, at most 64 MiB of clipped statement text
+// (a var for tests).
+var recordQueue = 16384
 
 // oneByOne appends es one at a time, so that one bad record does not take
 // its batch with it.

@@ -61,6 +61,11 @@ func TestLedgerOutage(t *testing.T) {
 	upstream.Exec("postgres", "CREATE DATABASE bench OWNER app_owner")
 
 	t.Run("store down", func(t *testing.T) {
+		// A queue the statements that run before the outage is noticed
+		// fill: the recorder must keep taking from it while it retries, or
+		// the event loop, blocked on it, never refuses anything.
+		defer func(n int) { recordQueue = n }(recordQueue)
+		recordQueue = 4
 		store := pgtest.Start(t, pgtest.Options{})
 		store.Exec("postgres", "CREATE DATABASE dualkey_state")
 		e := startGateOn(t, upstream, store.URL("dualkey_state"), nil)
