@@ -187,14 +187,17 @@ func (db *DB) openSQLite(ctx context.Context, dsn string, busy time.Duration) er
 	if err != nil {
 		return fmt.Errorf("state: open %s: %w", path, err)
 	}
-	if err := s.PingContext(ctx); err != nil {
+	// Connecting runs the pragmas. Switching a new file to WAL while
+	// another process does the same can fail busy at once, without SQLite
+	// waiting its busy timeout: try again, as for any busy error.
+	if err := db.retry(ctx, func() error { return s.PingContext(ctx) }); err != nil {
 		s.Close()
 		return db.wrap(err, "open %s", path)
 	}
 	// A read that touches the schema: a file whose header passes but whose
 	// first page is damaged fails here rather than at the first query.
 	var n int
-	if err := s.QueryRowContext(ctx, "SELECT count(*) FROM sqlite_schema").Scan(&n); err != nil {
+	if err := db.retry(ctx, func() error { return s.QueryRowContext(ctx, "SELECT count(*) FROM sqlite_schema").Scan(&n) }); err != nil {
 		s.Close()
 		return db.wrap(err, "open %s", path)
 	}
