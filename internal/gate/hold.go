@@ -249,8 +249,8 @@ func (s *session) dryRun(sql string) (int64, string) {
 	}
 	s.send(&pgproto3.Sync{}, &entry{kind: ekSync, suppress: true})
 	s.flushUp()
-	s.r.waitEmpty(s.g.ctx)
-	if s.r.dead() {
+	if !s.r.waitEmpty(s.g.ctx) {
+		// The relay may still be writing the probe: read nothing of it.
 		return -1, ""
 	}
 	switch {

@@ -191,12 +191,13 @@ func (r *relay) txState() (block, failed bool) {
 }
 
 // waitEmpty waits until every queued entry is answered, the relay ends or
-// ctx ends.
-func (r *relay) waitEmpty(ctx context.Context) {
+// ctx ends, and reports whether the queue emptied: only then may the
+// caller read what the relay wrote for those entries (a probe's answer).
+func (r *relay) waitEmpty(ctx context.Context) bool {
 	r.mu.Lock()
 	if len(r.queue) == 0 {
 		r.mu.Unlock()
-		return
+		return true
 	}
 	if r.emptyCh == nil {
 		r.emptyCh = make(chan struct{})
@@ -205,9 +206,11 @@ func (r *relay) waitEmpty(ctx context.Context) {
 	r.mu.Unlock()
 	select {
 	case <-ch:
+		return true
 	case <-r.done:
 	case <-ctx.Done():
 	}
+	return false
 }
 
 func (r *relay) dead() bool {
