@@ -97,6 +97,16 @@ type Config struct {
 	// poller. By default plaintext sessions are served by an event loop
 	// while their statements need no waiting (docs/gate.md).
 	NoEventLoop bool
+	// PoolIdle is the number of idle upstream connections kept per
+	// database and startup parameters for the next session (default 20;
+	// negative: none, every session opens its own). A connection is kept
+	// only if its session ended outside a transaction with nothing in
+	// flight, and only after DISCARD ALL; it closes after PoolIdleTimeout
+	// idle (default 10 min) and is not reused past PoolLifetime (default
+	// 1 h). Sessions off the event loop (NoEventLoop, TLS upstream) never
+	// keep theirs.
+	PoolIdle                      int
+	PoolIdleTimeout, PoolLifetime time.Duration
 }
 
 // ConfigFrom is the part of a gate's Config that gate.yaml sets: the
@@ -109,7 +119,8 @@ func ConfigFrom(p *policy.Config) Config {
 		Policy: p, RequireTLS: p.TLS.RequireTLS, RequestLifetime: p.RequestExpiry,
 		MaxMessageSize: p.Limits.MaxMessageBytes, MaxConnections: p.Limits.MaxConnections,
 		MaxConnectionsPerUser: p.Limits.MaxConnectionsPerUser, DryRunTimeout: p.Limits.DryRunTimeout,
-		NoEventLoop: p.NoEventLoop,
+		NoEventLoop: p.NoEventLoop, PoolIdle: p.Limits.PoolIdle, PoolIdleTimeout: p.Limits.PoolIdleTimeout,
+		PoolLifetime: p.Limits.PoolLifetime,
 	}
 	if p.Limits.NoDryRun {
 		c.DryRunTimeout = -1
@@ -145,6 +156,15 @@ func (c *Config) applyDefaults() {
 	if c.DryRunTimeout == 0 {
 		c.DryRunTimeout = 5 * time.Second
 	}
+	if c.PoolIdle == 0 {
+		c.PoolIdle = defaultPoolIdle
+	}
+	if c.PoolIdleTimeout <= 0 {
+		c.PoolIdleTimeout = defaultPoolIdleTimeout
+	}
+	if c.PoolLifetime <= 0 {
+		c.PoolLifetime = defaultPoolLifetime
+	}
 }
 
 // Gate is a running PostgreSQL access gateway.
@@ -155,6 +175,7 @@ type Gate struct {
 	dbs    map[string]*database
 	rec    *recorder
 	lp     *loopState // nil: every session on goroutines (Config.NoEventLoop)
+	pool   *pool      // nil: no upstream connection is reused
 	cancel context.CancelFunc
 	ctx    context.Context
 
@@ -226,6 +247,9 @@ func New(cfg Config) (*Gate, error) {
 			return nil, fmt.Errorf("gate: event loop: %w", err)
 		}
 		g.lp = lp
+		if cfg.PoolIdle > 0 {
+			g.pool = newPool(cfg.PoolIdle, cfg.PoolIdleTimeout, cfg.PoolLifetime)
+		}
 	}
 	g.rec = newRecorder(cfg.Ledger, g.log)
 	return g, nil
@@ -380,6 +404,9 @@ func (g *Gate) Close(ctx context.Context) error {
 	}
 	if g.lp != nil {
 		g.lp.stop()
+	}
+	if g.pool != nil {
+		g.pool.close()
 	}
 	g.rec.close()
 	for _, d := range g.dbs {

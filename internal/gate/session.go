@@ -63,7 +63,15 @@ type session struct {
 	fe       *pgproto3.Frontend
 	upPID    uint32
 	upSecret []byte
+	upParams map[string]string // ParameterStatus values at login
 	r        *relay
+
+	// The upstream pool (pool.go).
+	poolKey  string
+	upBorn   time.Time // when the upstream connection was opened
+	upReused bool      // it came from the pool
+	reuseUp  bool      // the session left it reusable
+	pooled   bool      // it went back to the pool
 	started  time.Time
 
 	// Read and written by the session goroutine; entries' callbacks run
@@ -231,7 +239,7 @@ func (s *session) run(m *pgproto3.StartupMessage) {
 	defer g.release(user)
 	ctx, cancel := context.WithTimeout(g.ctx, startupTimeout)
 	defer cancel()
-	hj, err := s.connectUpstream(ctx, params)
+	hj, err := s.upstream(ctx, params)
 	if err != nil {
 		g.log.Error("gate: upstream connect failed", "db", s.dbName, "user", user, "err", err)
 		var pe *pgconn.PgError
@@ -242,8 +250,12 @@ func (s *session) run(m *pgproto3.StartupMessage) {
 		s.fatal("08006", "the dualkey gate could not reach the database; the gate's log says why")
 		return
 	}
-	s.up, s.fe, s.upPID, s.upSecret = hj.Conn, pgproto3.NewFrontend(hj.Conn, hj.Conn), hj.PID, hj.SecretKey
-	defer s.up.Close()
+	s.up, s.fe, s.upPID, s.upSecret, s.upParams = hj.Conn, pgproto3.NewFrontend(hj.Conn, hj.Conn), hj.PID, hj.SecretKey, hj.ParameterStatuses
+	defer func() {
+		if !s.pooled {
+			s.up.Close()
+		}
+	}()
 	for _, k := range []string{"standard_conforming_strings", "client_encoding"} {
 		if v, ok := hj.ParameterStatuses[k]; ok && !lexerSafe(k, v) {
 			// Set for the role or database upstream (ALTER ROLE ... SET).
@@ -260,7 +272,7 @@ func (s *session) run(m *pgproto3.StartupMessage) {
 
 	if err := g.rec.sync(ctx, ledger.Entry{Kind: ledger.KindSessionOpen, Actor: s.user.Name, Data: map[string]any{
 		"session": s.id, "user": s.user.Name, "db": s.dbName, "from": s.client.RemoteAddr().String(),
-		"tls": s.tls != "", "tls_version": s.tls, "application_name": s.appName, "upstream_pid": s.upPID,
+		"tls": s.tls != "", "tls_version": s.tls, "application_name": s.appName, "upstream_pid": s.upPID, "upstream_reused": s.upReused,
 	}}); err != nil {
 		g.log.Error("gate: ledger: session not recorded, refusing it", "user", s.user.Name, "err", err)
 		s.fatal("58000", "the dualkey gate cannot write its audit ledger; no session without a record")
@@ -372,9 +384,18 @@ func (s *session) netpoll() {
 // Go's poller, the bytes the loop had not written written, the bytes it
 // had not handled read first. carryOn is false when the session ended.
 func (s *session) fromLoop(x loopExit) (why string, carryOn bool) {
+	reuse := x.why != "" && s.reusable(x)
 	s.mu.Lock()
 	s.onLoop = false
-	s.netpoll()
+	if reuse && !s.closing && s.rawUp.Reattach() == nil {
+		// The upstream stays outside Go's poller for the next session.
+		s.reuseUp = true
+		if err := s.rawClient.UseNetpoll(); err != nil {
+			s.g.log.Debug("gate: socket to Go's poller", "session", s.id, "err", err)
+		}
+	} else {
+		s.netpoll()
+	}
 	if s.tlsT != nil {
 		s.tlsT.fromLoop() // the records the loop read and TLS did not take are read first
 	}
@@ -608,6 +629,12 @@ func (s *session) cancelUpstream() {
 // finish ends the session: a client that vanished mid-query gets its
 // upstream query cancelled, then the upstream connection closes.
 func (s *session) finish(why string) {
+	if s.reuseUp && s.release() {
+		s.pooled = true
+		<-s.r.done
+		s.closeRecord(why)
+		return
+	}
 	if s.r.busy() {
 		s.cancelUpstream()
 	}

@@ -367,6 +367,52 @@ func (c *Conn) Detach() (int, error) {
 	return c.fd, nil
 }
 
+// Reattach takes the fd back from an event loop: detached → blocking, so
+// that it can be detached again later (a connection kept for reuse). The
+// loop must have deregistered the fd and stopped using it.
+func (c *Conn) Reattach() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case c.closed.Load():
+		return fmt.Errorf("netfd: reattach: %w", net.ErrClosed)
+	case c.state != stateDetached:
+		return errors.New("netfd: reattach: connection is not detached")
+	}
+	c.state = stateBlocking
+	return nil
+}
+
+// Quiet reports, without waiting or reading, whether the connection in the
+// blocking state is open with nothing to read. A peer that closed (EOF),
+// reset, or sent bytes nobody asked for is an error: for a connection kept
+// idle, any of these means it cannot be reused.
+func (c *Conn) Quiet() error {
+	fd, nc, err := c.enter(&c.rmu)
+	if nc != nil {
+		return errors.New("netfd: quiet: connection is on the runtime poller")
+	}
+	if err != nil {
+		return c.opErr("read", err)
+	}
+	defer c.exit(&c.rmu)
+	var b [1]byte
+	for {
+		n, _, err := unix.Recvfrom(fd, b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			return nil
+		case err != nil:
+			return c.opErr("read", os.NewSyscallError("recvfrom", err))
+		case n == 0:
+			return c.opErr("read", io.EOF)
+		}
+		return c.opErr("read", errors.New("unexpected bytes from an idle peer"))
+	}
+}
+
 // UseNetpoll hands the socket to Go's runtime poller for good: from then on
 // every method delegates to a net.Conn made by net.FileConn, and the
 // deadlines already set carry over. It is valid in the blocking state with

@@ -383,6 +383,50 @@ func TestDetach(t *testing.T) {
 	}
 }
 
+// TestReattachAndQuiet: a connection back from an event loop works in
+// the blocking state again and can be detached again; Quiet tells an idle
+// peer from one that sent bytes, closed or reset.
+func TestReattachAndQuiet(t *testing.T) {
+	client, server := newPair(t, "tcp")
+	if err := client.Reattach(); err == nil {
+		t.Error("Reattach of a connection never detached succeeded")
+	}
+	if _, err := client.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	if err := client.Quiet(); !errors.Is(err, ErrDetached) {
+		t.Errorf("Quiet while detached = %v", err)
+	}
+	if err := client.Reattach(); err != nil {
+		t.Fatal(err)
+	}
+	if err := client.Quiet(); err != nil {
+		t.Errorf("Quiet with an idle peer = %v", err)
+	}
+	server.Write([]byte("x"))
+	waitFor(t, "the byte to arrive", func() bool { return client.Quiet() != nil })
+	buf := make([]byte, 1)
+	if _, err := io.ReadFull(client, buf); err != nil || buf[0] != 'x' {
+		t.Fatalf("Read after Reattach = %q, %v (Quiet must not consume)", buf, err)
+	}
+	if err := client.Quiet(); err != nil {
+		t.Errorf("Quiet after reading = %v", err)
+	}
+	if _, err := client.Detach(); err != nil {
+		t.Errorf("Detach after Reattach = %v", err)
+	}
+	client.Reattach()
+	server.Close()
+	waitFor(t, "EOF", func() bool { return errors.Is(client.Quiet(), io.EOF) })
+	client.Close()
+	if err := client.Quiet(); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Quiet after Close = %v", err)
+	}
+	if err := client.Reattach(); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Reattach after Close = %v", err)
+	}
+}
+
 func TestDetachWhileReading(t *testing.T) {
 	client, _ := newPair(t, "unix")
 	done := block(t, client, "read")

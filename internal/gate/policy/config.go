@@ -188,6 +188,16 @@ func (p *parser) limits(n *yaml.Node, path string, l *Limits) {
 			p.Bool(v, f, &on)
 			l.NoDryRun = !on
 		},
+		"pool_idle": func(v *yaml.Node, f string) {
+			if x, ok := p.Int(v, f, 0, 1<<16); ok {
+				l.PoolIdle = int(x)
+				if x == 0 {
+					l.PoolIdle = -1
+				}
+			}
+		},
+		"pool_idle_timeout": func(v *yaml.Node, f string) { p.duration(v, f, &l.PoolIdleTimeout) },
+		"pool_lifetime":     func(v *yaml.Node, f string) { p.duration(v, f, &l.PoolLifetime) },
 	})
 }
 

@@ -132,6 +132,12 @@ type Limits struct {
 	DryRunTimeout time.Duration
 	// NoDryRun turns dry runs off (dry_run: false).
 	NoDryRun bool
+	// PoolIdle is pool_idle, the idle upstream connections kept per
+	// database for reuse: 0 = the gate's default (20), -1 = none (pool_idle: 0).
+	PoolIdle int
+	// PoolIdleTimeout and PoolLifetime: pool_idle_timeout and pool_lifetime
+	// (0 = the gate's defaults, 10m and 1h).
+	PoolIdleTimeout, PoolLifetime time.Duration
 }
 
 // Label names r the way decisions and logs do.

@@ -68,7 +68,7 @@ rules:
 
 func TestParseLimits(t *testing.T) {
 	c, err := Parse([]byte(`tls: {require_tls: false}
-limits: {max_connections: 50, max_connections_per_user: 4, dry_run_timeout: 2s, dry_run: false}
+limits: {max_connections: 50, max_connections_per_user: 4, dry_run_timeout: 2s, dry_run: false, pool_idle: 0, pool_idle_timeout: 90s, pool_lifetime: 2h}
 event_loop: false
 upstreams: {db: {host: h, user: u}}
 rules: [{users: [a], databases: [db], classes: [read], action: allow}]
@@ -76,7 +76,8 @@ rules: [{users: [a], databases: [db], classes: [read], action: allow}]
 	if err != nil {
 		t.Fatal(err)
 	}
-	if l := c.Limits; l.MaxConnections != 50 || l.MaxConnectionsPerUser != 4 || l.DryRunTimeout != 2*time.Second || !l.NoDryRun {
+	if l := c.Limits; l.MaxConnections != 50 || l.MaxConnectionsPerUser != 4 || l.DryRunTimeout != 2*time.Second || !l.NoDryRun ||
+		l.PoolIdle != -1 || l.PoolIdleTimeout != 90*time.Second || l.PoolLifetime != 2*time.Hour {
 		t.Errorf("limits = %+v", l)
 	}
 	if !c.NoEventLoop {

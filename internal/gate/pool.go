@@ -1,0 +1,262 @@
+package gate
+
+import (
+	"context"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/dualkey/dualkey/internal/netfd"
+)
+
+// Defaults of Config.PoolIdle, PoolIdleTimeout and PoolLifetime: those of
+// PgBouncer's default_pool_size, server_idle_timeout and server_lifetime.
+const (
+	defaultPoolIdle        = 20
+	defaultPoolIdleTimeout = 10 * time.Minute
+	defaultPoolLifetime    = time.Hour
+	// resetTimeout bounds DISCARD ALL when a session leaves its upstream
+	// connection for the next one.
+	resetTimeout = 5 * time.Second
+)
+
+// pool keeps the upstream connections that sessions left idle, reset with
+// DISCARD ALL, for the next session of the same database and startup
+// parameters, as PgBouncer's session pooling does. A new PostgreSQL
+// backend costs a fork and a login, and runs slower for its first seconds
+// while it warms its caches; a client that connects, runs a little and
+// leaves pays that every time without a pool.
+//
+// Only connections that were on the event loop are kept (they stay
+// outside Go's poller, so the next session can go to the loop too), and
+// only when the session ended with nothing in flight, outside a
+// transaction (session.reusable).
+type pool struct {
+	max              int
+	idleFor, maxLife time.Duration
+
+	mu     sync.Mutex
+	idle   map[string][]*pooled // by poolKey; the most recently used last
+	closed bool
+	stop   chan struct{}
+}
+
+// pooled is an idle upstream connection and what its login told the
+// first session, which the next is told again.
+type pooled struct {
+	c      *netfd.Conn
+	pid    uint32
+	secret []byte
+	params map[string]string // ParameterStatus values
+	born   time.Time         // connected
+	since  time.Time         // idle
+}
+
+func newPool(max int, idleFor, maxLife time.Duration) *pool {
+	p := &pool{max: max, idleFor: idleFor, maxLife: maxLife, idle: map[string][]*pooled{}, stop: make(chan struct{})}
+	go p.reap()
+	return p
+}
+
+// poolKey is what two sessions must share to use one backend: the
+// database and the startup parameters the gate forwards, which are the
+// backend's session defaults (DISCARD ALL returns to them).
+func poolKey(db string, params map[string]string) string {
+	var b strings.Builder
+	b.WriteString(db)
+	for _, k := range forwardedParams {
+		if v, ok := params[k]; ok {
+			b.WriteString("\x00" + k + "=" + v)
+		}
+	}
+	return b.String()
+}
+
+// take returns an idle connection for key that is still open and quiet,
+// or nil. Connections found dead (the server closed them, or an
+// administrator terminated the backend) are closed on the way.
+func (p *pool) take(key string) *pooled {
+	now := time.Now()
+	for {
+		p.mu.Lock()
+		l := p.idle[key]
+		if len(l) == 0 {
+			p.mu.Unlock()
+			return nil
+		}
+		pc := l[len(l)-1]
+		p.idle[key] = l[:len(l)-1]
+		p.mu.Unlock()
+		if now.Sub(pc.born) < p.maxLife && now.Sub(pc.since) < p.idleFor && pc.c.Quiet() == nil {
+			return pc
+		}
+		pc.close()
+	}
+}
+
+// put keeps pc for key, or closes it when the pool is closed, too old, or
+// full (then the one idle longest goes).
+func (p *pool) put(key string, pc *pooled) {
+	pc.since = time.Now()
+	p.mu.Lock()
+	if p.closed || pc.since.Sub(pc.born) >= p.maxLife {
+		p.mu.Unlock()
+		pc.close()
+		return
+	}
+	l := append(p.idle[key], pc)
+	var out *pooled
+	if len(l) > p.max {
+		out, l = l[0], slices.Delete(l, 0, 1)
+	}
+	p.idle[key] = l
+	p.mu.Unlock()
+	if out != nil {
+		out.close()
+	}
+}
+
+// size is the number of idle connections.
+func (p *pool) size() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, l := range p.idle {
+		n += len(l)
+	}
+	return n
+}
+
+// reap closes connections idle past idleFor or older than maxLife.
+func (p *pool) reap() {
+	t := time.NewTicker(min(p.idleFor, p.maxLife)/4 + time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case <-t.C:
+		}
+		now := time.Now()
+		var out []*pooled
+		p.mu.Lock()
+		for k, l := range p.idle {
+			keep := l[:0]
+			for _, pc := range l {
+				if now.Sub(pc.since) >= p.idleFor || now.Sub(pc.born) >= p.maxLife {
+					out = append(out, pc)
+				} else {
+					keep = append(keep, pc)
+				}
+			}
+			if len(keep) == 0 {
+				delete(p.idle, k)
+			} else {
+				p.idle[k] = keep
+			}
+		}
+		p.mu.Unlock()
+		for _, pc := range out {
+			pc.close()
+		}
+	}
+}
+
+// close closes every idle connection; later puts close theirs.
+func (p *pool) close() {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return
+	}
+	p.closed = true
+	idle := p.idle
+	p.idle = map[string][]*pooled{}
+	p.mu.Unlock()
+	close(p.stop)
+	for _, l := range idle {
+		for _, pc := range l {
+			pc.close()
+		}
+	}
+}
+
+// close says goodbye to the server (Terminate) and closes the socket.
+func (pc *pooled) close() {
+	pc.c.SetWriteDeadline(time.Now().Add(time.Second))
+	pc.c.Write([]byte{'X', 0, 0, 0, 4})
+	pc.c.Close()
+}
+
+// reusable reports whether the session's upstream connection may serve
+// another session once reset: the client left (rather than the upstream,
+// the gate or an error), and the upstream is idle outside a transaction
+// with nothing in flight either way. Called as the session leaves the
+// event loop, with x what the loop handed back.
+func (s *session) reusable(x loopExit) bool {
+	if s.g.pool == nil || s.g.ctx.Err() != nil || !strings.HasPrefix(x.why, "client") {
+		return false
+	}
+	if len(x.uin) > 0 || len(x.uout) > 0 || s.afterSync != "" || s.skipToSync {
+		return false
+	}
+	block, failed := s.r.txState()
+	return !block && !failed && !s.r.busy() && !s.r.skipping()
+}
+
+// release resets the session's upstream connection with DISCARD ALL
+// (prepared statements, cursors, temporary tables, settings, LISTENs,
+// advisory locks: what one session could leave for the next) and puts it
+// in the pool. False: the reset failed and the caller closes it.
+func (s *session) release() bool {
+	s.up.SetDeadline(time.Now().Add(resetTimeout))
+	s.fe.Send(&pgproto3.Query{String: "DISCARD ALL"})
+	if err := s.fe.Flush(); err != nil {
+		return false
+	}
+	params := maps.Clone(s.upParams)
+	discarded := false
+	for {
+		m, err := s.fe.Receive()
+		if err != nil {
+			s.g.log.Debug("gate: upstream reset", "session", s.id, "err", err)
+			return false
+		}
+		switch m := m.(type) {
+		case *pgproto3.CommandComplete:
+			discarded = string(m.CommandTag) == "DISCARD ALL"
+		case *pgproto3.ParameterStatus:
+			params[m.Name] = m.Value // a setting the session changed, back to its default
+		case *pgproto3.NoticeResponse, *pgproto3.NotificationResponse:
+		case *pgproto3.ReadyForQuery:
+			if !discarded || m.TxStatus != 'I' {
+				return false
+			}
+			s.up.SetDeadline(time.Time{})
+			s.g.pool.put(s.poolKey, &pooled{c: s.rawUp, pid: s.upPID, secret: s.upSecret, params: params, born: s.upBorn})
+			return true
+		default:
+			s.g.log.Debug("gate: upstream reset", "session", s.id, "unexpected", m)
+			return false
+		}
+	}
+}
+
+// upstream is the session's upstream connection: an idle one from the
+// pool when there is one, else a new one.
+func (s *session) upstream(ctx context.Context, params map[string]string) (*pgconn.HijackedConn, error) {
+	if p := s.g.pool; p != nil {
+		s.poolKey = poolKey(s.dbName, params)
+		if pc := p.take(s.poolKey); pc != nil {
+			s.rawUp, s.upReused, s.upBorn = pc.c, true, pc.born
+			return &pgconn.HijackedConn{Conn: pc.c, PID: pc.pid, SecretKey: pc.secret, ParameterStatuses: maps.Clone(pc.params), TxStatus: 'I'}, nil
+		}
+	}
+	s.upBorn = time.Now()
+	return s.connectUpstream(ctx, params)
+}
