@@ -98,8 +98,8 @@ type Config struct {
 	// while their statements need no waiting (docs/gate.md).
 	NoEventLoop bool
 	// PoolIdle is the number of idle upstream connections kept per
-	// database and startup parameters for the next session (default 20;
-	// negative: none, every session opens its own). A connection is kept
+	// database for the next session with the same startup parameters
+	// (default 20; negative: none, every session opens its own). A connection is kept
 	// only if its session ended outside a transaction with nothing in
 	// flight, and only after DISCARD ALL; it closes after PoolIdleTimeout
 	// idle (default 10 min) and is not reused past PoolLifetime (default

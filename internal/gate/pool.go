@@ -2,6 +2,8 @@ package gate
 
 import (
 	"context"
+	"errors"
+	"io"
 	"maps"
 	"slices"
 	"strings"
@@ -99,8 +101,10 @@ func (p *pool) take(key string) *pooled {
 	}
 }
 
-// put keeps pc for key, or closes it when the pool is closed, too old, or
-// full (then the one idle longest goes).
+// put keeps pc for key, or closes it when the pool is closed or pc too
+// old. Beyond max idle connections for the database, whatever the startup
+// parameters, the one idle longest goes: clients with many different
+// application_names must not fill the server's connection slots.
 func (p *pool) put(key string, pc *pooled) {
 	pc.since = time.Now()
 	p.mu.Lock()
@@ -109,16 +113,66 @@ func (p *pool) put(key string, pc *pooled) {
 		pc.close()
 		return
 	}
-	l := append(p.idle[key], pc)
-	var out *pooled
-	if len(l) > p.max {
-		out, l = l[0], slices.Delete(l, 0, 1)
+	p.idle[key] = append(p.idle[key], pc)
+	var out []*pooled
+	db := keyDB(key)
+	for p.count(db) > p.max {
+		out = append(out, p.oldest(db))
 	}
-	p.idle[key] = l
 	p.mu.Unlock()
-	if out != nil {
-		out.close()
+	for _, pc := range out {
+		pc.close()
 	}
+}
+
+// keyDB is the database of a poolKey.
+func keyDB(key string) string {
+	db, _, _ := strings.Cut(key, "\x00")
+	return db
+}
+
+// count is the number of idle connections to db (mu held).
+func (p *pool) count(db string) int {
+	n := 0
+	for k, l := range p.idle {
+		if keyDB(k) == db {
+			n += len(l)
+		}
+	}
+	return n
+}
+
+// oldest removes and returns db's connection idle longest, or nil (mu
+// held). Each list is in the order connections were put back.
+func (p *pool) oldest(db string) *pooled {
+	var key string
+	var pc *pooled
+	for k, l := range p.idle {
+		if keyDB(k) == db && len(l) > 0 && (pc == nil || l[0].since.Before(pc.since)) {
+			key, pc = k, l[0]
+		}
+	}
+	if pc != nil {
+		if l := slices.Delete(p.idle[key], 0, 1); len(l) > 0 {
+			p.idle[key] = l
+		} else {
+			delete(p.idle, key)
+		}
+	}
+	return pc
+}
+
+// evict closes db's connection idle longest and waits until its backend
+// has exited, so that its server connection slot is free. False: none.
+func (p *pool) evict(db string) bool {
+	p.mu.Lock()
+	pc := p.oldest(db)
+	p.mu.Unlock()
+	if pc == nil {
+		return false
+	}
+	pc.close()
+	return true
 }
 
 // size is the number of idle connections.
@@ -179,17 +233,23 @@ func (p *pool) close() {
 	p.idle = map[string][]*pooled{}
 	p.mu.Unlock()
 	close(p.stop)
+	var wg sync.WaitGroup
 	for _, l := range idle {
 		for _, pc := range l {
-			pc.close()
+			wg.Go(pc.close)
 		}
 	}
+	wg.Wait()
 }
 
-// close says goodbye to the server (Terminate) and closes the socket.
+// close says goodbye to the server (Terminate), waits (up to a second)
+// until the server closes its end, by which time the backend has released
+// its connection slot, and closes the socket.
 func (pc *pooled) close() {
-	pc.c.SetWriteDeadline(time.Now().Add(time.Second))
-	pc.c.Write([]byte{'X', 0, 0, 0, 4})
+	pc.c.SetDeadline(time.Now().Add(time.Second))
+	if _, err := pc.c.Write([]byte{'X', 0, 0, 0, 4}); err == nil {
+		io.Copy(io.Discard, pc.c)
+	}
 	pc.c.Close()
 }
 
@@ -258,5 +318,12 @@ func (s *session) upstream(ctx context.Context, params map[string]string) (*pgco
 		}
 	}
 	s.upBorn = time.Now()
-	return s.connectUpstream(ctx, params)
+	hj, err := s.connectUpstream(ctx, params)
+	var pe *pgconn.PgError
+	for err != nil && errors.As(err, &pe) && pe.Code == "53300" && s.g.pool != nil && s.g.pool.evict(s.dbName) {
+		// The server is full, and an idle connection of ours holds a slot.
+		s.g.log.Info("gate: upstream full; closed an idle upstream connection for this session", "db", s.dbName)
+		hj, err = s.connectUpstream(ctx, params)
+	}
+	return hj, err
 }

@@ -1,6 +1,7 @@
 package gate
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -37,6 +38,22 @@ func (e *env) sleeping(t *testing.T, pid int) {
 	waitFor(t, func() bool {
 		return e.srv.Query("postgres", fmt.Sprintf("SELECT count(*) FROM pg_stat_activity WHERE pid = %d AND query = 'SELECT pg_sleep(60)' AND state = 'active'", pid)) == "1"
 	}, "pg_sleep to run")
+}
+
+// connectApp connects alice to shop with application_name app.
+func (e *env) connectApp(t *testing.T, app string) *pgx.Conn {
+	t.Helper()
+	cfg, err := pgx.ParseConfig(e.url("alice", alicePW, "shop", "disable"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.RuntimeParams["application_name"] = app
+	c, err := pgx.ConnectConfig(ctxT(t, time.Minute), cfg)
+	if err != nil {
+		t.Fatalf("connect as %s: %v", app, err)
+	}
+	t.Cleanup(func() { c.Close(context.Background()) })
+	return c
 }
 
 // leave closes c (Terminate) and waits until the gate has put its upstream
@@ -194,22 +211,54 @@ func TestUpstreamPool(t *testing.T) {
 	})
 
 	t.Run("other startup parameters get another backend", func(t *testing.T) {
-		cfg, err := pgx.ParseConfig(e.url("alice", alicePW, "shop", "disable"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		cfg.RuntimeParams["application_name"] = "other"
-		c, err := pgx.ConnectConfig(ctx, cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close(ctx)
+		c := e.connectApp(t, "other")
 		if e.g.pool.size() != 1 {
 			t.Fatalf("pool holds %d, want the idle backend left alone", e.g.pool.size())
 		}
 		var app string
 		if err := c.QueryRow(ctx, "SHOW application_name").Scan(&app); err != nil || app != "other" {
 			t.Fatalf("application_name = %q, %v", app, err)
+		}
+	})
+
+	t.Run("at most pool_idle per database, whatever the startup parameters", func(t *testing.T) {
+		e2 := startGate(t, e.srv, func(c *Config) { c.PoolIdle = 2 })
+		var pids []int
+		var conns []*pgx.Conn
+		for _, app := range []string{"a", "b", "c"} {
+			c := e2.connectApp(t, app)
+			pids = append(pids, backendPID(t, c))
+			conns = append(conns, c)
+		}
+		for i, c := range conns {
+			e2.leave(t, c, min(i+1, 2))
+		}
+		e2.backendGone(t, pids[0]) // idle longest
+		for _, pid := range pids[1:] {
+			if e2.srv.Query("postgres", fmt.Sprintf("SELECT count(*) FROM pg_stat_activity WHERE pid = %d", pid)) != "1" {
+				t.Errorf("backend %d gone, want it idle in the pool", pid)
+			}
+		}
+	})
+
+	t.Run("a full server gets the slot of an idle connection", func(t *testing.T) {
+		e2 := startGate(t, e.srv, nil)
+		a, b := e2.connectApp(t, "a"), e2.connectApp(t, "b")
+		pidA := backendPID(t, a)
+		backendPID(t, b)
+		e2.leave(t, a, 1)
+		e2.leave(t, b, 2)
+		// As many backends of app_owner as its limit: two of them idle here.
+		n := e.srv.Query("postgres", "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app_owner'")
+		e.srv.Exec("postgres", "ALTER ROLE app_owner CONNECTION LIMIT "+n)
+		defer e.srv.Exec("postgres", "ALTER ROLE app_owner CONNECTION LIMIT -1")
+		c := e2.connectApp(t, "c")
+		if pid := backendPID(t, c); pid == pidA {
+			t.Fatal("another application_name reused a backend")
+		}
+		e2.backendGone(t, pidA) // idle longest: closed for c
+		if n := e2.g.pool.size(); n != 1 {
+			t.Errorf("pool holds %d, want 1", n)
 		}
 	})
 
