@@ -103,8 +103,7 @@ type Config struct {
 	// only if its session ended outside a transaction with nothing in
 	// flight, and only after DISCARD ALL; it closes after PoolIdleTimeout
 	// idle (default 10 min) and is not reused past PoolLifetime (default
-	// 1 h). Sessions off the event loop (NoEventLoop, TLS upstream) never
-	// keep theirs.
+	// 1 h).
 	PoolIdle                      int
 	PoolIdleTimeout, PoolLifetime time.Duration
 }
@@ -247,9 +246,9 @@ func New(cfg Config) (*Gate, error) {
 			return nil, fmt.Errorf("gate: event loop: %w", err)
 		}
 		g.lp = lp
-		if cfg.PoolIdle > 0 {
-			g.pool = newPool(cfg.PoolIdle, cfg.PoolIdleTimeout, cfg.PoolLifetime)
-		}
+	}
+	if cfg.PoolIdle > 0 {
+		g.pool = newPool(cfg.PoolIdle, cfg.PoolIdleTimeout, cfg.PoolLifetime)
 	}
 	g.rec = newRecorder(cfg.Ledger, g.log)
 	return g, nil

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"maps"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -34,10 +35,12 @@ const (
 // while it warms its caches; a client that connects, runs a little and
 // leaves pays that every time without a pool.
 //
-// Only connections that were on the event loop are kept (they stay
-// outside Go's poller, so the next session can go to the loop too), and
-// only when the session ended with nothing in flight, outside a
-// transaction (session.reusable).
+// A connection is kept only when its session ended with nothing in
+// flight, outside a transaction (session.reusable, session.parkable). One
+// back from the event loop stays outside Go's poller, so the next session
+// can go to the loop too; one a session used on goroutines is kept only if
+// it could never have gone to the loop (upstream TLS, or no loop), so that
+// it does not keep a plaintext session off the loop.
 type pool struct {
 	max              int
 	idleFor, maxLife time.Duration
@@ -51,7 +54,8 @@ type pool struct {
 // pooled is an idle upstream connection and what its login told the
 // first session, which the next is told again.
 type pooled struct {
-	c      *netfd.Conn
+	c      net.Conn    // as the session used it (under TLS, the tls.Conn)
+	raw    *netfd.Conn // c outside Go's poller, for the event loop; else nil
 	pid    uint32
 	secret []byte
 	params map[string]string // ParameterStatus values
@@ -94,7 +98,7 @@ func (p *pool) take(key string) *pooled {
 		pc := l[len(l)-1]
 		p.idle[key] = l[:len(l)-1]
 		p.mu.Unlock()
-		if now.Sub(pc.born) < p.maxLife && now.Sub(pc.since) < p.idleFor && pc.c.Quiet() == nil {
+		if now.Sub(pc.born) < p.maxLife && now.Sub(pc.since) < p.idleFor && netfd.QuietConn(pc.c) == nil {
 			return pc
 		}
 		pc.close()
@@ -269,6 +273,24 @@ func (s *session) reusable(x loopExit) bool {
 	return !block && !failed && !s.r.busy() && !s.r.skipping()
 }
 
+// parkable reports whether a session that relayed on goroutines may
+// leave its upstream connection to another once reset (see reusable), and
+// if so stops the relay without closing the connection.
+func (s *session) parkable(why string) bool {
+	g := s.g
+	if g.pool == nil || g.ctx.Err() != nil || !strings.HasPrefix(why, "client") || s.afterSync != "" || s.skipToSync {
+		return false
+	}
+	if g.lp != nil && s.rawUp != nil && s.up == net.Conn(s.rawUp) {
+		return false // plaintext, on Go's poller for good: it would keep the next session off the loop
+	}
+	block, failed := s.r.txState()
+	if block || failed || s.r.busy() || s.r.skipping() {
+		return false
+	}
+	return s.r.park()
+}
+
 // release resets the session's upstream connection with DISCARD ALL
 // (prepared statements, cursors, temporary tables, settings, LISTENs,
 // advisory locks: what one session could leave for the next) and puts it
@@ -298,7 +320,11 @@ func (s *session) release() bool {
 				return false
 			}
 			s.up.SetDeadline(time.Time{})
-			s.g.pool.put(s.poolKey, &pooled{c: s.rawUp, pid: s.upPID, secret: s.upSecret, params: params, born: s.upBorn})
+			pc := &pooled{c: s.up, pid: s.upPID, secret: s.upSecret, params: params, born: s.upBorn}
+			if s.reuseUp {
+				pc.raw = s.rawUp // back from the loop, outside Go's poller
+			}
+			s.g.pool.put(s.poolKey, pc)
 			return true
 		default:
 			s.g.log.Debug("gate: upstream reset", "session", s.id, "unexpected", m)
@@ -313,7 +339,7 @@ func (s *session) upstream(ctx context.Context, params map[string]string) (*pgco
 	if p := s.g.pool; p != nil {
 		s.poolKey = poolKey(s.dbName, params)
 		if pc := p.take(s.poolKey); pc != nil {
-			s.rawUp, s.upReused, s.upBorn = pc.c, true, pc.born
+			s.rawUp, s.upReused, s.upBorn = pc.raw, true, pc.born
 			return &pgconn.HijackedConn{Conn: pc.c, PID: pc.pid, SecretKey: pc.secret, ParameterStatuses: maps.Clone(pc.params), TxStatus: 'I'}, nil
 		}
 	}

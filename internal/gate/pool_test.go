@@ -5,6 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -12,6 +15,8 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/dualkey/dualkey/internal/ledger"
+	"github.com/dualkey/dualkey/internal/pgtest"
+	"github.com/dualkey/dualkey/internal/tlscert"
 )
 
 // backendPID is the PostgreSQL backend serving c.
@@ -262,6 +267,41 @@ func TestUpstreamPool(t *testing.T) {
 		}
 	})
 
+	// Sessions relayed on goroutines: the relay is parked, not closed.
+	goroutines := func(t *testing.T, e2 *env, sslmode string) {
+		a := e2.connect("shop")
+		pid := backendPID(t, a)
+		if _, err := a.Exec(ctx, "SET work_mem = '77MB'"); err != nil {
+			t.Fatal(err)
+		}
+		e2.leave(t, a, 1)
+		b := e2.connect("shop")
+		if got := backendPID(t, b); got != pid { // the same prepared statement name again
+			t.Fatalf("second session on backend %d, want the first's %d", got, pid)
+		}
+		var mem string
+		var ssl bool
+		if err := b.QueryRow(ctx, "SELECT current_setting('work_mem'), ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").Scan(&mem, &ssl); err != nil {
+			t.Fatal(err)
+		}
+		if mem != "4MB" || ssl != (sslmode == "require") {
+			t.Errorf("reused backend: work_mem %s, ssl %v (upstream sslmode %s)", mem, ssl, sslmode)
+		}
+		e2.leave(t, b, 1)
+	}
+	t.Run("without the event loop", func(t *testing.T) {
+		goroutines(t, startGate(t, e.srv, func(c *Config) { c.NoEventLoop = true }), "disable")
+	})
+	t.Run("upstream TLS", func(t *testing.T) {
+		srv := tlsServer(t)
+		goroutines(t, startGate(t, srv, func(c *Config) {
+			for name, u := range c.Upstreams {
+				u.DSN = strings.Replace(u.DSN, "sslmode=disable", "sslmode=require", 1)
+				c.Upstreams[name] = u
+			}
+		}), "require")
+	})
+
 	t.Run("idle too long", func(t *testing.T) {
 		e2 := startGate(t, e.srv, func(c *Config) { c.PoolIdleTimeout = 200 * time.Millisecond })
 		c := e2.connect("shop")
@@ -301,4 +341,29 @@ func TestUpstreamPool(t *testing.T) {
 			t.Errorf("backends without a pool: %v", pids)
 		}
 	})
+}
+
+// tlsServer is a PostgreSQL server like newEnv's that offers TLS.
+func tlsServer(t *testing.T) *pgtest.Server {
+	t.Helper()
+	srv := pgtest.Start(t, pgtest.Options{})
+	crt, key, err := tlscert.SelfSigned("localhost", []string{"127.0.0.1"}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range map[string][]byte{"server.crt": crt, "server.key": key} {
+		path := filepath.Join(srv.Dir, name)
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := pgtest.Own(path); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv.Exec("postgres", "ALTER SYSTEM SET ssl = on")
+	srv.Exec("postgres", "SELECT pg_reload_conf()")
+	srv.Exec("postgres", "CREATE ROLE app_owner LOGIN PASSWORD 'brokered-secret'")
+	srv.Exec("postgres", "CREATE DATABASE shop OWNER app_owner")
+	srv.Exec("postgres", "CREATE DATABASE bench OWNER app_owner")
+	return srv
 }

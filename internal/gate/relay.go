@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
@@ -97,6 +99,7 @@ type relay struct {
 	block    bool // in a transaction block
 	failed   bool // the block is aborted
 	stopped  bool
+	parked   bool // the relay ended between messages (park); written before done closes
 
 	done chan struct{}
 }
@@ -231,9 +234,27 @@ func (r *relay) stop() {
 	<-r.done
 }
 
+// park ends the relay without closing the upstream connection, so that it
+// can be reused: a read deadline in the past wakes the relay's read. True
+// only if the relay was waiting for a message's first byte with nothing
+// buffered: then the connection is exactly at a message boundary.
+func (r *relay) park() bool {
+	r.mu.Lock()
+	r.stopped = true
+	r.mu.Unlock()
+	r.s.up.SetReadDeadline(time.Unix(1, 0))
+	<-r.done
+	r.s.up.SetReadDeadline(time.Time{})
+	return r.parked && r.rd.Buffered() == 0
+}
+
+// errParked ends the relay's loop when park woke it between messages.
+var errParked = errors.New("gate: relay parked")
+
 func (r *relay) run() {
 	defer close(r.done)
 	err := r.loop()
+	r.parked = errors.Is(err, errParked)
 	r.wr.Flush()
 	r.mu.Lock()
 	stopped := r.stopped
@@ -257,7 +278,11 @@ func (r *relay) read() (byte, []byte, error) {
 		}
 	}
 	var hdr [5]byte
-	if _, err := io.ReadFull(r.rd, hdr[:]); err != nil {
+	if n, err := io.ReadFull(r.rd, hdr[:]); err != nil {
+		var ne net.Error
+		if n == 0 && errors.As(err, &ne) && ne.Timeout() {
+			return 0, nil, errParked // only park sets a deadline here
+		}
 		return 0, nil, err
 	}
 	n := int(binary.BigEndian.Uint32(hdr[1:])) - 4

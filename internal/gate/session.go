@@ -629,7 +629,7 @@ func (s *session) cancelUpstream() {
 // finish ends the session: a client that vanished mid-query gets its
 // upstream query cancelled, then the upstream connection closes.
 func (s *session) finish(why string) {
-	if s.reuseUp && s.release() {
+	if (s.reuseUp || (!s.r.dead() && s.parkable(why))) && s.release() {
 		s.pooled = true
 		<-s.r.done
 		s.closeRecord(why)

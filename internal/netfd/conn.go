@@ -1,6 +1,7 @@
 package netfd
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -390,12 +392,48 @@ func (c *Conn) Reattach() error {
 func (c *Conn) Quiet() error {
 	fd, nc, err := c.enter(&c.rmu)
 	if nc != nil {
-		return errors.New("netfd: quiet: connection is on the runtime poller")
+		return QuietConn(nc)
 	}
 	if err != nil {
 		return c.opErr("read", err)
 	}
 	defer c.exit(&c.rmu)
+	if err := peekQuiet(fd); err != nil {
+		return c.opErr("read", err)
+	}
+	return nil
+}
+
+// QuietConn is [Conn.Quiet] for any connection with a socket: one of
+// package net's, or under TLS (the socket is checked, not what TLS holds).
+func QuietConn(c net.Conn) error {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	if nc, ok := c.(*Conn); ok {
+		return nc.Quiet()
+	}
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return fmt.Errorf("netfd: quiet: %T has no socket", c)
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("netfd: quiet: %w", err)
+	}
+	var qerr error
+	if err := rc.Read(func(fd uintptr) bool {
+		qerr = peekQuiet(int(fd))
+		return true // never wait
+	}); err != nil {
+		return fmt.Errorf("netfd: quiet: %w", err)
+	}
+	return qerr
+}
+
+// peekQuiet looks at fd without waiting or reading: nil when there is
+// nothing to read.
+func peekQuiet(fd int) error {
 	var b [1]byte
 	for {
 		n, _, err := unix.Recvfrom(fd, b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
@@ -405,11 +443,11 @@ func (c *Conn) Quiet() error {
 		case err == unix.EAGAIN:
 			return nil
 		case err != nil:
-			return c.opErr("read", os.NewSyscallError("recvfrom", err))
+			return os.NewSyscallError("recvfrom", err)
 		case n == 0:
-			return c.opErr("read", io.EOF)
+			return io.EOF
 		}
-		return c.opErr("read", errors.New("unexpected bytes from an idle peer"))
+		return errors.New("unexpected bytes from an idle peer")
 	}
 }
 

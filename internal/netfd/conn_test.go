@@ -419,6 +419,33 @@ func TestReattachAndQuiet(t *testing.T) {
 	server.Close()
 	waitFor(t, "EOF", func() bool { return errors.Is(client.Quiet(), io.EOF) })
 	client.Close()
+
+	// On the runtime poller, and package net's own connections.
+	c2, s2 := newPair(t, "tcp")
+	if err := c2.UseNetpoll(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c2.Quiet(); err != nil {
+		t.Errorf("Quiet on the runtime poller, idle peer = %v", err)
+	}
+	s2.Write([]byte("y"))
+	waitFor(t, "the byte on the runtime poller", func() bool { return c2.Quiet() != nil })
+	ln := listen(t, "tcp")
+	nc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	peer, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := QuietConn(nc); err != nil {
+		t.Errorf("QuietConn, idle peer = %v", err)
+	}
+	peer.Close()
+	waitFor(t, "EOF on a net.Conn", func() bool { return errors.Is(QuietConn(nc), io.EOF) })
+
 	if err := client.Quiet(); !errors.Is(err, net.ErrClosed) {
 		t.Errorf("Quiet after Close = %v", err)
 	}
