@@ -47,11 +47,69 @@ type Loop struct {
 
 	handlers map[int32]Handler // on the loop only
 	evs      []unix.EpollEvent
-	raw      bool // wait in a raw system call (see wait)
+	raw      bool   // wait in a raw system call (see wait)
+	u        *uring // the io_uring backend; nil: epoll
 }
 
-// New returns a loop; Run runs it.
-func New() (*Loop, error) {
+// Backend is what a loop waits with and moves data through.
+type Backend int
+
+const (
+	// Auto is io_uring where the kernel has what the loop needs (Linux
+	// 6.1, io_uring not switched off), epoll elsewhere.
+	Auto Backend = iota
+	// Epoll waits with epoll; handlers read and write with system calls.
+	Epoll
+	// IOURing submits the round's receives and sends and waits for them in
+	// one system call.
+	IOURing
+)
+
+func (b Backend) String() string {
+	switch b {
+	case Epoll:
+		return "epoll"
+	case IOURing:
+		return "io_uring"
+	}
+	return "auto"
+}
+
+// New returns a loop on the Auto backend; Run runs it.
+func New() (*Loop, error) { return NewBackend(Auto) }
+
+// NewBackend returns a loop on backend b: an error for IOURing where the
+// kernel lacks it.
+func NewBackend(b Backend) (*Loop, error) {
+	l, err := newEpoll()
+	if err != nil || b == Epoll {
+		return l, err
+	}
+	if l.u, err = newURing(l.wake, l.epfd); err != nil {
+		if b == IOURing {
+			l.closeFds()
+			return nil, err
+		}
+		l.u = nil // Auto: epoll it is
+		return l, nil
+	}
+	// The ring polls the eventfd itself.
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, l.wake, nil); err != nil {
+		l.closeFds()
+		return nil, fmt.Errorf("evloop: %w", err)
+	}
+	return l, nil
+}
+
+// Backend returns the backend the loop runs on.
+func (l *Loop) Backend() Backend {
+	if l.u != nil {
+		return IOURing
+	}
+	return Epoll
+}
+
+func newEpoll() (*Loop, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("evloop: epoll_create1: %w", err)
@@ -73,10 +131,14 @@ func New() (*Loop, error) {
 func (l *Loop) closeFds() {
 	unix.Close(l.epfd)
 	unix.Close(l.wake)
+	if l.u != nil {
+		l.u.r.close()
+	}
 }
 
-// Add registers fd with h for events (Readable, Writable or both). On the
-// loop only (from a handler or a submitted function), as Mod and Del.
+// Add registers fd with h for events (Readable, Writable or both); the
+// handler reads and writes fd itself. On the loop only (from a handler or
+// a submitted function), as every method but Submit and Stop.
 func (l *Loop) Add(fd int, h Handler, events uint32) error {
 	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &unix.EpollEvent{Events: events, Fd: int32(fd)}); err != nil {
 		return fmt.Errorf("evloop: add fd %d: %w", fd, err)
@@ -88,14 +150,62 @@ func (l *Loop) Add(fd int, h Handler, events uint32) error {
 // Mod changes the events fd is watched for. epoll reports a hang-up or an
 // error whatever the events, even 0, until the fd is deleted.
 func (l *Loop) Mod(fd int, events uint32) error {
+	if l.u != nil && l.u.lookup(fd) != nil {
+		return l.u.mod(fd, events)
+	}
 	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, fd, &unix.EpollEvent{Events: events, Fd: int32(fd)}); err != nil {
 		return fmt.Errorf("evloop: mod fd %d: %w", fd, err)
 	}
 	return nil
 }
 
+// AddConn registers a socket whose data moves through the loop: the
+// handler reads it with Read and writes it with Flush, and lets it go with
+// Release.
+func (l *Loop) AddConn(fd int, h Handler, events uint32) error {
+	if l.u != nil {
+		return l.u.add(fd, h, events)
+	}
+	return l.Add(fd, h, events)
+}
+
+// Read reads what a socket added with AddConn has: as the package's Read.
+func (l *Loop) Read(fd int, p []byte) (int, error) {
+	if l.u != nil {
+		return l.u.read(fd, p)
+	}
+	return Read(fd, p)
+}
+
+// Flush writes o to a socket added with AddConn: as Out.Flush. On
+// io_uring the loop takes o's bytes and sends them after those it took
+// before; false while it holds maxBacklog bytes for fd.
+func (l *Loop) Flush(fd int, o *Out) (bool, error) {
+	if l.u != nil {
+		return l.u.flush(fd, o)
+	}
+	return o.Flush(fd)
+}
+
+// Release stops watching fd, added with AddConn, and calls done on the
+// loop once the loop has no operation on it in flight (at once on epoll):
+// with the bytes it received and Read did not return, and those Flush
+// took and it did not send, in order. Only then may fd be closed or used
+// elsewhere. done is called whatever the error.
+func (l *Loop) Release(fd int, done func(in, out []byte)) error {
+	if l.u != nil && l.u.lookup(fd) != nil {
+		return l.u.releaseFd(fd, done)
+	}
+	err := l.Del(fd) // not on the ring: done at once, as on epoll
+	done(nil, nil)
+	return err
+}
+
 // Del stops watching fd; events already collected for it are dropped.
 func (l *Loop) Del(fd int) error {
+	if l.u != nil && l.u.lookup(fd) != nil {
+		return l.u.releaseFd(fd, nil)
+	}
 	delete(l.handlers, int32(fd))
 	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil); err != nil {
 		return fmt.Errorf("evloop: del fd %d: %w", fd, err)
@@ -139,6 +249,10 @@ func (l *Loop) Stop() {
 // 10 ms, as it never parks) is handed between threads with futex
 // wake-ups, thousands a second under load; unlocked it just resumes.
 func (l *Loop) Run() {
+	if l.u != nil {
+		l.runRing()
+		return
+	}
 	defer close(l.done)
 	defer l.closeFds()
 	var tasks []func()
@@ -170,6 +284,77 @@ func (l *Loop) Run() {
 			return // Submit refuses from the moment stopped is set: no task is left
 		}
 	}
+}
+
+// runRing is Run on io_uring. Locked to its thread: the ring has a single
+// issuer, and completions run on that thread when it waits.
+func (l *Loop) runRing() {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	defer close(l.done)
+	defer l.closeFds()
+	u := l.u
+	if err := u.r.enable(); err != nil {
+		panic(err.Error())
+	}
+	// The fds added with Add stay in the epoll set, which the ring polls.
+	if err := u.pollIn(l.wake, udWake); err != nil {
+		panic(err.Error())
+	}
+	if err := u.pollIn(l.epfd, udEpoll); err != nil {
+		panic(err.Error())
+	}
+	var tasks []func()
+	for {
+		if err := u.r.submit(len(u.ready) == 0 && !u.epReady, l.raw); err != nil {
+			panic(err.Error()) // EBADF, EFAULT, EINVAL: a bug
+		}
+		var err error
+		u.r.completions(func(c cqe) {
+			if e := u.complete(c); e != nil && err == nil {
+				err = e
+			}
+		})
+		if err == nil && u.epReady {
+			// Level-triggered: while the set had events, look again next
+			// round (the ring's poll says only when new ones come).
+			u.epReady = l.dispatchEpoll() > 0
+		}
+		if err == nil {
+			err = u.dispatch()
+		}
+		if err != nil {
+			panic(err.Error())
+		}
+		l.mu.Lock()
+		tasks, l.tasks = l.tasks, tasks[:0]
+		stopped := l.stopped
+		l.mu.Unlock()
+		for i, f := range tasks {
+			f()
+			tasks[i] = nil
+		}
+		if stopped {
+			u.abandon()
+			return
+		}
+	}
+}
+
+// dispatchEpoll calls the handlers of the fds added with Add that epoll
+// has events for, without waiting, and returns how many.
+func (l *Loop) dispatchEpoll() int {
+	r, _, e := syscall.RawSyscall6(syscall.SYS_EPOLL_WAIT, uintptr(l.epfd), uintptr(unsafe.Pointer(&l.evs[0])), uintptr(len(l.evs)), 0, 0, 0)
+	if e != 0 {
+		return 0
+	}
+	for i := range int(r) {
+		ev := &l.evs[i]
+		if h := l.handlers[ev.Fd]; h != nil {
+			h.Ready(int(ev.Fd), ev.Events)
+		}
+	}
+	return int(r)
 }
 
 // wait collects ready events, blocking for at most waitTimeout.

@@ -28,7 +28,7 @@ func (f handlerFunc) Ready(fd int, events uint32) { f(fd, events) }
 // startLoop returns a running loop, stopped when the test ends.
 func startLoop(t *testing.T) *evloop.Loop {
 	t.Helper()
-	l, err := evloop.New()
+	l, err := newLoop()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -256,7 +256,7 @@ func TestSubmitOrder(t *testing.T) {
 
 func TestSubmitStop(t *testing.T) {
 	t.Run("after Stop", func(t *testing.T) {
-		l, err := evloop.New()
+		l, err := newLoop()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -277,7 +277,7 @@ func TestSubmitStop(t *testing.T) {
 	})
 
 	t.Run("pending tasks run before Run returns", func(t *testing.T) {
-		l, err := evloop.New()
+		l, err := newLoop()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -317,7 +317,7 @@ func TestSubmitStop(t *testing.T) {
 	})
 
 	t.Run("Stop before Run", func(t *testing.T) {
-		l, err := evloop.New()
+		l, err := newLoop()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -338,7 +338,7 @@ func TestSubmitStop(t *testing.T) {
 	})
 
 	t.Run("Submit racing Stop", func(t *testing.T) {
-		l, err := evloop.New()
+		l, err := newLoop()
 		if err != nil {
 			t.Fatal(err)
 		}

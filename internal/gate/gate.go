@@ -97,6 +97,10 @@ type Config struct {
 	// poller. By default plaintext sessions are served by an event loop
 	// while their statements need no waiting (docs/gate.md).
 	NoEventLoop bool
+	// LoopBackend is what the event loop runs on: evloop.Auto (io_uring
+	// where the kernel has it, else epoll), Epoll or IOURing (an error
+	// where the kernel lacks it).
+	LoopBackend evloop.Backend
 	// PoolIdle is the number of idle upstream connections kept per
 	// database for the next session with the same startup parameters
 	// (default 20; negative: none, every session opens its own). A connection is kept
@@ -120,6 +124,12 @@ func ConfigFrom(p *policy.Config) Config {
 		MaxConnectionsPerUser: p.Limits.MaxConnectionsPerUser, DryRunTimeout: p.Limits.DryRunTimeout,
 		NoEventLoop: p.NoEventLoop, PoolIdle: p.Limits.PoolIdle, PoolIdleTimeout: p.Limits.PoolIdleTimeout,
 		PoolLifetime: p.Limits.PoolLifetime,
+	}
+	switch p.LoopBackend {
+	case "epoll":
+		c.LoopBackend = evloop.Epoll
+	case "io_uring":
+		c.LoopBackend = evloop.IOURing
 	}
 	if p.Limits.NoDryRun {
 		c.DryRunTimeout = -1
@@ -240,12 +250,13 @@ func New(cfg Config) (*Gate, error) {
 		g.dbs[name] = d
 	}
 	if !cfg.NoEventLoop {
-		lp, err := newLoopState()
+		lp, err := newLoopState(cfg.LoopBackend)
 		if err != nil {
 			cancel()
 			return nil, fmt.Errorf("gate: event loop: %w", err)
 		}
 		g.lp = lp
+		g.log.Debug("gate: event loop", "backend", lp.l.Backend())
 	}
 	if cfg.PoolIdle > 0 {
 		g.pool = newPool(cfg.PoolIdle, cfg.PoolIdleTimeout, cfg.PoolLifetime)

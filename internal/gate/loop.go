@@ -45,8 +45,8 @@ type loopState struct {
 	stalls           atomic.Int64 // times a session's output waited for its socket
 }
 
-func newLoopState() (*loopState, error) {
-	l, err := evloop.New()
+func newLoopState(b evloop.Backend) (*loopState, error) {
+	l, err := evloop.NewBackend(b)
 	if err != nil {
 		return nil, err
 	}
@@ -96,11 +96,11 @@ func (ls *loopSession) start() {
 	ls.ls.sessions[ls] = struct{}{}
 	ls.ls.entered.Add(1)
 	ls.cev, ls.uev = evloop.Readable, evloop.Readable
-	if err := ls.ls.l.Add(ls.cfd, ls, ls.cev); err != nil {
+	if err := ls.ls.l.AddConn(ls.cfd, ls, ls.cev); err != nil {
 		ls.end("event loop: " + err.Error())
 		return
 	}
-	if err := ls.ls.l.Add(ls.ufd, ls, ls.uev); err != nil {
+	if err := ls.ls.l.AddConn(ls.ufd, ls, ls.uev); err != nil {
 		ls.end("event loop: " + err.Error())
 		return
 	}
@@ -153,13 +153,13 @@ func (ls *loopSession) settle() {
 		return
 	}
 	if ls.uout.Pending() > 0 {
-		if _, err := ls.uout.Flush(ls.ufd); err != nil {
+		if _, err := ls.ls.l.Flush(ls.ufd, &ls.uout); err != nil {
 			ls.end("upstream closed")
 			return
 		}
 	}
 	if ls.cout.Pending() > 0 {
-		if _, err := ls.cout.Flush(ls.cfd); err != nil {
+		if _, err := ls.ls.l.Flush(ls.cfd, &ls.cout); err != nil {
 			ls.end("client disconnected: " + err.Error())
 			return
 		}
@@ -199,7 +199,7 @@ func (ls *loopSession) settle() {
 // read reads fd once (level-triggered: epoll says again if more is
 // there) and returns the bytes with carry prepended.
 func (ls *loopSession) read(fd int, carry []byte) ([]byte, error) {
-	n, err := evloop.Read(fd, ls.ls.buf)
+	n, err := ls.ls.l.Read(fd, ls.ls.buf)
 	if err != nil {
 		return nil, err
 	}
@@ -251,7 +251,7 @@ func (ls *loopSession) clientReadFailed(err error) bool {
 // readClientTLS reads the client's records, decrypts what they complete
 // and handles the messages in it.
 func (ls *loopSession) readClientTLS() {
-	n, err := evloop.Read(ls.cfd, ls.ls.buf)
+	n, err := ls.ls.l.Read(ls.cfd, ls.ls.buf)
 	// Nothing new on the socket still leaves what TLS holds decrypted.
 	if !errors.Is(err, syscall.EAGAIN) && ls.clientReadFailed(err) {
 		return
@@ -507,13 +507,28 @@ func (ls *loopSession) leave(x loopExit) {
 	s := ls.s
 	s.r.wr.Flush() // into cout
 	s.fe.Flush()   // extended-protocol messages not yet flushed: into uout
-	x.cout = ls.cout.Take()
-	x.uout = ls.uout.Take()
 	x.uin = append([]byte(nil), ls.uin...)
-	ls.ls.l.Del(ls.cfd)
-	ls.ls.l.Del(ls.ufd)
-	delete(ls.ls.sessions, ls)
-	ls.exit <- x
+	// The loop may still be receiving or sending on the fds (io_uring):
+	// the session gets them back when it is not, with what it received and
+	// did not read (after what the session had read) and what it took and
+	// did not send (before what the session had not flushed).
+	left := 2
+	back := func(in, out *[]byte, pending *evloop.Out) func(rin, rout []byte) {
+		return func(rin, rout []byte) {
+			*in = append(*in, rin...)
+			*out = append(rout, pending.Take()...)
+			if left--; left == 0 {
+				delete(ls.ls.sessions, ls)
+				ls.exit <- x
+			}
+		}
+	}
+	if err := ls.ls.l.Release(ls.cfd, back(&x.cin, &x.cout, &ls.cout)); err != nil {
+		ls.s.g.log.Debug("gate: release client socket", "session", ls.s.id, "err", err)
+	}
+	if err := ls.ls.l.Release(ls.ufd, back(&x.uin, &x.uout, &ls.uout)); err != nil {
+		ls.s.g.log.Debug("gate: release upstream socket", "session", ls.s.id, "err", err)
+	}
 }
 
 // tlsTransport is the net.Conn under a client's tls.Conn, so that the

@@ -14,6 +14,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/dualkey/dualkey/internal/evloop"
 )
 
 // TestEventLoop checks what only the event loop does: sessions stay on it
@@ -23,10 +25,31 @@ import (
 // oversized message and a closing gate end loop sessions as they end
 // goroutine ones.
 func TestEventLoop(t *testing.T) {
-	e := newEnv(t, func(c *Config) { c.MaxMessageSize = 1 << 20 })
+	for _, b := range loopBackends(t) {
+		t.Run(b.String(), func(t *testing.T) { testEventLoop(t, b) })
+	}
+}
+
+// loopBackends returns the event loop's backends this kernel has.
+func loopBackends(t *testing.T) []evloop.Backend {
+	l, err := evloop.NewBackend(evloop.IOURing)
+	if err != nil {
+		t.Logf("on epoll only: %v", err)
+		return []evloop.Backend{evloop.Epoll}
+	}
+	go l.Run()
+	l.Stop()
+	return []evloop.Backend{evloop.Epoll, evloop.IOURing}
+}
+
+func testEventLoop(t *testing.T, b evloop.Backend) {
+	e := newEnv(t, func(c *Config) { c.MaxMessageSize = 1 << 20; c.LoopBackend = b })
 	lp := e.g.lp
 	if lp == nil {
 		t.Fatal("no event loop by default")
+	}
+	if got := lp.l.Backend(); got != b {
+		t.Fatalf("event loop on %s, want %s", got, b)
 	}
 	ctx := ctxT(t, 3*time.Minute)
 	c := e.connect("shop")

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/dualkey/dualkey/internal/evloop"
 )
 
 // TestPipelinedAfterLogin: a client may send its first query in the same
@@ -28,13 +30,16 @@ func TestPipelinedAfterLogin(t *testing.T) {
 	for _, tc := range []struct {
 		name        string
 		tls, noLoop bool
+		backend     evloop.Backend
 	}{
-		{"event loop", false, false},
-		{"event loop, TLS", true, false},
-		{"goroutines", false, true},
+		{"event loop", false, false, evloop.Auto},
+		{"event loop, TLS", true, false, evloop.Auto},
+		{"event loop on epoll", false, false, evloop.Epoll},
+		{"event loop on epoll, TLS", true, false, evloop.Epoll},
+		{"goroutines", false, true, evloop.Auto},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := startGate(t, first.srv, func(c *Config) { c.NoEventLoop = tc.noLoop })
+			e := startGate(t, first.srv, func(c *Config) { c.NoEventLoop = tc.noLoop; c.LoopBackend = tc.backend })
 			conn, err := net.DialTimeout("tcp", e.addr, 10*time.Second)
 			if err != nil {
 				t.Fatal(err)

@@ -124,9 +124,16 @@ func (p *parser) config(root *yaml.Node, c *Config) {
 		},
 		"limits": func(v *yaml.Node, f string) { p.limits(v, f, &c.Limits) },
 		"event_loop": func(v *yaml.Node, f string) {
-			on := true
-			p.Bool(v, f, &on)
-			c.NoEventLoop = !on
+			switch v.Value {
+			case "true", "false":
+				on := true
+				p.Bool(v, f, &on)
+				c.NoEventLoop = !on
+			case "epoll", "io_uring":
+				c.LoopBackend = v.Value
+			default:
+				p.Errf(v, f, "must be true, false, epoll or io_uring")
+			}
 		},
 	})
 	if upstreamsNode == nil {

@@ -74,6 +74,10 @@ type Config struct {
 	// NoEventLoop (event_loop: false) serves every session on goroutines:
 	// a way out should the event loop (docs/gate.md) misbehave somewhere.
 	NoEventLoop bool
+	// LoopBackend (event_loop: epoll or io_uring) chooses what the event
+	// loop runs on; "" (event_loop: true) is io_uring where the kernel has
+	// it, else epoll.
+	LoopBackend string
 }
 
 // TLS is the certificate the gate offers.

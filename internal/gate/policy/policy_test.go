@@ -83,6 +83,16 @@ rules: [{users: [a], databases: [db], classes: [read], action: allow}]
 	if !c.NoEventLoop {
 		t.Error("event_loop: false left the event loop on")
 	}
+	for _, b := range []string{"epoll", "io_uring"} {
+		c, err := Parse([]byte("tls: {require_tls: false}\nevent_loop: "+b+"\nupstreams: {db: {host: h, user: u}}\n"+
+			"rules: [{users: [a], databases: [db], classes: [read], action: allow}]\n"), "g.yaml")
+		if err != nil {
+			t.Fatalf("event_loop: %s: %v", b, err)
+		}
+		if c.NoEventLoop || c.LoopBackend != b {
+			t.Errorf("event_loop: %s: backend %q, off %v", b, c.LoopBackend, c.NoEventLoop)
+		}
+	}
 }
 
 func TestParseExample(t *testing.T) {
@@ -212,7 +222,7 @@ func TestBrokenConfigs(t *testing.T) {
 		{"tls bool", "tls: {require_tls: maybe}\n" + ok, []string{"g.yaml:1: tls.require_tls: must be true or false"}},
 		{"expiry", "tls: {require_tls: false}\nrequest_expiry: soon\n" + ok, []string{`g.yaml:2: request_expiry: "soon" is not a positive duration`}},
 		{"webhook", "tls: {require_tls: false}\nwebhook: ftp://x\n" + ok, []string{"g.yaml:2: webhook:"}},
-		{"event_loop", "tls: {require_tls: false}\nevent_loop: off\n" + ok, []string{"g.yaml:2: event_loop: must be true or false"}},
+		{"event_loop", "tls: {require_tls: false}\nevent_loop: off\n" + ok, []string{"g.yaml:2: event_loop: must be true, false, epoll or io_uring"}},
 		{"limits", "tls: {require_tls: false}\nlimits:\n  max_rows: -1\n  max_message_bytes: 10\n  max_connections_per_user: -2\n  dry_run_timeout: soon\n" + ok,
 			[]string{"g.yaml:3: limits.max_rows: -1 is out of range", "g.yaml:4: limits.max_message_bytes: 10 is out of range",
 				"g.yaml:5: limits.max_connections_per_user: -2 is out of range", `g.yaml:6: limits.dry_run_timeout: "soon" is not a positive duration`}},
