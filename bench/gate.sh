@@ -30,9 +30,9 @@
 #             latency are the medians, so load from other processes lands on
 #             all three alike
 #   floor     with 8 clients also bench/gatefloor, a Go relay that copies
-#             bytes and nothing else, in two designs: goroutines on Go's
-#             netpoller (as the gate) and one thread on raw epoll (as
-#             PgBouncer): what any Go proxy pays before the gate's own work
+#             bytes and nothing else, in two designs: one thread on raw
+#             epoll (as PgBouncer) and the gate's event loop (io_uring where
+#             the kernel has it): what the gate pays before its own work
 #   profile   afterwards, a gate started with DUALKEY_CPUPROFILE runs the
 #             8-client select-only workload once per protocol; stopped with
 #             SIGINT so the profile is flushed; `go tool pprof -top` of each
@@ -237,13 +237,14 @@ TARGETS=(direct pgbouncer gate)
 declare -A PORT_OF=([direct]=$PGPORT [pgbouncer]=$BOUNCER_PORT [gate]=$GATE_PORT)
 declare -A PID_OF=([pgbouncer]=$BOUNCER [gate]=$GATE)
 
-# The floor: bench/gatefloor, a Go relay that only copies bytes, in its two
-# designs (Go's netpoller as the gate uses it; one thread on raw epoll, as
-# PgBouncer works), run with 8 clients beside the others.
+# The floor: bench/gatefloor, a Go relay that only copies bytes, in two
+# designs (one thread on raw epoll, as PgBouncer works; the gate's own event
+# loop, io_uring where the kernel has it), run with 8 clients beside the
+# others.
 FLOOR_TARGETS=()
 if [[ $FLOOR != 0 ]]; then
 	"$GO" build -o "$GW/bin/gatefloor" "$ROOT/bench/gatefloor" || die "go build bench/gatefloor failed"
-	for mode in netpoll epoll; do
+	for mode in epoll evloop; do
 		free_port port
 		"${AS_PG[@]}" "$GW/bin/gatefloor" -mode "$mode" -listen "127.0.0.1:$port" -upstream "127.0.0.1:$PGPORT" >>"$GW/logs/gatefloor.log" 2>&1 &
 		BG_PIDS+=("$!")
@@ -252,7 +253,7 @@ if [[ $FLOOR != 0 ]]; then
 		FLOOR_TARGETS+=("relay-$mode")
 		wait_until "gatefloor -mode $mode to listen" 30 "listening $port"
 	done
-	note "floor" "gatefloor -mode netpoll|epoll -listen 127.0.0.1:PORT -upstream 127.0.0.1:PG  (bench/gatefloor: a relay that copies bytes, nothing else)"
+	note "floor" "gatefloor -mode epoll|evloop -listen 127.0.0.1:PORT -upstream 127.0.0.1:PG  (bench/gatefloor: a relay that copies bytes, nothing else)"
 fi
 CASES=("select simple 8" "select prepared 8" "tpcb simple 8" "tpcb prepared 8"
 	"select simple 1" "select prepared 1" "tpcb simple 1" "tpcb prepared 1")
@@ -391,7 +392,7 @@ for cs in "${CASES[@]}"; do
 	fi
 	if ((c == 8 && ${#FLOOR_TARGETS[@]})); then
 		cells=""
-		for t in relay-netpoll relay-epoll pgbouncer gate; do
+		for t in relay-epoll relay-evloop pgbouncer gate; do
 			cells+=$(awk -v dt="${mt[direct]}" -v t="$(median <<<"${TPS["$cs $t"]}")" -v cpu="$(median <<<"${CPU["$cs $t"]}")" \
 				'BEGIN { printf " %.0f (%.0f%%), %.0f |", t, 100 * t / dt, cpu / 100 / t * 1e6 }')
 		done
@@ -407,6 +408,8 @@ report() {
 		"$(free -g | awk '/^Mem:/ {print $2}') GiB RAM, kernel $(uname -r)."
 	echo
 	echo "Load average (1, 5, 15 min) at start: $LOAD_START; at end of the timed rounds: $LOAD_END."
+	echo
+	echo "The gate's event loop ran on $(grep -o 'event loop: [a-z_]*' "$GW/logs/gate.log" | tail -n 1 | cut -d' ' -f3) (kernel.io_uring_disabled=$(cat /proc/sys/kernel/io_uring_disabled 2>/dev/null || echo absent))."
 	echo
 	echo "Versions: $("${DK[@]}" version | head -n 1); $("$PGBOUNCER" --version | head -n 1);" \
 		"$(psql_sock postgres 'SHOW server_version'); $("$PGBIN/pgbench" --version)."
@@ -424,9 +427,9 @@ report() {
 	printf -- '- %s\n' "${GOALS[@]}"
 	echo
 	if ((${#FLOOR_TARGETS[@]})); then
-		echo "The floor, 8 clients: bench/gatefloor copies bytes and does nothing else; relay-netpoll uses goroutines on Go's network poller as the gate does, relay-epoll one thread on raw epoll as PgBouncer does. CPU per transaction = the proxy's CPU time over the run / transactions (medians):"
+		echo "The floor, 8 clients: bench/gatefloor copies bytes and does nothing else; relay-epoll uses one thread on raw epoll as PgBouncer does, relay-evloop the gate's event loop (internal/evloop; io_uring where the kernel has it) with nothing else. CPU per transaction = the proxy's CPU time over the run / transactions (medians):"
 		echo
-		echo "| workload | protocol | direct tps | relay-netpoll tps (of direct), µs/txn | relay-epoll tps (of direct), µs/txn | PgBouncer tps (of direct), µs/txn | gate tps (of direct), µs/txn |"
+		echo "| workload | protocol | direct tps | relay-epoll tps (of direct), µs/txn | relay-evloop tps (of direct), µs/txn | PgBouncer tps (of direct), µs/txn | gate tps (of direct), µs/txn |"
 		echo "|---|---|---|---|---|---|---|"
 		printf '%s\n' "${FLOOR_ROWS[@]}"
 		echo

@@ -10,6 +10,8 @@
 //	epoll    one OS thread, raw non-blocking sockets and epoll, read then
 //	         write inline, as PgBouncer (libevent) works: no goroutine
 //	         hand-offs and no speculative reads
+//	evloop   the gate's own event loop (internal/evloop, io_uring where the
+//	         kernel has it) with the gate's flow control, and nothing else
 //
 // Loopback only; no TLS, no authentication of its own (the server's SCRAM
 // passes through). Not part of dualkey.
@@ -28,7 +30,7 @@ import (
 )
 
 func main() {
-	mode := flag.String("mode", "netpoll", "netpoll or epoll")
+	mode := flag.String("mode", "netpoll", "netpoll, epoll or evloop")
 	listen := flag.String("listen", "127.0.0.1:0", "address to listen on (IPv4 loopback)")
 	upstream := flag.String("upstream", "", "PostgreSQL's address (IPv4)")
 	flag.Parse()
@@ -40,6 +42,8 @@ func main() {
 		netpollMain(*listen, *upstream)
 	case "epoll":
 		epollMain(*listen, *upstream)
+	case "evloop":
+		evloopMain(*listen, *upstream)
 	default:
 		log.Fatalf("gatefloor: unknown mode %q", *mode)
 	}

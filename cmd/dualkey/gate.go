@@ -80,7 +80,7 @@ func (a *app) runGate(ctx context.Context, cfg *policy.Config) error {
 			tlsNote += " (plaintext also accepted)"
 		}
 	}
-	fmt.Fprintf(a.stdout, "gate listening on %s; %s\n", ln.Addr(), tlsNote)
+	fmt.Fprintf(a.stdout, "gate listening on %s; %s; event loop: %s\n", ln.Addr(), tlsNote, g.EventLoop())
 	errc := make(chan error, 1)
 	go func() { errc <- g.Serve(ln) }()
 	select {

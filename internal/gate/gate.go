@@ -256,7 +256,6 @@ func New(cfg Config) (*Gate, error) {
 			return nil, fmt.Errorf("gate: event loop: %w", err)
 		}
 		g.lp = lp
-		g.log.Debug("gate: event loop", "backend", lp.l.Backend())
 	}
 	if cfg.PoolIdle > 0 {
 		g.pool = newPool(cfg.PoolIdle, cfg.PoolIdleTimeout, cfg.PoolLifetime)
@@ -327,6 +326,15 @@ func (g *Gate) startSession(c net.Conn) bool {
 		g.serveConn(c)
 	}()
 	return true
+}
+
+// EventLoop says what the gate's event loop runs on: "io_uring", "epoll",
+// or "off" (every session on goroutines).
+func (g *Gate) EventLoop() string {
+	if g.lp == nil {
+		return "off"
+	}
+	return g.lp.l.Backend().String()
 }
 
 // serveOnLoop accepts from nl on the event loop until Close.
