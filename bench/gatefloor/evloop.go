@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"io"
 	"log"
@@ -8,6 +9,7 @@ import (
 	"syscall"
 
 	"github.com/dualkey/dualkey/internal/evloop"
+	"github.com/dualkey/dualkey/internal/netfd"
 )
 
 // evloopMain relays on the gate's event loop: each side read only while
@@ -23,43 +25,41 @@ func evloopMain(listen, upstream string) {
 	if err != nil {
 		log.Fatal(err)
 	}
+	// netfd, as the gate: sockets that never touch Go's poller (one that
+	// did would wake the runtime on every event).
+	nl, err := netfd.Listen(ln)
+	if err != nil {
+		log.Fatal(err)
+	}
 	for {
-		c, err := ln.Accept()
+		c, err := nl.Accept()
 		if err != nil {
 			log.Fatal(err)
 		}
-		u, err := net.Dial("tcp", upstream)
+		u, err := netfd.Dial(context.Background(), "tcp", upstream)
 		if err != nil {
 			log.Print(err)
 			c.Close()
 			continue
 		}
-		p := &pipe{l: l, buf: make([]byte, 64<<10)}
-		p.fds[0], p.keep[0] = rawFd(c)
-		p.fds[1], p.keep[1] = rawFd(u)
+		p := &pipe{l: l, buf: make([]byte, 64<<10), keep: [2]*netfd.Conn{c, u}}
+		if p.fds[0], err = c.Detach(); err == nil {
+			p.fds[1], err = u.Detach()
+		}
+		if err != nil {
+			log.Print(err)
+			c.Close()
+			u.Close()
+			continue
+		}
 		l.Submit(p.start)
 	}
-}
-
-// rawFd returns a dup of c's socket (non-blocking), and c to keep open.
-func rawFd(c net.Conn) (int, net.Conn) {
-	f, err := c.(*net.TCPConn).File()
-	if err != nil {
-		log.Fatal(err)
-	}
-	fd, err := syscall.Dup(int(f.Fd()))
-	f.Close()
-	if err != nil {
-		log.Fatal(err)
-	}
-	syscall.SetNonblock(fd, true)
-	return fd, c
 }
 
 type pipe struct {
 	l    *evloop.Loop
 	fds  [2]int
-	keep [2]net.Conn
+	keep [2]*netfd.Conn // closed when the loop lets their fds go
 	out  [2]evloop.Out // to fds[i]
 	ev   [2]uint32
 	buf  []byte
@@ -122,9 +122,6 @@ func (p *pipe) Ready(fd int, _ uint32) {
 func (p *pipe) end() {
 	p.done = true
 	for i, fd := range p.fds {
-		p.l.Release(fd, func(in, out []byte) {
-			syscall.Close(fd)
-			p.keep[i].Close()
-		})
+		p.l.Release(fd, func(in, out []byte) { p.keep[i].Close() })
 	}
 }
