@@ -104,7 +104,8 @@ type ring struct {
 	unsubmitted                 uint32
 	ringMem, sqeMem, bufRingMem []byte
 
-	bufs     []byte // nBufs buffers of bufSize bytes, received into by the kernel
+	bufs     []byte // n buffers of bufSize bytes, received into by the kernel
+	nBufs    int
 	bufRing  []bufEntry
 	bufTail  uint16
 	bufDirty bool
@@ -118,11 +119,14 @@ type bufEntry struct {
 }
 
 const (
-	ringEntries = 1024
-	nBufs       = 256 // a power of 2
+	ringEntries = 4096
 	bufSize     = 32 << 10
 	bufGroup    = 0
 )
+
+// nBufs is the number of receive buffers, a power of 2 (a variable for
+// the tests of running out).
+var nBufs = 256
 
 // errNoRing is why a loop runs on epoll: the kernel has no io_uring, or
 // not the parts the loop needs (Linux 6.1), or it is switched off.
@@ -183,6 +187,7 @@ func (r *ring) mapRings(p *ringParams) error {
 // when data arrives, so idle sockets hold none.
 func (r *ring) provideBuffers() error {
 	var err error
+	r.nBufs = nBufs
 	if r.bufs, err = unix.Mmap(-1, 0, nBufs*bufSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANON); err != nil {
 		return fmt.Errorf("evloop: receive buffers: %w", err)
 	}
@@ -190,7 +195,7 @@ func (r *ring) provideBuffers() error {
 		return fmt.Errorf("evloop: buffer ring: %w", err)
 	}
 	r.bufRing = unsafe.Slice((*bufEntry)(unsafe.Pointer(&r.bufRingMem[0])), nBufs)
-	reg := bufRegister{ringAddr: uint64(uintptr(unsafe.Pointer(&r.bufRing[0]))), ringEntries: nBufs, bgid: bufGroup}
+	reg := bufRegister{ringAddr: uint64(uintptr(unsafe.Pointer(&r.bufRing[0]))), ringEntries: uint32(nBufs), bgid: bufGroup}
 	if _, _, e := syscall.Syscall6(sysRegister, uintptr(r.fd), registerPbufRing, uintptr(unsafe.Pointer(&reg)), 1, 0, 0); e != 0 {
 		return fmt.Errorf("%w: register buffer ring: %v", errNoRing, e)
 	}
@@ -232,7 +237,7 @@ func (r *ring) buf(bid uint16) []byte {
 // recycle gives buffer bid back to the kernel (published by
 // publishBufs, before the next wait).
 func (r *ring) recycle(bid uint16) {
-	e := &r.bufRing[r.bufTail&(nBufs-1)]
+	e := &r.bufRing[int(r.bufTail)&(r.nBufs-1)]
 	e.addr = uint64(uintptr(unsafe.Pointer(&r.bufs[int(bid)*bufSize])))
 	e.len = bufSize
 	e.bid = bid
@@ -254,7 +259,10 @@ func (r *ring) publishBufs() {
 // get returns a cleared submission entry, submitting what is queued first
 // if the ring is full.
 func (r *ring) get() (*sqe, error) {
-	if r.tail-atomic.LoadUint32(r.sqHead) > r.sqMask {
+	for try := 0; r.tail-atomic.LoadUint32(r.sqHead) > r.sqMask; try++ {
+		if try == 100 {
+			return nil, errors.New("evloop: io_uring submission queue stays full")
+		}
 		if err := r.submit(false, false); err != nil {
 			return nil, err
 		}

@@ -42,6 +42,7 @@ type uring struct {
 	wake    int
 	epfd    int  // the epoll set of the fds added with Add, polled by the ring
 	epReady bool // ... which may have events
+	nobufs  int  // receives that found no free buffer
 }
 
 // ufd is an fd on the ring.
@@ -122,7 +123,21 @@ func (u *uring) mod(fd int, events uint32) error {
 		return fmt.Errorf("evloop: mod fd %d: %w", fd, syscall.ENOENT)
 	}
 	f.want = events & (Readable | Writable)
+	if f.want&Readable == 0 {
+		u.unpin(f)
+	}
 	return u.check(f)
+}
+
+// unpin moves f's unread data off the ring's buffer: a buffer is held only
+// by a socket that is read this round.
+func (u *uring) unpin(f *ufd) {
+	if f.bid < 0 {
+		return
+	}
+	f.data = append([]byte(nil), f.data...)
+	u.recycle(uint16(f.bid))
+	f.bid = -1
 }
 
 // release stops watching fd. done (if not nil) is called on the loop
@@ -321,9 +336,14 @@ func (u *uring) complete(c cqe) error {
 		f.recving = false
 		if c.flags&cqeFBuffer != 0 {
 			bid := uint16(c.flags >> cqeBufferShift)
-			if c.res > 0 {
+			if c.res > 0 && f.want&Readable != 0 && !f.leaving {
 				f.bid = int32(bid)
-				f.data = u.r.buf(bid)[:c.res] // to Read, or to Release's done
+				f.data = u.r.buf(bid)[:c.res] // for Read, this round
+			} else if c.res > 0 {
+				// Not wanted now: off the ring's buffers, which would
+				// otherwise run out behind sockets whose peers do not read.
+				f.data = append([]byte(nil), u.r.buf(bid)[:c.res]...)
+				u.recycle(bid)
 			} else {
 				u.recycle(bid)
 			}
@@ -333,6 +353,7 @@ func (u *uring) complete(c cqe) error {
 		case c.res == 0:
 			f.rerr = io.EOF
 		case e == syscall.ENOBUFS:
+			u.nobufs++
 			if !f.leaving {
 				f.starved = true
 				u.starved = append(u.starved, f.fd)
@@ -400,8 +421,10 @@ func (u *uring) read(fd int, p []byte) (int, error) {
 		f.data = f.data[n:]
 		if len(f.data) == 0 {
 			f.data = nil
-			u.recycle(uint16(f.bid))
-			f.bid = -1
+			if f.bid >= 0 {
+				u.recycle(uint16(f.bid))
+				f.bid = -1
+			}
 			if err := u.check(f); err != nil {
 				return n, err
 			}
@@ -466,6 +489,7 @@ func (u *uring) dispatch() error {
 		}
 		f.h.Ready(int(fd), ev)
 		if f = u.lookup(int(fd)); f != nil {
+			u.unpin(f) // what the handler left waits off the ring
 			if err := u.check(f); err != nil {
 				return err
 			}
