@@ -60,7 +60,7 @@ type pipe struct {
 	l    *evloop.Loop
 	fds  [2]int
 	keep [2]*netfd.Conn // closed when the loop lets their fds go
-	out  [2]evloop.Out // to fds[i]
+	out  [2]evloop.Out  // to fds[i]
 	ev   [2]uint32
 	buf  []byte
 	done bool
