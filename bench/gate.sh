@@ -69,6 +69,9 @@
 # BENCH_GATE_WARMUP (8),
 # BENCH_GATE_ROUNDS (3), BENCH_GATE_PROFILE (1; 0 skips the profile runs),
 # BENCH_GATE_FLOOR (1; 0 skips the bench/gatefloor relays),
+# BENCH_GATE_CASES (all by default; else a comma-separated subset of
+# select-simple-8, select-prepared-8, tpcb-simple-8, tpcb-prepared-8 and the
+# same with -1: to look at a few workloads with more rounds),
 # DUALKEY_BIN (default bin/dualkey), BENCH_RESULTS (markdown appended;
 # default bench/results/<date>.md), BENCH_LOCK (a file created for each timed
 # window and removed after it, so cooperating users of the machine can keep
@@ -86,6 +89,7 @@ WARM_SECONDS=${BENCH_GATE_WARMUP:-8}
 ROUNDS=${BENCH_GATE_ROUNDS:-3}
 PROFILE=${BENCH_GATE_PROFILE:-1}
 FLOOR=${BENCH_GATE_FLOOR:-1}
+ONLY=${BENCH_GATE_CASES:-}
 LOCK=${BENCH_LOCK:-}
 DUALKEY_SRC=${DUALKEY_BIN:-$ROOT/bin/dualkey}
 RESULTS=${BENCH_RESULTS:-$ROOT/bench/results/$(date +%Y-%m-%d).md}
@@ -257,6 +261,14 @@ if [[ $FLOOR != 0 ]]; then
 fi
 CASES=("select simple 8" "select prepared 8" "tpcb simple 8" "tpcb prepared 8"
 	"select simple 1" "select prepared 1" "tpcb simple 1" "tpcb prepared 1")
+if [[ -n $ONLY ]]; then
+	all=("${CASES[@]}")
+	CASES=()
+	for cs in "${all[@]}"; do
+		[[ ,$ONLY, == *,${cs// /-},* ]] && CASES+=("$cs")
+	done
+	((${#CASES[@]})) || die "BENCH_GATE_CASES=$ONLY names no workload (e.g. tpcb-simple-1)"
+fi
 declare -A TPS LAT CPU # "case target" -> space-separated values, one per round
 
 # pgbench_cmd WORKLOAD MODE CLIENTS PORT: sets CMD
@@ -414,7 +426,7 @@ report() {
 	echo "Versions: $("${DK[@]}" version | head -n 1); $("$PGBOUNCER" --version | head -n 1);" \
 		"$(psql_sock postgres 'SHOW server_version'); $("$PGBIN/pgbench" --version)."
 	echo
-	echo "Medians of $ROUNDS rounds; each run -T $((WARM_SECONDS + RUN_SECONDS)) -P 1, of which the first $WARM_SECONDS s are warm-up (new server backends) and not counted; the three targets interleaved per workload, order rotated per round."
+	echo "Medians of $ROUNDS rounds; each run -T $((WARM_SECONDS + RUN_SECONDS)) -P 1, of which the first $WARM_SECONDS s are warm-up (new server backends) and not counted; the three targets interleaved per workload, order rotated per round.${ONLY:+ Workloads: $ONLY only (BENCH_GATE_CASES).}"
 	echo "tps: the mean of pgbench's per-second tps after the warm-up. Latency: the mean of its per-second latency averages, weighted by tps; the added latency is the proxy's minus direct, per transaction / per statement (TPC-B: 7 statements)."
 	echo "Proxy CPU: the proxy process's user+system time over the seconds after the warm-up, in % of one core."
 	echo
