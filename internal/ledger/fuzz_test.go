@@ -3,6 +3,7 @@ package ledger
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"errors"
 	"os"
 	"testing"
@@ -37,6 +38,22 @@ func FuzzParseRecord(f *testing.F) {
 		}
 		if _, err := ParseRecord(out); err != nil {
 			t.Fatalf("re-parse: %v", err)
+		}
+	})
+}
+
+// FuzzAppendString holds appendString's fast path to json.Marshal's bytes.
+func FuzzAppendString(f *testing.F) {
+	for _, s := range []string{"", "alice", `a"b`, "<&>", "\u2028", "\xff", "\x7f"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		want, err := json.Marshal(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := appendString(nil, s); !bytes.Equal(got, want) {
+			t.Fatalf("appendString(%q) = %q, want %q", s, got, want)
 		}
 	})
 }

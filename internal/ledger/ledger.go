@@ -268,8 +268,7 @@ func (l *Ledger) AppendBatch(ctx context.Context, es []Entry) ([]Record, error) 
 			now, prev := l.opts.Now().UTC(), l.hash
 			for i, e := range es {
 				r := Record{Seq: l.seq + 1 + uint64(i), Time: now, Kind: e.Kind, Actor: e.Actor, Data: data[i], Prev: prev}
-				r.Hash = r.ComputeHash()
-				encs[i] = r.Encode()
+				encs[i] = r.seal()
 				if len(encs[i]) > MaxRecordSize {
 					return nil, fmt.Errorf("%w: record of %d bytes, limit %d", ErrInvalid, len(encs[i]), MaxRecordSize)
 				}
@@ -281,9 +280,9 @@ func (l *Ledger) AppendBatch(ctx context.Context, es []Entry) ([]Record, error) 
 				// transaction: on its own it cost a second commit (an
 				// fsync) for every few batches of a busy gate.
 				cp := Record{Seq: last + 1, Time: now, Kind: KindCheckpoint, Data: signCheckpoint(l.key, last, prev), Prev: prev}
-				cp.Hash = cp.ComputeHash()
+				enc := cp.seal()
 				all = append(recs, cp)
-				encs = append(encs, cp.Encode())
+				encs = append(encs, enc)
 			}
 			ok, err := bs.AppendBatch(ctx, l.seq+1, encs)
 			if err != nil {
@@ -356,8 +355,7 @@ func (l *Ledger) appendLocked(ctx context.Context, kind, actor string, data json
 		if kind == KindCheckpoint {
 			r.Data = signCheckpoint(l.key, l.seq, l.hash)
 		}
-		r.Hash = r.ComputeHash()
-		b := r.Encode()
+		b := r.seal()
 		if len(b) > MaxRecordSize {
 			return Record{}, fmt.Errorf("%w: record of %d bytes, limit %d", ErrInvalid, len(b), MaxRecordSize)
 		}

@@ -129,7 +129,21 @@ func (r Record) appendBody(b []byte) []byte {
 	return append(b, '"')
 }
 
+// appendString appends s as encoding/json writes it. Kinds and actors are
+// plain ASCII nearly always; they skip json.Marshal's allocation.
 func appendString(b []byte, s string) []byte {
+	plain := true
+	for i := 0; i < len(s) && plain; i++ {
+		c := s[i]
+		// encoding/json escapes controls, quotes, backslashes and (for
+		// HTML) <, > and &; it also rewrites invalid UTF-8 and U+2028/9.
+		plain = c >= 0x20 && c < 0x7f && c != '"' && c != '\\' && c != '<' && c != '>' && c != '&'
+	}
+	if plain {
+		b = append(b, '"')
+		b = append(b, s...)
+		return append(b, '"')
+	}
 	q, err := json.Marshal(s)
 	if err != nil {
 		panic(err) // a string always marshals
@@ -150,6 +164,19 @@ func (r Record) ComputeHash() Hash {
 func (r Record) Encode() []byte {
 	b := r.appendBody(make([]byte, 0, 256+len(r.Data)))
 	b = append(b, `,"hash":"`...)
+	b = hex.AppendEncode(b, r.Hash[:])
+	return append(b, `"}`...)
+}
+
+// seal sets r.Hash and returns r's canonical encoding: ComputeHash and
+// then Encode, building the body once for both (the gate's recorder seals
+// every statement record).
+func (r *Record) seal() []byte {
+	b := make([]byte, 0, len(recordDomain)+len(r.Kind)+len(r.Actor)+len(r.Data)+256)
+	b = append(b, recordDomain...)
+	b = r.appendBody(b)
+	r.Hash = sha256.Sum256(append(b, '}'))
+	b = append(b[len(recordDomain):], `,"hash":"`...)
 	b = hex.AppendEncode(b, r.Hash[:])
 	return append(b, `"}`...)
 }

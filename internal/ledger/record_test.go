@@ -109,3 +109,33 @@ func TestObjectName(t *testing.T) {
 		}
 	}
 }
+
+// seal is ComputeHash and Encode in one pass: the same hash, the same bytes.
+func TestSealMatchesEncode(t *testing.T) {
+	for _, actor := range []string{"", "alice", `o"brien`, "a<b>&c", "zoë", "tab\there", "\u2028", "bad\xffutf8"} {
+		r := sampleRecord()
+		r.Actor = actor
+		r.Hash = Hash{}
+		want := r
+		want.Hash = want.ComputeHash()
+		got := r
+		enc := got.seal()
+		if got.Hash != want.Hash {
+			t.Errorf("actor %q: seal hash %s, ComputeHash %s", actor, got.Hash, want.Hash)
+		}
+		if !bytes.Equal(enc, want.Encode()) {
+			t.Errorf("actor %q: seal\n %s\nEncode\n %s", actor, enc, want.Encode())
+		}
+	}
+}
+
+// appendString must write exactly what json.Marshal writes, or records
+// would encode two ways (ParseRecord refuses the other one).
+func TestAppendStringAsJSON(t *testing.T) {
+	for _, s := range []string{"", "statement", "alice", "x y", `"`, `\`, "<", ">", "&", "\x00", "\x1f", "\x7f", "é", "\u2028", "\u2029", "\xff", "~"} {
+		want, _ := json.Marshal(s)
+		if got := appendString([]byte("p"), s); string(got) != "p"+string(want) {
+			t.Errorf("appendString(%q) = %q, want %q", s, got[1:], want)
+		}
+	}
+}
