@@ -395,12 +395,18 @@ for cs in "${CASES[@]}"; do
 			(w == "select") ? "select-only" : "TPC-B", m, c, dt, bt, 100 * bt / dt, gt, 100 * gt / dt,
 			dl, bl - dl, (bl - dl) / n, gl - dl, (gl - dl) / n, bc, gc }')
 	ROWS+=("$row")
+	# Rounds the gate won: the targets of a round ran back to back, so a
+	# pair from one round shares its load; the medians alone hide how
+	# often a row goes either way.
+	won=$(paste -d' ' <(tr ' ' '\n' <<<"${TPS["$cs gate"]}" | grep -v '^$') <(tr ' ' '\n' <<<"${TPS["$cs pgbouncer"]}" | grep -v '^$') \
+		<(tr ' ' '\n' <<<"${LAT["$cs gate"]}" | grep -v '^$') <(tr ' ' '\n' <<<"${LAT["$cs pgbouncer"]}" | grep -v '^$') |
+		awk -v c="$c" '{ n++; if (c == 8 ? $1 >= $2 : $3 <= $4) w++ } END { printf "gate ahead in %d of %d rounds", w, n }')
 	if ((c == 8)); then
 		GOALS+=("$(awk -v l="$w -M $m, 8 clients" -v dt="${mt[direct]}" -v bt="${mt[pgbouncer]}" -v gt="${mt[gate]}" 'BEGIN {
-			printf "%s: gate %.0f%% of direct, PgBouncer %.0f%%: %s", l, 100 * gt / dt, 100 * bt / dt, (gt >= bt) ? "met" : "NOT met" }')")
+			printf "%s: gate %.0f%% of direct, PgBouncer %.0f%%: %s", l, 100 * gt / dt, 100 * bt / dt, (gt >= bt) ? "met" : "NOT met" }') ($won)")
 	else
 		GOALS+=("$(awk -v l="$w -M $m, 1 client" -v n="$stmts" -v dl="${ml[direct]}" -v bl="${ml[pgbouncer]}" -v gl="${ml[gate]}" 'BEGIN {
-			printf "%s: added latency per statement gate %.3f ms, PgBouncer %.3f ms: %s", l, (gl - dl) / n, (bl - dl) / n, (gl <= bl) ? "met" : "NOT met" }')")
+			printf "%s: added latency per statement gate %.3f ms, PgBouncer %.3f ms: %s", l, (gl - dl) / n, (bl - dl) / n, (gl <= bl) ? "met" : "NOT met" }') ($won)")
 	fi
 	if ((c == 8 && ${#FLOOR_TARGETS[@]})); then
 		cells=""
