@@ -39,10 +39,11 @@ func (a *app) gateCmd() *cobra.Command {
 // gate's live heap is a few MiB and its garbage short-lived, so at Go's
 // default of 100 it collected every 0.7 s under one pgbench TPC-B client;
 // each collection stops the event loop twice (preempting it out of its
-// wait) and runs a mark burst on the other core. With 400 the gate's
-// one-client TPC-B went from behind PgBouncer in 4 of 5 paired rounds to
-// ahead in 4 of 5 (docs/benchmarks.md), for a heap target of ~16 MiB
-// instead of ~4.
+// wait) and runs a mark burst on the other core. At 400 it collects a
+// quarter as often, for a heap goal of ~16 MiB instead of ~4; whether that
+// decides the one-client TPC-B row against PgBouncer is not settled
+// (docs/benchmarks.md: ahead in 4 of 5 rounds in a focused run, behind in
+// 4 of 4 in the full run after it).
 const gateGCPercent = 400
 
 func (a *app) runGate(ctx context.Context, cfg *policy.Config) error {
