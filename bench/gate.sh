@@ -427,7 +427,7 @@ report() {
 	echo
 	echo "Load average (1, 5, 15 min) at start: $LOAD_START; at end of the timed rounds: $LOAD_END."
 	echo
-	echo "The gate's event loop ran on $(grep -o 'event loop: [a-z_]*' "$GW/logs/gate.log" | tail -n 1 | cut -d' ' -f3) (kernel.io_uring_disabled=$(cat /proc/sys/kernel/io_uring_disabled 2>/dev/null || echo absent))."
+	echo "The gate's event loop ran on $(grep -o 'event loop: .*' "$GW/logs/gate.log" | tail -n 1 | cut -d' ' -f3-) (kernel.io_uring_disabled=$(cat /proc/sys/kernel/io_uring_disabled 2>/dev/null || echo absent))."
 	echo
 	echo "Versions: $("${DK[@]}" version | head -n 1); $("$PGBOUNCER" --version | head -n 1);" \
 		"$(psql_sock postgres 'SHOW server_version'); $("$PGBIN/pgbench" --version)."

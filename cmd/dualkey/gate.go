@@ -95,7 +95,11 @@ func (a *app) runGate(ctx context.Context, cfg *policy.Config) error {
 			tlsNote += " (plaintext also accepted)"
 		}
 	}
-	fmt.Fprintf(a.stdout, "gate listening on %s; %s; event loop: %s\n", ln.Addr(), tlsNote, g.EventLoop())
+	fmt.Fprintf(a.stdout, "gate listening on %s; %s; event loop: %s", ln.Addr(), tlsNote, g.EventLoop())
+	if n := g.Loops(); n > 1 {
+		fmt.Fprintf(a.stdout, " (%d threads)", n)
+	}
+	fmt.Fprintln(a.stdout)
 	errc := make(chan error, 1)
 	go func() { errc <- g.Serve(ln) }()
 	select {

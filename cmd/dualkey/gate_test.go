@@ -82,7 +82,7 @@ rules:
 	if !lines.Scan() {
 		t.Fatalf("the gate printed nothing: %s", errb.String())
 	}
-	m := regexp.MustCompile(`gate listening on (\S+);.*; event loop: (io_uring|epoll)$`).FindStringSubmatch(lines.Text())
+	m := regexp.MustCompile(`gate listening on (\S+);.*; event loop: (io_uring|epoll)( \(\d+ threads\))?$`).FindStringSubmatch(lines.Text())
 	if m == nil {
 		t.Fatalf("first line %q", lines.Text())
 	}

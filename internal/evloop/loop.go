@@ -249,11 +249,15 @@ func (l *Loop) Stop() {
 // 10 ms, as it never parks) is handed between threads with futex
 // wake-ups, thousands a second under load; unlocked it just resumes.
 func (l *Loop) Run() {
+	defer close(l.done)
+	if l.raw {
+		keepProc(1)
+		defer keepProc(-1) // before Stop returns
+	}
 	if l.u != nil {
 		l.runRing()
 		return
 	}
-	defer close(l.done)
 	defer l.closeFds()
 	var tasks []func()
 	for {
@@ -286,12 +290,38 @@ func (l *Loop) Run() {
 	}
 }
 
+// keepProc adds delta processors to GOMAXPROCS. A loop that waits in a
+// raw system call keeps its processor while it sleeps (see wait), so each
+// running loop adds one: the rest of the program (sessions' goroutines,
+// the ledger's writer, the collector) keeps as many processors as it had.
+// Otherwise two loops on a two-core machine would hold both, and every
+// other goroutine would run only when the runtime preempted a loop (every
+// 10 ms).
+func keepProc(delta int) {
+	procs.Lock()
+	defer procs.Unlock()
+	procs.kept += delta
+	runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + delta)
+}
+
+var procs struct {
+	sync.Mutex
+	kept int // processors added by running loops
+}
+
+// Processors returns GOMAXPROCS without the processors running loops
+// added: the cores the program may use.
+func Processors() int {
+	procs.Lock()
+	defer procs.Unlock()
+	return runtime.GOMAXPROCS(0) - procs.kept
+}
+
 // runRing is Run on io_uring. Locked to its thread: the ring has a single
 // issuer, and completions run on that thread when it waits.
 func (l *Loop) runRing() {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	defer close(l.done)
 	defer l.closeFds()
 	u := l.u
 	if err := u.r.enable(); err != nil {

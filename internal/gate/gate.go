@@ -101,6 +101,12 @@ type Config struct {
 	// where the kernel has it, else epoll), Epoll or IOURing (an error
 	// where the kernel lacks it).
 	LoopBackend evloop.Backend
+	// Loops is the number of event loops the sessions are spread over
+	// (default GOMAXPROCS: one per core the process may use). One thread
+	// relaying every session is the ceiling of a single-threaded proxy
+	// (PgBouncer's) on a busy machine: while it waits for a core, every
+	// client and every backend waits for it, and the other core idles.
+	Loops int
 	// PoolIdle is the number of idle upstream connections kept per
 	// database for the next session with the same startup parameters
 	// (default 20; negative: none, every session opens its own). A connection is kept
@@ -123,7 +129,7 @@ func ConfigFrom(p *policy.Config) Config {
 		MaxMessageSize: p.Limits.MaxMessageBytes, MaxConnections: p.Limits.MaxConnections,
 		MaxConnectionsPerUser: p.Limits.MaxConnectionsPerUser, DryRunTimeout: p.Limits.DryRunTimeout,
 		NoEventLoop: p.NoEventLoop, PoolIdle: p.Limits.PoolIdle, PoolIdleTimeout: p.Limits.PoolIdleTimeout,
-		PoolLifetime: p.Limits.PoolLifetime,
+		PoolLifetime: p.Limits.PoolLifetime, Loops: p.EventLoops,
 	}
 	switch p.LoopBackend {
 	case "epoll":
@@ -165,6 +171,9 @@ func (c *Config) applyDefaults() {
 	if c.DryRunTimeout == 0 {
 		c.DryRunTimeout = 5 * time.Second
 	}
+	if c.Loops <= 0 {
+		c.Loops = evloop.Processors()
+	}
 	if c.PoolIdle == 0 {
 		c.PoolIdle = defaultPoolIdle
 	}
@@ -183,8 +192,8 @@ type Gate struct {
 	mock   []byte // secret for mock SCRAM salts of unknown users
 	dbs    map[string]*database
 	rec    *recorder
-	lp     *loopState // nil: every session on goroutines (Config.NoEventLoop)
-	pool   *pool      // nil: no upstream connection is reused
+	loops  []*loopState // none: every session on goroutines (Config.NoEventLoop)
+	pool   *pool        // nil: no upstream connection is reused
 	cancel context.CancelFunc
 	ctx    context.Context
 
@@ -250,12 +259,17 @@ func New(cfg Config) (*Gate, error) {
 		g.dbs[name] = d
 	}
 	if !cfg.NoEventLoop {
-		lp, err := newLoopState(cfg.LoopBackend)
-		if err != nil {
-			cancel()
-			return nil, fmt.Errorf("gate: event loop: %w", err)
+		for range cfg.Loops {
+			lp, err := newLoopState(cfg.LoopBackend)
+			if err != nil {
+				for _, lp := range g.loops {
+					lp.stop()
+				}
+				cancel()
+				return nil, fmt.Errorf("gate: event loop: %w", err)
+			}
+			g.loops = append(g.loops, lp)
 		}
-		g.lp = lp
 	}
 	if cfg.PoolIdle > 0 {
 		g.pool = newPool(cfg.PoolIdle, cfg.PoolIdleTimeout, cfg.PoolLifetime)
@@ -274,7 +288,7 @@ func (g *Gate) Serve(ln net.Listener) error {
 	}
 	g.ln = append(g.ln, ln)
 	g.mu.Unlock()
-	if g.lp != nil {
+	if len(g.loops) > 0 {
 		// Accept outside Go's poller, so that sessions can go to the
 		// event loop, and on the loop, so that no thread sits in a
 		// blocking accept.
@@ -331,10 +345,34 @@ func (g *Gate) startSession(c net.Conn) bool {
 // EventLoop says what the gate's event loop runs on: "io_uring", "epoll",
 // or "off" (every session on goroutines).
 func (g *Gate) EventLoop() string {
-	if g.lp == nil {
+	if len(g.loops) == 0 {
 		return "off"
 	}
-	return g.lp.l.Backend().String()
+	return g.loops[0].l.Backend().String()
+}
+
+// Loops returns the number of event loops (0: off).
+func (g *Gate) Loops() int { return len(g.loops) }
+
+// pickLoop returns the event loop with the fewest sessions, for a new one.
+func (g *Gate) pickLoop() *loopState {
+	best := g.loops[0]
+	for _, lp := range g.loops[1:] {
+		if lp.active.Load() < best.active.Load() {
+			best = lp
+		}
+	}
+	return best
+}
+
+// loopCounts adds up the loops' counters (for tests and stats).
+func (g *Gate) loopCounts() (entered, escaped, stalls int64) {
+	for _, lp := range g.loops {
+		entered += lp.entered.Load()
+		escaped += lp.escaped.Load()
+		stalls += lp.stalls.Load()
+	}
+	return
 }
 
 // serveOnLoop accepts from nl on the event loop until Close.
@@ -348,8 +386,9 @@ func (g *Gate) serveOnLoop(nl *netfd.Listener) error {
 	}
 	g.ln = append(g.ln, fl)
 	g.mu.Unlock()
-	a := &acceptor{g: g, nl: nl, fd: nl.Fd()}
-	l := g.lp.l
+	// Accepting is light: the first loop does it for every session.
+	a := &acceptor{g: g, nl: nl, fd: nl.Fd(), l: g.loops[0].l}
+	l := a.l
 	if !l.Submit(func() {
 		if err := l.Add(a.fd, a, evloop.Readable); err != nil {
 			g.log.Error("gate: accept on the event loop", "addr", nl.Addr(), "err", err)
@@ -368,6 +407,7 @@ type acceptor struct {
 	g  *Gate
 	nl *netfd.Listener
 	fd int
+	l  *evloop.Loop // the loop it accepts on
 }
 
 // acceptPause is how long accepting stops after an error such as running
@@ -385,7 +425,7 @@ func (a *acceptor) Ready(int, uint32) {
 				return
 			}
 			a.g.log.Warn("gate: accept", "addr", a.nl.Addr(), "err", err, "pause", acceptPause)
-			l := a.g.lp.l
+			l := a.l
 			l.Mod(a.fd, 0)
 			time.AfterFunc(acceptPause, func() { l.Submit(func() { l.Mod(a.fd, evloop.Readable) }) })
 			return
@@ -420,8 +460,8 @@ func (g *Gate) Close(ctx context.Context) error {
 	case <-ctx.Done():
 		err = fmt.Errorf("gate: close: %w", ctx.Err())
 	}
-	if g.lp != nil {
-		g.lp.stop()
+	for _, lp := range g.loops {
+		lp.stop()
 	}
 	if g.pool != nil {
 		g.pool.close()

@@ -230,8 +230,8 @@ func TestGate(t *testing.T) {
 
 func testGate(t *testing.T, noLoop bool) {
 	e := newEnv(t, func(c *Config) { c.NoEventLoop = noLoop })
-	if (e.g.lp == nil) != noLoop {
-		t.Fatalf("event loop %v, want %v", e.g.lp != nil, !noLoop)
+	if (len(e.g.loops) == 0) != noLoop {
+		t.Fatalf("%d event loops, want them %v", len(e.g.loops), !noLoop)
 	}
 	ctx := ctxT(t, 5*time.Minute)
 	c := e.connect("shop")
@@ -257,8 +257,8 @@ func testGate(t *testing.T, noLoop bool) {
 		if _, err := c.Prepare(ctx, "by_id", "SELECT name FROM items WHERE id = $1"); err != nil {
 			t.Fatal(err)
 		}
-		if lp := e.g.lp; lp != nil && (lp.entered.Load() != 1 || lp.escaped.Load() != 0) {
-			t.Fatalf("%d sessions on the event loop (want 1), %d left it (want 0)", lp.entered.Load(), lp.escaped.Load())
+		if entered, escaped, _ := e.g.loopCounts(); !noLoop && (entered != 1 || escaped != 0) {
+			t.Fatalf("%d sessions on the event loops (want 1), %d left them (want 0)", entered, escaped)
 		}
 		b := &pgx.Batch{}
 		for i := 1; i <= 10; i++ {
@@ -277,10 +277,10 @@ func testGate(t *testing.T, noLoop bool) {
 		if err := br.Close(); err != nil {
 			t.Fatal(err)
 		}
-		if lp := e.g.lp; lp != nil && lp.escaped.Load() != 1 {
+		if _, escaped, _ := e.g.loopCounts(); !noLoop && escaped != 1 {
 			// The UPDATE runs under the guard (max_rows), which waits for
 			// its row count: off the loop.
-			t.Fatalf("the guarded UPDATE's session did not leave the event loop (%d left)", lp.escaped.Load())
+			t.Fatalf("the guarded UPDATE's session did not leave the event loop (%d left)", escaped)
 		}
 		// simple protocol through pgx too
 		var n int

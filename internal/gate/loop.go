@@ -42,6 +42,7 @@ type loopState struct {
 	sessions map[*loopSession]struct{}
 
 	entered, escaped atomic.Int64 // sessions put on the loop, and those that left it before their end
+	active           atomic.Int64 // sessions given to the loop and not yet handed back
 	stalls           atomic.Int64 // times a session's output waited for its socket
 }
 
@@ -519,6 +520,7 @@ func (ls *loopSession) leave(x loopExit) {
 			*out = append(rout, pending.Take()...)
 			if left--; left == 0 {
 				delete(ls.ls.sessions, ls)
+				ls.ls.active.Add(-1)
 				ls.exit <- x
 			}
 		}

@@ -44,12 +44,13 @@ func loopBackends(t *testing.T) []evloop.Backend {
 
 func testEventLoop(t *testing.T, b evloop.Backend) {
 	e := newEnv(t, func(c *Config) { c.MaxMessageSize = 1 << 20; c.LoopBackend = b })
-	lp := e.g.lp
-	if lp == nil {
+	if len(e.g.loops) == 0 {
 		t.Fatal("no event loop by default")
 	}
-	if got := lp.l.Backend(); got != b {
-		t.Fatalf("event loop on %s, want %s", got, b)
+	for _, lp := range e.g.loops {
+		if got := lp.l.Backend(); got != b {
+			t.Fatalf("event loop on %s, want %s", got, b)
+		}
 	}
 	ctx := ctxT(t, 3*time.Minute)
 	c := e.connect("shop")
@@ -58,9 +59,8 @@ func testEventLoop(t *testing.T, b evloop.Backend) {
 	}
 	onLoop := func(t *testing.T, entered, escaped int64) {
 		t.Helper()
-		if lp.entered.Load() != entered || lp.escaped.Load() != escaped {
-			t.Fatalf("%d sessions went on the event loop (want %d), %d left it early (want %d)",
-				lp.entered.Load(), entered, lp.escaped.Load(), escaped)
+		if en, esc, _ := e.g.loopCounts(); en != entered || esc != escaped {
+			t.Fatalf("%d sessions went on the event loops (want %d), %d left them early (want %d)", en, entered, esc, escaped)
 		}
 	}
 
@@ -98,7 +98,8 @@ func testEventLoop(t *testing.T, b evloop.Backend) {
 
 	t.Run("a slow client holds back only its own session", func(t *testing.T) {
 		slow := e.connect("shop")
-		stalls := lp.stalls.Load()
+		stalls := func() int64 { _, _, n := e.g.loopCounts(); return n }
+		before := stalls()
 		// 30 MB that the client does not read for a while: the socket
 		// fills, the loop stops reading this session's upstream.
 		rows, err := slow.Query(ctx, "SELECT repeat('x', 1000) FROM generate_series(1, 30000)")
@@ -108,7 +109,7 @@ func testEventLoop(t *testing.T, b evloop.Backend) {
 		// More than the sockets' buffers hold: the loop must come to wait
 		// for the slow client's socket, however fast it runs. (Checked
 		// only after reading, this raced the loop on a loaded machine.)
-		waitFor(t, func() bool { return lp.stalls.Load() > stalls }, "the slow client's output to wait for its socket")
+		waitFor(t, func() bool { return stalls() > before }, "the slow client's output to wait for its socket")
 		for range 20 {
 			var n int
 			if err := c.QueryRow(ctx, "SELECT count(*) FROM t WHERE id < $1", 10).Scan(&n); err != nil || n != 10 {
@@ -251,24 +252,107 @@ func testEventLoop(t *testing.T, b evloop.Backend) {
 		before, _ := e.g.Sessions("alice")
 		// Stop reading the client, as while its next statement is being
 		// classified: epoll still reports the reset, every round.
-		paused := make(chan bool, 1)
-		lp.l.Submit(func() {
-			for ls := range lp.sessions {
-				if ls.s.pid == pc.PID() {
-					ls.paused = true
-					ls.settle()
-					paused <- true
-					return
+		paused := make(chan bool, len(e.g.loops))
+		for _, lp := range e.g.loops {
+			lp.l.Submit(func() {
+				for ls := range lp.sessions {
+					if ls.s.pid == pc.PID() {
+						ls.paused = true
+						ls.settle()
+						paused <- true
+						return
+					}
 				}
-			}
-			paused <- false
-		})
-		if !<-paused {
-			t.Fatal("the session is not on the loop")
+				paused <- false
+			})
+		}
+		found := false
+		for range e.g.loops {
+			found = <-paused || found
+		}
+		if !found {
+			t.Fatal("the session is not on a loop")
 		}
 		pc.Conn().(*net.TCPConn).SetLinger(0)
 		pc.Conn().Close() // RST
 		waitFor(t, func() bool { n, _ := e.g.Sessions("alice"); return n == before-1 }, "the reset session to end")
+	})
+
+	t.Run("sessions are spread over the loops", func(t *testing.T) {
+		e3 := startGate(t, e.srv, func(c *Config) { c.Loops = 3; c.LoopBackend = b })
+		if len(e3.g.loops) != 3 {
+			t.Fatalf("%d event loops, want 3", len(e3.g.loops))
+		}
+		var conns []*pgx.Conn
+		for range 6 {
+			x := e3.connect("shop")
+			if _, err := x.Exec(ctx, "SELECT 1"); err != nil {
+				t.Fatal(err)
+			}
+			conns = append(conns, x)
+		}
+		for i, lp := range e3.g.loops {
+			if n := lp.entered.Load(); n != 2 {
+				t.Errorf("loop %d has %d sessions, want 2 (the least busy loop takes the next)", i, n)
+			}
+		}
+		// Every session answers its own query while the others run theirs.
+		var wg sync.WaitGroup
+		errs := make(chan error, len(conns))
+		for i, x := range conns {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for j := range 50 {
+					var got int
+					if err := x.QueryRow(ctx, "SELECT $1::int * 1000 + $2::int", i, j).Scan(&got); err != nil || got != i*1000+j {
+						errs <- fmt.Errorf("session %d query %d: %d, %v", i, j, got, err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+		// A session leaves whichever loop it is on, and its loop counts it
+		// out: the next session goes to the loop it left.
+		last := conns[len(conns)-1]
+		if tag, err := last.Exec(ctx, "UPDATE t SET v = v WHERE id = 1"); err != nil || tag.RowsAffected() != 1 {
+			t.Fatalf("guarded update: %v %v", tag, err)
+		}
+		if _, escaped, _ := e3.g.loopCounts(); escaped != 1 {
+			t.Fatalf("%d sessions left the loops, want 1", escaped)
+		}
+		var left *loopState
+		for _, lp := range e3.g.loops {
+			if lp.active.Load() == 1 {
+				left = lp
+			}
+		}
+		if left == nil {
+			t.Fatal("no loop counted the session that left it out")
+		}
+		x := e3.connect("shop")
+		if _, err := x.Exec(ctx, "SELECT 1"); err != nil {
+			t.Fatal(err)
+		}
+		if n := left.active.Load(); n != 2 {
+			t.Fatalf("the next session went elsewhere: the loop it left has %d sessions", n)
+		}
+		for _, c := range append(conns, x) {
+			c.Close(ctx)
+		}
+		waitFor(t, func() bool {
+			for _, lp := range e3.g.loops {
+				if lp.active.Load() != 0 {
+					return false
+				}
+			}
+			return true
+		}, "every loop to count its sessions out")
 	})
 
 	t.Run("closing the gate ends the sessions on the loop", func(t *testing.T) {
@@ -277,8 +361,8 @@ func testEventLoop(t *testing.T, b evloop.Backend) {
 		if _, err := x.Exec(ctx, "SELECT 1"); err != nil {
 			t.Fatal(err)
 		}
-		if e2.g.lp.entered.Load() != 1 {
-			t.Fatalf("%d sessions on the second gate's loop", e2.g.lp.entered.Load())
+		if entered, _, _ := e2.g.loopCounts(); entered != 1 {
+			t.Fatalf("%d sessions on the second gate's loops", entered)
 		}
 		if err := e2.g.Close(ctxT(t, 30*time.Second)); err != nil {
 			t.Fatalf("close with a session on the loop: %v", err)

@@ -281,7 +281,7 @@ func (s *session) parkable(why string) bool {
 	if g.pool == nil || g.ctx.Err() != nil || !strings.HasPrefix(why, "client") || s.afterSync != "" || s.skipToSync {
 		return false
 	}
-	if g.lp != nil && s.rawUp != nil && s.up == net.Conn(s.rawUp) {
+	if len(g.loops) > 0 && s.rawUp != nil && s.up == net.Conn(s.rawUp) {
 		return false // plaintext, on Go's poller for good: it would keep the next session off the loop
 	}
 	block, failed := s.r.txState()

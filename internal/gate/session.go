@@ -142,7 +142,7 @@ func (g *Gate) serveConn(c net.Conn) {
 				return
 			}
 			transport := s.client
-			if s.rawClient != nil && g.lp != nil {
+			if s.rawClient != nil && len(g.loops) > 0 {
 				// Under TLS the event loop feeds the records to the
 				// same tls.Conn; see tlsTransport.
 				s.tlsT = &tlsTransport{raw: s.rawClient}
@@ -328,7 +328,7 @@ func (s *session) toLoop() *loopSession {
 	tc, _ := s.client.(*tls.Conn)
 	plainClient := s.tls == "" && s.client == net.Conn(s.rawClient)
 	tlsClient := s.tls != "" && tc != nil && s.tlsT != nil
-	eligible := g.lp != nil && s.rawClient != nil && s.rawUp != nil && (plainClient || tlsClient) &&
+	eligible := len(g.loops) > 0 && s.rawClient != nil && s.rawUp != nil && (plainClient || tlsClient) &&
 		s.up == net.Conn(s.rawUp)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -352,7 +352,9 @@ func (s *session) toLoop() *loopSession {
 		s.netpoll()
 		return nil
 	}
-	ls := &loopSession{s: s, ls: g.lp, cfd: cfd, ufd: ufd, exit: make(chan loopExit, 1)}
+	lp := g.pickLoop()
+	lp.active.Add(1)
+	ls := &loopSession{s: s, ls: lp, cfd: cfd, ufd: ufd, exit: make(chan loopExit, 1)}
 	s.fe = pgproto3.NewFrontend(s.up, &ls.uout)
 	if tlsClient {
 		ls.tc, ls.tt = tc, s.tlsT
@@ -362,8 +364,9 @@ func (s *session) toLoop() *loopSession {
 		s.r.wr = bufio.NewWriterSize(&ls.cout, 64<<10)
 	}
 	s.onLoop, s.ls = true, ls
-	if !g.lp.l.Submit(ls.start) {
+	if !lp.l.Submit(ls.start) {
 		// The loop has stopped: the gate is closing.
+		lp.active.Add(-1)
 		ls.exit <- loopExit{why: "client disconnected"}
 	}
 	return ls
@@ -445,7 +448,7 @@ func (s *session) closeClient() {
 	s.mu.Unlock()
 	switch {
 	case on:
-		if !s.g.lp.l.Submit(func() { ls.end("client disconnected") }) {
+		if !ls.ls.l.Submit(func() { ls.end("client disconnected") }) {
 			s.rawClient.Close() // the loop has stopped and uses the fd no more
 		}
 	case s.rawClient == nil:
@@ -571,7 +574,7 @@ func (s *session) connectUpstream(ctx context.Context, params map[string]string)
 			cfg.RuntimeParams[k] = v
 		}
 	}
-	if s.g.lp != nil {
+	if len(s.g.loops) > 0 {
 		// Dial outside Go's poller, so that the session can go to the
 		// event loop; pgconn dials again for each fallback, and the last
 		// connection is the one it keeps.

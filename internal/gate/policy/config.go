@@ -123,6 +123,11 @@ func (p *parser) config(root *yaml.Node, c *Config) {
 			}
 		},
 		"limits": func(v *yaml.Node, f string) { p.limits(v, f, &c.Limits) },
+		"event_loops": func(v *yaml.Node, f string) {
+			if n, ok := p.Int(v, f, 1, 256); ok {
+				c.EventLoops = int(n)
+			}
+		},
 		"event_loop": func(v *yaml.Node, f string) {
 			switch v.Value {
 			case "true", "false":

@@ -78,6 +78,9 @@ type Config struct {
 	// loop runs on; "" (event_loop: true) is io_uring where the kernel has
 	// it, else epoll.
 	LoopBackend string
+	// EventLoops (event_loops: N) is the number of event loops the
+	// sessions are spread over; 0 (not given) is one per core.
+	EventLoops int
 }
 
 // TLS is the certificate the gate offers.

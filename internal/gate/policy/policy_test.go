@@ -70,6 +70,7 @@ func TestParseLimits(t *testing.T) {
 	c, err := Parse([]byte(`tls: {require_tls: false}
 limits: {max_connections: 50, max_connections_per_user: 4, dry_run_timeout: 2s, dry_run: false, pool_idle: 0, pool_idle_timeout: 90s, pool_lifetime: 2h}
 event_loop: false
+event_loops: 3
 upstreams: {db: {host: h, user: u}}
 rules: [{users: [a], databases: [db], classes: [read], action: allow}]
 `), "g.yaml")
@@ -82,6 +83,9 @@ rules: [{users: [a], databases: [db], classes: [read], action: allow}]
 	}
 	if !c.NoEventLoop {
 		t.Error("event_loop: false left the event loop on")
+	}
+	if c.EventLoops != 3 {
+		t.Errorf("event_loops: 3 gave %d", c.EventLoops)
 	}
 	for _, b := range []string{"epoll", "io_uring"} {
 		c, err := Parse([]byte("tls: {require_tls: false}\nevent_loop: "+b+"\nupstreams: {db: {host: h, user: u}}\n"+
@@ -212,7 +216,7 @@ func TestBrokenConfigs(t *testing.T) {
 		{"syntax", "a: 1\nlisten: [\n", []string{"g.yaml:2: did not find"}},
 		{"empty", "", []string{"g.yaml: empty config"}},
 		{"not a mapping", "- a\n", []string{"g.yaml:1: must be a mapping"}},
-		{"unknown key", "tls: {require_tls: false}\nlistn: x\n" + ok, []string{"g.yaml:2: listn: unknown key (known: event_loop, groups, limits, listen"}},
+		{"unknown key", "tls: {require_tls: false}\nlistn: x\n" + ok, []string{"g.yaml:2: listn: unknown key (known: event_loop, event_loops, groups, limits"}},
 		{"twice", "tls: {require_tls: false}\nlisten: a:1\nlisten: b:2\n" + ok, []string{"g.yaml:3: listen: given twice"}},
 		{"listen", "tls: {require_tls: false}\nlisten: nowhere\n" + ok, []string{`g.yaml:2: listen: "nowhere" is not host:port`}},
 		{"no upstreams", "tls: {require_tls: false}\nrules: []\n", []string{"upstreams: missing", "g.yaml:2: rules: must be a non-empty list"}},
@@ -223,6 +227,7 @@ func TestBrokenConfigs(t *testing.T) {
 		{"expiry", "tls: {require_tls: false}\nrequest_expiry: soon\n" + ok, []string{`g.yaml:2: request_expiry: "soon" is not a positive duration`}},
 		{"webhook", "tls: {require_tls: false}\nwebhook: ftp://x\n" + ok, []string{"g.yaml:2: webhook:"}},
 		{"event_loop", "tls: {require_tls: false}\nevent_loop: off\n" + ok, []string{"g.yaml:2: event_loop: must be true, false, epoll or io_uring"}},
+		{"event_loops", "tls: {require_tls: false}\nevent_loops: 0\n" + ok, []string{"g.yaml:2: event_loops: 0 is out of range"}},
 		{"limits", "tls: {require_tls: false}\nlimits:\n  max_rows: -1\n  max_message_bytes: 10\n  max_connections_per_user: -2\n  dry_run_timeout: soon\n" + ok,
 			[]string{"g.yaml:3: limits.max_rows: -1 is out of range", "g.yaml:4: limits.max_message_bytes: 10 is out of range",
 				"g.yaml:5: limits.max_connections_per_user: -2 is out of range", `g.yaml:6: limits.dry_run_timeout: "soon" is not a positive duration`}},
