@@ -290,31 +290,27 @@ func (l *Loop) Run() {
 	}
 }
 
-// keepProc adds delta processors to GOMAXPROCS. A loop that waits in a
-// raw system call keeps its processor while it sleeps (see wait), so each
-// running loop adds one: the rest of the program (sessions' goroutines,
-// the ledger's writer, the collector) keeps as many processors as it had.
-// Otherwise two loops on a two-core machine would hold both, and every
-// other goroutine would run only when the runtime preempted a loop (every
-// 10 ms).
+// keepProc counts a raw loop in (1) or out (-1). A loop that waits in a
+// raw system call keeps its processor while it sleeps (see wait). The
+// first running loop takes one of the program's processors, as the
+// gate's single loop always did (on two cores the rest keeps one); each
+// further loop adds one to GOMAXPROCS, so that the sessions' goroutines,
+// the ledger's writer and the collector keep what they had rather than run
+// only when the runtime preempts a loop (every 10 ms).
 func keepProc(delta int) {
 	procs.Lock()
 	defer procs.Unlock()
-	procs.kept += delta
-	runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + delta)
+	before := max(procs.running-1, 0)
+	procs.running += delta
+	added := max(procs.running-1, 0)
+	if added != before {
+		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + added - before)
+	}
 }
 
 var procs struct {
 	sync.Mutex
-	kept int // processors added by running loops
-}
-
-// Processors returns GOMAXPROCS without the processors running loops
-// added: the cores the program may use.
-func Processors() int {
-	procs.Lock()
-	defer procs.Unlock()
-	return runtime.GOMAXPROCS(0) - procs.kept
+	running int // raw loops running
 }
 
 // runRing is Run on io_uring. Locked to its thread: the ring has a single

@@ -899,33 +899,36 @@ func TestManyFds(t *testing.T) {
 }
 
 // A loop that waits in raw system calls keeps its processor while it
-// sleeps, so it adds one to GOMAXPROCS while it runs; with one processor
-// it waits in ordinary system calls and adds none.
+// sleeps: the first takes one of the program's, each further one adds one
+// to GOMAXPROCS while it runs; with one processor loops wait in ordinary
+// system calls and add none.
 func TestRunKeepsProcessors(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(0))
 	for _, tc := range []struct {
-		procs, added int
-	}{{2, 1}, {1, 0}} {
-		t.Run(fmt.Sprintf("GOMAXPROCS=%d", tc.procs), func(t *testing.T) {
+		procs, loops, added int
+	}{{2, 1, 0}, {2, 2, 1}, {2, 3, 2}, {1, 2, 0}} {
+		t.Run(fmt.Sprintf("GOMAXPROCS=%d,loops=%d", tc.procs, tc.loops), func(t *testing.T) {
 			runtime.GOMAXPROCS(tc.procs)
-			cores := evloop.Processors()
-			l, err := newLoop()
-			if err != nil {
-				t.Fatal(err)
+			var loops []*evloop.Loop
+			for range tc.loops {
+				l, err := newLoop()
+				if err != nil {
+					t.Fatal(err)
+				}
+				ran := make(chan struct{})
+				go l.Run()
+				if !l.Submit(func() { close(ran) }) {
+					t.Fatal("Submit refused on a new loop")
+				}
+				<-ran // Run counts itself in before its first round
+				loops = append(loops, l)
 			}
-			ran := make(chan struct{})
-			go l.Run()
-			if !l.Submit(func() { close(ran) }) {
-				t.Fatal("Submit refused on a new loop")
-			}
-			<-ran // Run adds its processor before its first round
 			if got := runtime.GOMAXPROCS(0); got != tc.procs+tc.added {
-				t.Fatalf("GOMAXPROCS %d while the loop runs, want %d", got, tc.procs+tc.added)
+				t.Fatalf("GOMAXPROCS %d while the loops run, want %d", got, tc.procs+tc.added)
 			}
-			if got := evloop.Processors(); got != cores {
-				t.Fatalf("Processors() = %d while the loop runs, want %d", got, cores)
+			for _, l := range loops {
+				l.Stop()
 			}
-			l.Stop()
 			if got := runtime.GOMAXPROCS(0); got != tc.procs {
 				t.Fatalf("GOMAXPROCS %d after Stop, want %d", got, tc.procs)
 			}

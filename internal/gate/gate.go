@@ -102,10 +102,10 @@ type Config struct {
 	// where the kernel lacks it).
 	LoopBackend evloop.Backend
 	// Loops is the number of event loops the sessions are spread over
-	// (default GOMAXPROCS: one per core the process may use). One thread
-	// relaying every session is the ceiling of a single-threaded proxy
-	// (PgBouncer's) on a busy machine: while it waits for a core, every
-	// client and every backend waits for it, and the other core idles.
+	// (default 1, PgBouncer's design). Each is a thread of its own, so
+	// one loop caps the gate's relaying at one core; on the project's
+	// 2-core VM two loops cost more CPU per transaction than they gained
+	// (docs/benchmarks.md), so more is a setting for larger machines.
 	Loops int
 	// PoolIdle is the number of idle upstream connections kept per
 	// database for the next session with the same startup parameters
@@ -172,7 +172,7 @@ func (c *Config) applyDefaults() {
 		c.DryRunTimeout = 5 * time.Second
 	}
 	if c.Loops <= 0 {
-		c.Loops = evloop.Processors()
+		c.Loops = 1
 	}
 	if c.PoolIdle == 0 {
 		c.PoolIdle = defaultPoolIdle

@@ -79,7 +79,7 @@ type Config struct {
 	// it, else epoll.
 	LoopBackend string
 	// EventLoops (event_loops: N) is the number of event loops the
-	// sessions are spread over; 0 (not given) is one per core.
+	// sessions are spread over; 0 (not given) is one.
 	EventLoops int
 }
 
