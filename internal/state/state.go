@@ -12,6 +12,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -71,6 +72,7 @@ type DB struct {
 	where   string // path or redacted URL, for messages
 	log     *slog.Logger
 	now     func() time.Time
+	stmts   sync.Map // SQL -> *sql.Stmt, for statements run so often that parsing them shows (prepared)
 }
 
 // Option configures Open.
@@ -207,6 +209,10 @@ func (db *DB) openSQLite(ctx context.Context, dsn string, busy time.Duration) er
 
 // Close closes the database handle.
 func (db *DB) Close() error {
+	db.stmts.Range(func(_, st any) bool {
+		st.(*sql.Stmt).Close()
+		return true
+	})
 	if err := db.sql.Close(); err != nil {
 		return fmt.Errorf("state: close %s: %w", db.where, err)
 	}
@@ -283,6 +289,23 @@ func (db *DB) tx(ctx context.Context, fn func(tx *sql.Tx) error) error {
 		}
 		return tx.Commit()
 	})
+}
+
+// prepared returns query prepared, once per DB (database/sql prepares it
+// again on each connection it runs on, once).
+func (db *DB) prepared(ctx context.Context, query string) (*sql.Stmt, error) {
+	if st, ok := db.stmts.Load(query); ok {
+		return st.(*sql.Stmt), nil
+	}
+	st, err := db.sql.PrepareContext(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	if prev, loaded := db.stmts.LoadOrStore(query, st); loaded {
+		st.Close()
+		return prev.(*sql.Stmt), nil
+	}
+	return st, nil
 }
 
 // exec runs one statement and returns the rows it affected.
