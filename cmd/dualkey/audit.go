@@ -204,9 +204,49 @@ func (a *app) printRecord(r ledger.Record) error {
 		actor = "-"
 	}
 	data := string(r.Data)
-	if r.IsCheckpoint() {
+	var ran ranStatements
+	switch {
+	case r.IsCheckpoint():
 		data = "(signed checkpoint)"
+	case r.Kind == ledger.KindStatements && json.Unmarshal(r.Data, &ran) == nil && len(ran.Statements) > 0:
+		data = fmt.Sprintf("session %s on %s: %d statements", ran.Session, ran.DB, len(ran.Statements))
+	default:
+		ran.Statements = nil
 	}
-	_, err := fmt.Fprintf(a.stdout, "%6d  %s  %-13s %-10s %s\n", r.Seq, r.Time.Local().Format("2006-01-02 15:04:05"), r.Kind, actor, data)
-	return err
+	if _, err := fmt.Fprintf(a.stdout, "%6d  %s  %-13s %-10s %s\n", r.Seq, r.Time.Local().Format("2006-01-02 15:04:05"), r.Kind, actor, data); err != nil {
+		return err
+	}
+	// One line per statement, under its record: a group holds dozens.
+	for _, st := range ran.Statements {
+		outcome := "rows ?"
+		switch {
+		case st.Error != "":
+			outcome = "error " + st.Error
+		case st.Rows != nil:
+			outcome = fmt.Sprintf("rows %d", *st.Rows)
+		}
+		if st.Request != "" {
+			outcome += " request " + st.Request
+		}
+		if _, err := fmt.Fprintf(a.stdout, "        %s  %-11s %-9s %s  %s\n", st.At.Local().Format("15:04:05.000000"), st.Class, st.Decision, outcome, st.SQL); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ranStatements is the data of a "statements" record, as the gate writes
+// it (internal/gate, stmtGroup).
+type ranStatements struct {
+	DB         string `json:"db"`
+	Session    string `json:"session"`
+	Statements []struct {
+		At       time.Time `json:"at"`
+		Class    string    `json:"class"`
+		Decision string    `json:"decision"`
+		Error    string    `json:"error"`
+		Request  string    `json:"request"`
+		Rows     *int64    `json:"rows"`
+		SQL      string    `json:"sql"`
+	} `json:"statements"`
 }

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -90,12 +91,16 @@ rules:
 		for lines.Scan() {
 		}
 	}()
-	defer func() {
-		stop()
-		if code := <-done; code != 0 {
-			t.Errorf("dualkey gate exited %d: %s", code, errb.String())
-		}
-	}()
+	var once sync.Once
+	stopGate := func() {
+		once.Do(func() {
+			stop()
+			if code := <-done; code != 0 {
+				t.Errorf("dualkey gate exited %d: %s", code, errb.String())
+			}
+		})
+	}
+	defer stopGate()
 
 	url := fmt.Sprintf("postgres://alice:alice-password@%s/shop?sslmode=disable", m[1])
 	conn, err := pgx.Connect(ctx, url)
@@ -133,5 +138,26 @@ rules:
 	_, err = pgx.Connect(ctx, url)
 	if !errors.As(err, &pe) || pe.Code != "53300" || !strings.Contains(pe.Message, "limits.max_connections_per_user") {
 		t.Fatalf("second session of alice: %v, want 53300", err)
+	}
+
+	// What the session ran is in the ledger, a line per statement under
+	// its record in audit tail.
+	if _, err := conn.Exec(ctx, "UPDATE t SET id = id WHERE id < 3"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(ctx, "INSERT INTO t VALUES ('x')"); err == nil {
+		t.Fatal("inserting 'x' into an int column worked")
+	}
+	conn.Close(ctx)
+	stopGate() // writes what is queued
+	tail := c.ok("audit", "tail", "-n", "5")
+	for _, re := range []string{
+		`(?m)^ *\d+  \S+ \S+  statements +alice +session [0-9a-f]+ on shop: \d+ statements$`,
+		`(?m)^        \d\d:\d\d:\d\d\.\d{6}  write +allow +rows 2  UPDATE t SET id = id WHERE id < 3$`,
+		`(?m)^        \d\d:\d\d:\d\d\.\d{6}  write +allow +error 22P02  INSERT INTO t VALUES \('x'\)$`,
+	} {
+		if !regexp.MustCompile(re).MatchString(tail) {
+			t.Errorf("audit tail has no line matching %s:\n%s", re, tail)
+		}
 	}
 }

@@ -596,8 +596,10 @@ func testGate(t *testing.T, noLoop bool) {
 			kinds[r.Kind]++
 			var d map[string]any
 			json.Unmarshal(r.Data, &d)
-			if r.Kind == ledger.KindStatement && d["sql"] == "DELETE FROM items WHERE id > 18" && d["rows"] == float64(2) {
-				sawRows = true
+			for _, st := range ranIn(t, r) {
+				if st.SQL == "DELETE FROM items WHERE id > 18" && st.Rows != nil && *st.Rows == 2 && st.Decision == "allow" && !st.At.IsZero() {
+					sawRows = true
+				}
 			}
 			if r.Kind == ledger.KindStatement && d["decision"] == "hold" && d["request"] != nil {
 				sawHold = true
@@ -613,7 +615,7 @@ func testGate(t *testing.T, noLoop bool) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, k := range []string{ledger.KindSessionOpen, ledger.KindSessionClose, ledger.KindStatement, ledger.KindRequest, ledger.KindApproval, ledger.KindDecision} {
+		for _, k := range []string{ledger.KindSessionOpen, ledger.KindSessionClose, ledger.KindStatement, ledger.KindStatements, ledger.KindRequest, ledger.KindApproval, ledger.KindDecision} {
 			if kinds[k] == 0 {
 				t.Errorf("no %s record (have %v)", k, kinds)
 			}

@@ -1,7 +1,6 @@
 package gate
 
 import (
-	"bytes"
 	"crypto/ed25519"
 	"database/sql"
 	"encoding/json"
@@ -19,31 +18,119 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
-// A statement record's data encodes exactly as the map it replaced did, so
-// the ledger's records (and their hashes) are what they were.
-func TestStmtDataAsMap(t *testing.T) {
-	rows, zero := int64(7), int64(0)
-	for _, d := range []stmtData{
-		{Class: "write", DB: "shop", Decision: "allow", Rule: "r", Session: "s1", SQL: "UPDATE t SET a = '<&>' WHERE id = 1", Rows: &rows},
-		{Class: "read", DB: "shop", Decision: "approved", Rule: "", Session: "s2", SQL: "SELECT 1", Rows: &zero, Request: "abc"},
-		{Class: "write", DB: "x", Decision: "allow", Rule: "r", Session: "s3", SQL: "INSERT", Error: "23505"},
-	} {
-		m := map[string]any{"session": d.Session, "db": d.DB, "class": d.Class, "decision": d.Decision, "rule": d.Rule, "sql": d.SQL}
-		if d.Rows != nil {
-			m["rows"] = *d.Rows
-		}
-		if d.Error != "" {
-			m["error"] = d.Error
-		}
-		if d.Request != "" {
-			m["request"] = d.Request
-		}
-		a, err1 := json.Marshal(&d)
-		b, err2 := json.Marshal(m)
-		if err1 != nil || err2 != nil || !bytes.Equal(a, b) {
-			t.Fatalf("struct %s\nmap    %s (%v %v)", a, b, err1, err2)
-		}
+// The recorder makes one "statements" record per session per batch, at
+// its first statement's place; any other record is a barrier that keeps
+// the order around it; groups are bounded; rows are there when known.
+func TestGroupStatements(t *testing.T) {
+	at := time.Date(2026, 12, 2, 12, 0, 0, 5, time.UTC)
+	st := func(session, sql string, rows int64) queued {
+		return queued{st: &ranStmt{session: session, db: "db-" + session, actor: "u-" + session,
+			item: stmtItem{At: at, Class: "write", Decision: "allow", Rule: "r", SQL: sql, rows: rows}}}
 	}
+	other := func(kind string) queued { return queued{e: ledger.Entry{Kind: kind, Actor: "x"}} }
+	// what shows the grouping: kind, then the SQL of each group's statements
+	show := func(es []ledger.Entry) string {
+		var b strings.Builder
+		for _, e := range es {
+			b.WriteString(e.Kind)
+			if g, ok := e.Data.(*stmtGroup); ok {
+				fmt.Fprintf(&b, "(%s %s %s:", e.Actor, g.Session, g.DB)
+				for _, it := range g.Statements {
+					b.WriteString(" " + it.SQL)
+				}
+				b.WriteString(")")
+			}
+			b.WriteString("; ")
+		}
+		return b.String()
+	}
+	for _, tc := range []struct {
+		name  string
+		batch []queued
+		want  string
+	}{
+		{"one session", []queued{st("a", "1", 1), st("a", "2", 1), st("a", "3", 1)},
+			"statements(u-a a db-a: 1 2 3); "},
+		{"sessions interleaved", []queued{st("a", "1", 1), st("b", "2", 1), st("a", "3", 1), st("b", "4", 1)},
+			"statements(u-a a db-a: 1 3); statements(u-b b db-b: 2 4); "},
+		{"a barrier", []queued{st("a", "1", 1), st("b", "2", 1), other("session.close"), st("a", "3", 1), st("b", "4", 1)},
+			"statements(u-a a db-a: 1); statements(u-b b db-b: 2); session.close; statements(u-a a db-a: 3); statements(u-b b db-b: 4); "},
+		{"only others", []queued{other("session.open"), other("statement")}, "session.open; statement; "},
+		{"empty", nil, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := show(groupStatements(tc.batch)); got != tc.want {
+				t.Errorf("got  %s\nwant %s", got, tc.want)
+			}
+		})
+	}
+
+	t.Run("bounded", func(t *testing.T) {
+		var batch []queued
+		for range maxGroupStatements + 1 {
+			batch = append(batch, st("a", "x", 1))
+		}
+		if es := groupStatements(batch); len(es) != 2 || len(es[0].Data.(*stmtGroup).Statements) != maxGroupStatements {
+			t.Errorf("%d statements made %d records, want %d and 1", maxGroupStatements+1, len(es), maxGroupStatements)
+		}
+		long := strings.Repeat("y", 4097)
+		batch = batch[:0]
+		for range 2*maxGroupText/len(long) + 1 {
+			batch = append(batch, st("a", long, 1))
+		}
+		es := groupStatements(batch)
+		for _, e := range es {
+			if g := e.Data.(*stmtGroup); g.text > maxGroupText {
+				t.Errorf("a group of %d bytes of SQL, limit %d", g.text, maxGroupText)
+			}
+		}
+		if len(es) < 3 {
+			t.Errorf("%d statements of 4 KiB in %d records", len(batch), len(es))
+		}
+		worst := strings.Repeat("\x01", 4096) // escaped as \u0001: six bytes each
+		batch = batch[:0]
+		for range maxGroupText / len(worst) {
+			batch = append(batch, st("a", worst, 1))
+		}
+		b, err := json.Marshal(groupStatements(batch)[0].Data)
+		if err != nil || len(b) > ledger.MaxRecordSize-1024 {
+			t.Errorf("the largest group encodes to %d bytes (%v), the ledger takes %d", len(b), err, ledger.MaxRecordSize)
+		}
+	})
+
+	t.Run("encoding", func(t *testing.T) {
+		b := []queued{st("a", "UPDATE t SET a = '<&>'", 7), st("a", "SELECT 1", 0), st("a", "INSERT", -1)}
+		b[2].st.item.Error, b[1].st.item.Request = "23505", "req1"
+		got, err := json.Marshal(groupStatements(b)[0].Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The keys are in a map's order, as in every other record.
+		want := `{"db":"db-a","session":"a","statements":[` +
+			`{"at":"2026-12-02T12:00:00.000000005Z","class":"write","decision":"allow","rows":7,"rule":"r","sql":"UPDATE t SET a = '\u003c\u0026\u003e'"},` +
+			`{"at":"2026-12-02T12:00:00.000000005Z","class":"write","decision":"allow","request":"req1","rows":0,"rule":"r","sql":"SELECT 1"},` +
+			`{"at":"2026-12-02T12:00:00.000000005Z","class":"write","decision":"allow","error":"23505","rule":"r","sql":"INSERT"}]}`
+		if string(got) != want {
+			t.Errorf("got  %s\nwant %s", got, want)
+		}
+	})
+}
+
+// ranIn returns the statements a "statements" record holds (none for
+// another kind).
+func ranIn(t *testing.T, r ledger.Record) []stmtItem {
+	t.Helper()
+	if r.Kind != ledger.KindStatements {
+		return nil
+	}
+	var g stmtGroup
+	if err := json.Unmarshal(r.Data, &g); err != nil {
+		t.Fatalf("record %d: %v", r.Seq, err)
+	}
+	if len(g.Statements) == 0 || g.Session == "" || g.DB == "" || r.Actor == "" {
+		t.Fatalf("record %d: an incomplete statements record: %s", r.Seq, r.Data)
+	}
+	return g.Statements
 }
 
 // TestLedgerOutage: while the ledger cannot be written the gate refuses
@@ -169,9 +256,10 @@ func ledgerOutage(t *testing.T, e *env, table string, within time.Duration, down
 		if err != nil {
 			return err
 		}
-		var d stmtData
-		if r.Kind == ledger.KindStatement && json.Unmarshal(r.Data, &d) == nil && strings.HasPrefix(d.SQL, "INSERT INTO "+table) {
-			inserts[d.SQL]++
+		for _, st := range ranIn(t, r) {
+			if strings.HasPrefix(st.SQL, "INSERT INTO "+table) {
+				inserts[st.SQL]++
+			}
 		}
 		return nil
 	})

@@ -1150,27 +1150,9 @@ func (s *session) completed(r *stmtRec, rows int64, code string) {
 	if r.class == string(classify.Read) && r.decision == "allow" && !s.g.cfg.RecordReads && code == "" {
 		return
 	}
-	data := &stmtData{Session: s.id, DB: s.dbName, Class: r.class, Decision: r.decision, Rule: r.rule,
-		SQL: auditText(r.text), Error: code, Request: r.request}
-	if rows >= 0 {
-		data.Rows = &rows
-	}
-	s.g.rec.add(ledger.Entry{Kind: ledger.KindStatement, Actor: s.user.Name, Data: data})
-}
-
-// stmtData is a statement record's data. A struct rather than a map, which
-// encoding/json encodes several times slower (it sorts the keys); the
-// fields are in key order, so the bytes are the map's (TestStmtDataAsMap).
-type stmtData struct {
-	Class    string `json:"class"`
-	DB       string `json:"db"`
-	Decision string `json:"decision"`
-	Error    string `json:"error,omitempty"`
-	Request  string `json:"request,omitempty"`
-	Rows     *int64 `json:"rows,omitempty"`
-	Rule     string `json:"rule"`
-	Session  string `json:"session"`
-	SQL      string `json:"sql"`
+	s.g.rec.ran(&ranStmt{session: s.id, db: s.dbName, actor: s.user.Name, item: stmtItem{
+		At: time.Now().UTC(), Class: r.class, Decision: r.decision, Rule: r.rule,
+		SQL: auditText(r.text), Error: code, Request: r.request, rows: rows}})
 }
 
 // auditText is the statement as the ledger keeps it: clipped, and without

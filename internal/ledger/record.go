@@ -17,7 +17,8 @@ import (
 const (
 	KindSessionOpen  = "session.open"  // a client connected to a gateway
 	KindSessionClose = "session.close" // a client disconnected
-	KindStatement    = "statement"     // a statement, its class and the gate's decision
+	KindStatement    = "statement"     // a statement denied or held: its class, the gate's decision, the request
+	KindStatements   = "statements"    // statements one session ran, in order, each with its time, class and rows
 	KindDecision     = "decision"      // a request decided: approved by quorum, denied, expired, consumed
 	KindRequest      = "request"       // a request opened for quorum
 	KindApproval     = "approval"      // one approver's signature on a request
