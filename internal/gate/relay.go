@@ -94,7 +94,8 @@ type relay struct {
 
 	mu       sync.Mutex
 	queue    []*entry
-	skipPush bool // upstream skips to Sync: drop entries until a Sync entry
+	qbuf     []*entry // the array queue began in when it was last empty (push)
+	skipPush bool     // upstream skips to Sync: drop entries until a Sync entry
 	emptyCh  chan struct{}
 	block    bool // in a transaction block
 	failed   bool // the block is aborted
@@ -129,7 +130,16 @@ func (r *relay) push(e *entry) {
 		}
 		r.skipPush = false
 	}
+	// An empty queue starts again at the start of its array: a slice that
+	// only walks forward made append reallocate it every few messages (1%
+	// of the gate's CPU under pgbench TPC-B).
+	if len(r.queue) == 0 {
+		r.queue = r.qbuf[:0]
+	}
 	r.queue = append(r.queue, e)
+	if len(r.queue) == 1 {
+		r.qbuf = r.queue
+	}
 }
 
 func (r *relay) head() *entry {
