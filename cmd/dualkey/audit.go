@@ -209,7 +209,7 @@ func (a *app) printRecord(r ledger.Record) error {
 	case r.IsCheckpoint():
 		data = "(signed checkpoint)"
 	case r.Kind == ledger.KindStatements && json.Unmarshal(r.Data, &ran) == nil && len(ran.Statements) > 0:
-		data = fmt.Sprintf("session %s on %s: %d statements", ran.Session, ran.DB, len(ran.Statements))
+		data = fmt.Sprintf("session %s on %s: %d statements, rule %s", ran.Session, ran.DB, len(ran.Statements), ran.Rule)
 	default:
 		ran.Statements = nil
 	}
@@ -239,6 +239,7 @@ func (a *app) printRecord(r ledger.Record) error {
 // it (internal/gate, stmtGroup).
 type ranStatements struct {
 	DB         string `json:"db"`
+	Rule       string `json:"rule"`
 	Session    string `json:"session"`
 	Statements []struct {
 		At       time.Time `json:"at"`

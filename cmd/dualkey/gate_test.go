@@ -152,7 +152,7 @@ rules:
 	stopGate() // writes what is queued
 	tail := c.ok("audit", "tail", "-n", "5")
 	for _, re := range []string{
-		`(?m)^ *\d+  \S+ \S+  statements +alice +session [0-9a-f]+ on shop: \d+ statements$`,
+		`(?m)^ *\d+  \S+ \S+  statements +alice +session [0-9a-f]+ on shop: \d+ statements, rule rules\[1\] "work" \(.*gate\.yaml:11\)$`,
 		`(?m)^        \d\d:\d\d:\d\d\.\d{6}  write +allow +rows 2  UPDATE t SET id = id WHERE id < 3$`,
 		`(?m)^        \d\d:\d\d:\d\d\.\d{6}  write +allow +error 22P02  INSERT INTO t VALUES \('x'\)$`,
 	} {

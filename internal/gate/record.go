@@ -51,8 +51,8 @@ type queued struct {
 
 // ranStmt is one statement a session ran (or tried to), for the ledger.
 type ranStmt struct {
-	session, db, actor string
-	item               stmtItem
+	session, db, actor, rule string
+	item                     stmtItem
 }
 
 // stmtGroup is the data of a "statements" record: statements one session
@@ -63,10 +63,13 @@ type ranStmt struct {
 // signed checkpoint every 64 records): more than PgBouncer spends on the
 // whole transaction in user space. Grouped, the fields a record repeats
 // (seq, time, kind, actor, the two hashes, session, db) are paid once per
-// group. Every statement is still there, in a record of the hash chain.
+// group, and so is the rule (a quarter of a statement's bytes, which
+// SQLite writes twice). Every statement is still there, in a record of the
+// hash chain.
 // Fields in key order (encoding/json's order for a map).
 type stmtGroup struct {
 	DB         string     `json:"db"`
+	Rule       string     `json:"rule"` // the policy rule that decided them all (a new group when it changes)
 	Session    string     `json:"session"`
 	Statements []stmtItem `json:"statements"`
 
@@ -81,7 +84,6 @@ type stmtItem struct {
 	Error    string    `json:"error,omitempty"` // SQLSTATE, when it failed
 	Request  string    `json:"request,omitempty"`
 	Rows     *int64    `json:"rows,omitempty"` // rows it touched, when known
-	Rule     string    `json:"rule"`
 	SQL      string    `json:"sql"`
 
 	rows int64 // Rows points here once the item sits in its group: no allocation per statement
@@ -96,9 +98,11 @@ const (
 
 // groupStatements turns a batch into ledger entries: the statements of each
 // session become one "statements" record, at the place of its first
-// statement in the batch. Any other record is a barrier that no statement
-// crosses: a session's close, a denial or a hold stays after the statements
-// that came before it and before those that came after.
+// statement in the batch, or several when the rule that decided them
+// changes (a session's statements stay in order). Any other record is a
+// barrier that no statement crosses: a session's close, a denial or a hold
+// stays after the statements that came before it and before those that
+// came after.
 func groupStatements(batch []queued) []ledger.Entry {
 	out := make([]ledger.Entry, 0, len(batch))
 	open := map[string]*stmtGroup{}
@@ -109,8 +113,8 @@ func groupStatements(batch []queued) []ledger.Entry {
 			continue
 		}
 		g := open[q.st.session]
-		if g == nil || len(g.Statements) >= maxGroupStatements || g.text+len(q.st.item.SQL) > maxGroupText {
-			g = &stmtGroup{DB: q.st.db, Session: q.st.session}
+		if g == nil || g.Rule != q.st.rule || len(g.Statements) >= maxGroupStatements || g.text+len(q.st.item.SQL) > maxGroupText {
+			g = &stmtGroup{DB: q.st.db, Rule: q.st.rule, Session: q.st.session}
 			open[q.st.session] = g
 			out = append(out, ledger.Entry{Kind: ledger.KindStatements, Actor: q.st.actor, Data: g})
 		}

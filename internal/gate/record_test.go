@@ -24,9 +24,10 @@ import (
 func TestGroupStatements(t *testing.T) {
 	at := time.Date(2026, 12, 2, 12, 0, 0, 5, time.UTC)
 	st := func(session, sql string, rows int64) queued {
-		return queued{st: &ranStmt{session: session, db: "db-" + session, actor: "u-" + session,
-			item: stmtItem{At: at, Class: "write", Decision: "allow", Rule: "r", SQL: sql, rows: rows}}}
+		return queued{st: &ranStmt{session: session, db: "db-" + session, actor: "u-" + session, rule: "r",
+			item: stmtItem{At: at, Class: "write", Decision: "allow", SQL: sql, rows: rows}}}
 	}
+	ruled := func(rule string, q queued) queued { q.st.rule = rule; return q }
 	other := func(kind string) queued { return queued{e: ledger.Entry{Kind: kind, Actor: "x"}} }
 	// what shows the grouping: kind, then the SQL of each group's statements
 	show := func(es []ledger.Entry) string {
@@ -34,6 +35,9 @@ func TestGroupStatements(t *testing.T) {
 		for _, e := range es {
 			b.WriteString(e.Kind)
 			if g, ok := e.Data.(*stmtGroup); ok {
+				if g.Rule != "r" {
+					b.WriteString("[" + g.Rule + "]")
+				}
 				fmt.Fprintf(&b, "(%s %s %s:", e.Actor, g.Session, g.DB)
 				for _, it := range g.Statements {
 					b.WriteString(" " + it.SQL)
@@ -55,6 +59,8 @@ func TestGroupStatements(t *testing.T) {
 			"statements(u-a a db-a: 1 3); statements(u-b b db-b: 2 4); "},
 		{"a barrier", []queued{st("a", "1", 1), st("b", "2", 1), other("session.close"), st("a", "3", 1), st("b", "4", 1)},
 			"statements(u-a a db-a: 1); statements(u-b b db-b: 2); session.close; statements(u-a a db-a: 3); statements(u-b b db-b: 4); "},
+		{"the rule changes", []queued{st("a", "1", 1), ruled("r2", st("a", "2", 1)), st("b", "3", 1), ruled("r2", st("a", "4", 1)), st("a", "5", 1), st("b", "6", 1)},
+			"statements(u-a a db-a: 1); statements[r2](u-a a db-a: 2 4); statements(u-b b db-b: 3 6); statements(u-a a db-a: 5); "},
 		{"only others", []queued{other("session.open"), other("statement")}, "session.open; statement; "},
 		{"empty", nil, ""},
 	} {
@@ -106,10 +112,10 @@ func TestGroupStatements(t *testing.T) {
 			t.Fatal(err)
 		}
 		// The keys are in a map's order, as in every other record.
-		want := `{"db":"db-a","session":"a","statements":[` +
-			`{"at":"2026-12-02T12:00:00.000000005Z","class":"write","decision":"allow","rows":7,"rule":"r","sql":"UPDATE t SET a = '\u003c\u0026\u003e'"},` +
-			`{"at":"2026-12-02T12:00:00.000000005Z","class":"write","decision":"allow","request":"req1","rows":0,"rule":"r","sql":"SELECT 1"},` +
-			`{"at":"2026-12-02T12:00:00.000000005Z","class":"write","decision":"allow","error":"23505","rule":"r","sql":"INSERT"}]}`
+		want := `{"db":"db-a","rule":"r","session":"a","statements":[` +
+			`{"at":"2026-12-02T12:00:00.000000005Z","class":"write","decision":"allow","rows":7,"sql":"UPDATE t SET a = '\u003c\u0026\u003e'"},` +
+			`{"at":"2026-12-02T12:00:00.000000005Z","class":"write","decision":"allow","request":"req1","rows":0,"sql":"SELECT 1"},` +
+			`{"at":"2026-12-02T12:00:00.000000005Z","class":"write","decision":"allow","error":"23505","sql":"INSERT"}]}`
 		if string(got) != want {
 			t.Errorf("got  %s\nwant %s", got, want)
 		}

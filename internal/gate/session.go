@@ -1150,8 +1150,8 @@ func (s *session) completed(r *stmtRec, rows int64, code string) {
 	if r.class == string(classify.Read) && r.decision == "allow" && !s.g.cfg.RecordReads && code == "" {
 		return
 	}
-	s.g.rec.ran(&ranStmt{session: s.id, db: s.dbName, actor: s.user.Name, item: stmtItem{
-		At: time.Now().UTC(), Class: r.class, Decision: r.decision, Rule: r.rule,
+	s.g.rec.ran(&ranStmt{session: s.id, db: s.dbName, actor: s.user.Name, rule: r.rule, item: stmtItem{
+		At: time.Now().UTC(), Class: r.class, Decision: r.decision,
 		SQL: auditText(r.text), Error: code, Request: r.request, rows: rows}})
 }
 
