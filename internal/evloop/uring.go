@@ -212,8 +212,12 @@ func (u *uring) check(f *ufd) error {
 	}
 	// A receive stays armed whatever f waits for (at most one buffer
 	// held per fd), so that a reset is seen, as epoll reports one always.
+	// It waits for readiness first: a socket just read to its end is
+	// almost always empty (a request waits for its answer), and a receive
+	// tried at once would only fail and then arm the same wait (1-3 µs of
+	// system time per pgbench transaction less, at saturation).
 	if len(f.data) == 0 && f.rerr == nil && !f.recving && !f.starved {
-		if err := u.recv(f, 0); err != nil {
+		if err := u.recv(f, recvsendPollFirst); err != nil {
 			return err
 		}
 	}
