@@ -63,12 +63,20 @@
 #     state beside the config); reads are counted per session.
 #   PostgreSQL: shared_buffers=256MB, everything else default; proxies and
 #     server on 127.0.0.1.
+#   Sessions: each server runs in its own session (setsid), as a daemon
+#     does: PgBouncer and the gate (and the floor's relays) as PostgreSQL's
+#     backends already do, each of which calls setsid. With autogroups on
+#     (kernel.sched_autogroup_enabled=1, Debian's default) a session is a
+#     scheduling group, and a proxy started from this script would share one
+#     with pgbench. BENCH_GATE_SESSIONS=shared starts them the old way.
 #
 # Usage: bench/gate.sh [WORKDIR]   (default $BENCH_WORK or /tmp/dualkey-bench)
 # Environment: BENCH_GATE_SCALE (10), BENCH_GATE_SECONDS (15),
 # BENCH_GATE_WARMUP (8),
 # BENCH_GATE_ROUNDS (3), BENCH_GATE_PROFILE (1; 0 skips the profile runs),
 # BENCH_GATE_FLOOR (1; 0 skips the bench/gatefloor relays),
+# BENCH_GATE_SESSIONS (own: each server in its own session; shared: in this
+# script's, with pgbench),
 # BENCH_GATE_CASES (all by default; else a comma-separated subset of
 # select-simple-8, select-prepared-8, tpcb-simple-8, tpcb-prepared-8 and the
 # same with -1: to look at a few workloads with more rounds),
@@ -90,6 +98,7 @@ ROUNDS=${BENCH_GATE_ROUNDS:-3}
 PROFILE=${BENCH_GATE_PROFILE:-1}
 FLOOR=${BENCH_GATE_FLOOR:-1}
 ONLY=${BENCH_GATE_CASES:-}
+SESSIONS=${BENCH_GATE_SESSIONS:-own}
 LOCK=${BENCH_LOCK:-}
 DUALKEY_SRC=${DUALKEY_BIN:-$ROOT/bin/dualkey}
 RESULTS=${BENCH_RESULTS:-$ROOT/bench/results/$(date +%Y-%m-%d).md}
@@ -110,6 +119,16 @@ CLEANUP_HOOK=lock_cleanup
 ((EUID == 0)) || die "run as root (servers run as user $OSUSER)"
 [[ -x $PGBIN/initdb && -x $PGBIN/pgbench ]] || die "PostgreSQL 15 missing; run scripts/setup.sh bench"
 [[ -x $PGBOUNCER ]] || die "pgbouncer missing; run scripts/setup.sh bench"
+# own_session PID NAME: with BENCH_GATE_SESSIONS=own, PID (the pid the CPU
+# is read from) must lead its own session.
+own_session() {
+	[[ $SESSIONS == shared || $(ps -o sid= -p "$1" | tr -d ' ') == "$1" ]] || die "$2 (pid $1) is not in its own session"
+}
+case $SESSIONS in
+own) DAEMON=(setsid) ;; # not a process group leader here, so setsid execs: $! stays the server's pid
+shared) DAEMON=() ;;
+*) die "BENCH_GATE_SESSIONS must be own or shared, not $SESSIONS" ;;
+esac
 [[ -x $DUALKEY_SRC ]] || die "dualkey binary $DUALKEY_SRC missing; make build (or DUALKEY_BIN=...)"
 [[ ($PROFILE == 0 && $FLOOR == 0) || -x $GO ]] || die "go needed for go tool pprof and bench/gatefloor (or BENCH_GATE_PROFILE=0 BENCH_GATE_FLOOR=0)"
 
@@ -191,10 +210,11 @@ free_port BOUNCER_PORT
 EOF
 )
 chown "$OSUSER" "$GW/userlist.txt" "$GW/pgbouncer.ini"
-"${AS_PG[@]}" "$PGBOUNCER" -q "$GW/pgbouncer.ini" &
+${DAEMON[@]+"${DAEMON[@]}"} "${AS_PG[@]}" "$PGBOUNCER" -q "$GW/pgbouncer.ini" &
 BOUNCER=$!
 BG_PIDS+=("$BOUNCER")
 wait_until "pgbouncer to listen" 30 "listening $BOUNCER_PORT"
+own_session "$BOUNCER" pgbouncer
 note "pgbouncer" "pgbouncer -q GW/pgbouncer.ini  (pool_mode=session, auth_type=scram-sha-256, default_pool_size=20; [databases] bench = host=127.0.0.1 port=PG dbname=bench user=bench password=...)"
 
 # The gate: one person, bench, with a SCRAM verifier in the state store.
@@ -225,14 +245,16 @@ EOF
 chown "$OSUSER" "$GW/gate.yaml"
 note "gate users" "dualkey --state GW/state/state.db users add bench; dualkey --state GW/state/state.db users passwd bench --password-stdin"
 note "gate" "dualkey gate --config GW/gate.yaml  (gate.yaml in the results)"
+note "sessions" "$SESSIONS (own: PgBouncer, the gate and the relays each started with setsid; shared: in the script's session, with pgbench)"
 
 # gate_start [ENV=VALUE...]: start a gate; sets GATE
 gate_start() {
-	"${AS_PG[@]}" env "$@" "${DK[@]}" gate --config "$GW/gate.yaml" >>"$GW/logs/gate.log" 2>&1 &
+	${DAEMON[@]+"${DAEMON[@]}"} "${AS_PG[@]}" env "$@" "${DK[@]}" gate --config "$GW/gate.yaml" >>"$GW/logs/gate.log" 2>&1 &
 	GATE=$!
 	BG_PIDS+=("$GATE")
 	wait_until "the gate to listen" 30 "listening $GATE_PORT"
 	kill -0 "$GATE" || die "gate exited: $(tail -n 5 "$GW/logs/gate.log")"
+	own_session "$GATE" gate
 }
 gate_start
 
@@ -250,12 +272,13 @@ if [[ $FLOOR != 0 ]]; then
 	"$GO" build -o "$GW/bin/gatefloor" "$ROOT/bench/gatefloor" || die "go build bench/gatefloor failed"
 	for mode in epoll evloop; do
 		free_port port
-		"${AS_PG[@]}" "$GW/bin/gatefloor" -mode "$mode" -listen "127.0.0.1:$port" -upstream "127.0.0.1:$PGPORT" >>"$GW/logs/gatefloor.log" 2>&1 &
+		${DAEMON[@]+"${DAEMON[@]}"} "${AS_PG[@]}" "$GW/bin/gatefloor" -mode "$mode" -listen "127.0.0.1:$port" -upstream "127.0.0.1:$PGPORT" >>"$GW/logs/gatefloor.log" 2>&1 &
 		BG_PIDS+=("$!")
 		PID_OF[relay-$mode]=$!
 		PORT_OF[relay-$mode]=$port
 		FLOOR_TARGETS+=("relay-$mode")
 		wait_until "gatefloor -mode $mode to listen" 30 "listening $port"
+		own_session "${PID_OF[relay-$mode]}" "gatefloor -mode $mode"
 	done
 	note "floor" "gatefloor -mode epoll|evloop -listen 127.0.0.1:PORT -upstream 127.0.0.1:PG  (bench/gatefloor: a relay that copies bytes, nothing else)"
 fi
