@@ -574,6 +574,14 @@ func testGate(t *testing.T, noLoop bool) {
 	})
 
 	t.Run("ledger", func(t *testing.T) {
+		// One prepared statement run three times: three records, each
+		// with its own rows.
+		const again = "INSERT INTO items SELECT $1::int, 'again' WHERE $2::bool"
+		for i := range 3 {
+			if _, err := c.Exec(ctx, again, 10000+i, i != 1); err != nil {
+				t.Fatalf("prepared insert %d: %v", i, err)
+			}
+		}
 		// Wait for c's session to end (its close record is queued before
 		// its place is released), then for the queue to be written.
 		open, _ := e.g.Sessions("alice")
@@ -588,6 +596,7 @@ func testGate(t *testing.T, noLoop bool) {
 		e.g.rec.flush()
 		kinds := map[string]int{}
 		var sawRows, sawHold bool
+		var againRows []int64
 		err := e.db.Ledger().Read(ctx, 1, func(_ uint64, rec []byte) error {
 			r, err := ledger.ParseRecord(rec)
 			if err != nil {
@@ -599,6 +608,9 @@ func testGate(t *testing.T, noLoop bool) {
 			for _, st := range ranIn(t, r) {
 				if st.SQL == "DELETE FROM items WHERE id > 18" && st.Rows != nil && *st.Rows == 2 && st.Decision == "allow" && !st.At.IsZero() {
 					sawRows = true
+				}
+				if st.SQL == again && st.Rows != nil {
+					againRows = append(againRows, *st.Rows)
 				}
 			}
 			if r.Kind == ledger.KindStatement && d["decision"] == "hold" && d["request"] != nil {
@@ -622,6 +634,9 @@ func testGate(t *testing.T, noLoop bool) {
 		}
 		if !sawRows || !sawHold {
 			t.Errorf("statement records: rows %v, hold %v", sawRows, sawHold)
+		}
+		if fmt.Sprint(againRows) != "[1 0 1]" {
+			t.Errorf("a prepared insert run three times: records with rows %v, want [1 0 1]", againRows)
 		}
 	})
 }

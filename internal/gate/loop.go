@@ -87,6 +87,7 @@ type loopSession struct {
 	paused     bool   // a goroutine classifies the next client message
 	ended      bool
 	exit       chan loopExit
+	dec        decoders
 
 	tc *tls.Conn     // the client's TLS, if any
 	tt *tlsTransport // ... and the transport under it
@@ -286,7 +287,7 @@ func (ls *loopSession) clientData(data []byte) {
 		if size == 0 {
 			break
 		}
-		msg := decodeFrontend(typ, body)
+		msg := ls.dec.decode(typ, body)
 		if msg == nil {
 			ls.escape(data[off:], fmt.Sprintf("message type %q", typ))
 			return
@@ -330,32 +331,56 @@ func frame(data []byte, max int) (typ byte, body []byte, size int, ok bool) {
 // decodeFrontend decodes the messages the loop handles itself, or returns
 // nil (anything else, or a body that does not decode).
 func decodeFrontend(typ byte, body []byte) pgproto3.FrontendMessage {
+	return new(decoders).decode(typ, body)
+}
+
+// decoders are the messages a session on the loop decodes into, reused
+// from one message to the next (an allocation less per message: three per
+// statement under the extended protocol). A decoded message lives only
+// until the next is decoded: dispatch encodes what it forwards at once
+// and keeps strings, never the message.
+type decoders struct {
+	q  pgproto3.Query
+	p  pgproto3.Parse
+	b  pgproto3.Bind
+	d  pgproto3.Describe
+	e  pgproto3.Execute
+	c  pgproto3.Close
+	s  pgproto3.Sync
+	h  pgproto3.Flush
+	cd pgproto3.CopyData
+	cc pgproto3.CopyDone
+	cf pgproto3.CopyFail
+	x  pgproto3.Terminate
+}
+
+func (dc *decoders) decode(typ byte, body []byte) pgproto3.FrontendMessage {
 	var m pgproto3.FrontendMessage
 	switch typ {
 	case 'Q':
-		m = &pgproto3.Query{}
+		m = &dc.q
 	case 'P':
-		m = &pgproto3.Parse{}
+		m = &dc.p
 	case 'B':
-		m = &pgproto3.Bind{}
+		m = &dc.b
 	case 'D':
-		m = &pgproto3.Describe{}
+		m = &dc.d
 	case 'E':
-		m = &pgproto3.Execute{}
+		m = &dc.e
 	case 'C':
-		m = &pgproto3.Close{}
+		m = &dc.c
 	case 'S':
-		m = &pgproto3.Sync{}
+		m = &dc.s
 	case 'H':
-		m = &pgproto3.Flush{}
+		m = &dc.h
 	case 'd':
-		m = &pgproto3.CopyData{}
+		m = &dc.cd
 	case 'c':
-		m = &pgproto3.CopyDone{}
+		m = &dc.cc
 	case 'f':
-		m = &pgproto3.CopyFail{}
+		m = &dc.cf
 	case 'X':
-		m = &pgproto3.Terminate{}
+		m = &dc.x
 	default:
 		return nil
 	}

@@ -46,7 +46,7 @@ type entry struct {
 	keepRFQ  bool                    // ...except its ReadyForQuery
 	dropRFQ  bool                    // forward everything but the ReadyForQuery
 	replace  *pgproto3.ErrorResponse // send this instead of the entry's ErrorResponse
-	onError  func()                  // the message failed or was skipped
+	undef    undef                   // undone when the message failed or was skipped
 	guard    *guard
 	probe    *probe     // a dry run's messages: its tag or error goes here, not to the client
 	recs     []*stmtRec // statements to record as they complete
@@ -123,9 +123,7 @@ func (r *relay) push(e *entry) {
 	if r.skipPush {
 		if e.kind != ekSync {
 			// PostgreSQL will skip this message: it gets no answer.
-			if e.onError != nil {
-				e.onError()
-			}
+			r.s.undefine(&e.undef)
 			return
 		}
 		r.skipPush = false
@@ -172,9 +170,7 @@ func (r *relay) skipToSync() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for len(r.queue) > 0 && r.queue[0].kind != ekSync {
-		if f := r.queue[0].onError; f != nil {
-			f()
-		}
+		r.s.undefine(&r.queue[0].undef)
 		r.popLocked()
 	}
 	if len(r.queue) == 0 {
@@ -448,9 +444,7 @@ func (r *relay) handle(e *entry, typ byte, body []byte) error {
 	if terminal {
 		r.pop()
 		if typ == 'E' && e.kind != ekQuery {
-			if e.onError != nil {
-				e.onError()
-			}
+			r.s.undefine(&e.undef)
 			r.skipToSync()
 		}
 	}
