@@ -34,7 +34,8 @@
 #             epoll (as PgBouncer) and the gate's event loop (io_uring where
 #             the kernel has it): what the gate pays before its own work
 #   profile   afterwards, a gate started with DUALKEY_CPUPROFILE runs the
-#             8-client select-only workload once per protocol; stopped with
+#             8-client select-only workload once per protocol, and TPC-B
+#             prepared (where the ledger's records cost most); stopped with
 #             SIGINT so the profile is flushed; `go tool pprof -top` of each
 #
 # Settings, chosen to make the proxies' jobs alike:
@@ -377,23 +378,25 @@ done
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 bg_stop "$GATE"
 
-# --- profile: a gate of its own per protocol, 8-client select-only --------------------------
+# --- profile: a gate of its own per workload, 8 clients --------------------------------------
+PROFILES=("select simple" "select prepared" "tpcb prepared")
 PROFILE_TOPS=()
 if [[ $PROFILE != 0 ]]; then
 	lock_on
-	for m in simple prepared; do
-		prof=$GW/gate-select-$m.pprof
+	for p in "${PROFILES[@]}"; do
+		read -r w m <<<"$p"
+		prof=$GW/gate-$w-$m.pprof
 		gate_start DUALKEY_CPUPROFILE="$prof"
-		run_one select "$m" 8 gate "$GW/logs/profile-$m.log"
-		say "profile run -M $m: $R_TPS tps, gate CPU $R_CPU%"
-		PROFILE_TOPS+=("$m, $R_TPS tps, gate CPU $R_CPU% of one core")
+		run_one "$w" "$m" 8 gate "$GW/logs/profile-$w-$m.log"
+		say "profile run $w -M $m: $R_TPS tps, gate CPU $R_CPU%"
+		PROFILE_TOPS+=("$R_TPS tps, gate CPU $R_CPU% of one core")
 		bg_stop "$GATE" INT
 		[[ -s $prof ]] || die "no profile in $prof"
-		"$GO" tool pprof -top -nodecount=30 "$GW/bin/dualkey" "$prof" >"$GW/profile-$m.top" 2>/dev/null
-		"$GO" tool pprof -top -cum -nodecount=30 "$GW/bin/dualkey" "$prof" >"$GW/profile-$m.cum" 2>/dev/null
+		"$GO" tool pprof -top -nodecount=30 "$GW/bin/dualkey" "$prof" >"$GW/profile-$w-$m.top" 2>/dev/null
+		"$GO" tool pprof -top -cum -nodecount=30 "$GW/bin/dualkey" "$prof" >"$GW/profile-$w-$m.cum" 2>/dev/null
 	done
 	lock_off
-	note "profile" "DUALKEY_CPUPROFILE=GW/gate-select-MODE.pprof dualkey gate --config GW/gate.yaml; pgbench -S -c 8 -j 2 -M MODE; kill -INT; go tool pprof -top [-cum] -nodecount=30 dualkey GW/gate-select-MODE.pprof"
+	note "profile" "DUALKEY_CPUPROFILE=GW/gate-WORKLOAD-MODE.pprof dualkey gate --config GW/gate.yaml; pgbench [-S] -c 8 -j 2 -M MODE; kill -INT; go tool pprof -top [-cum] -nodecount=30 dualkey GW/gate-WORKLOAD-MODE.pprof"
 fi
 
 # --- report ----------------------------------------------------------------------------------
@@ -487,20 +490,21 @@ report() {
 	echo '```'
 	if ((${#PROFILE_TOPS[@]})); then
 		echo
-		echo "CPU profile of the gate during pgbench -S -c 8 -j 2 -T $((WARM_SECONDS + RUN_SECONDS)) (its own gate process, started with DUALKEY_CPUPROFILE, stopped with SIGINT):"
-		local i=0
-		for m in simple prepared; do
+		echo "CPU profiles of the gate during pgbench -c 8 -j 2 -T $((WARM_SECONDS + RUN_SECONDS)) (each its own gate process, started with DUALKEY_CPUPROFILE, stopped with SIGINT):"
+		local i=0 p w m
+		for p in "${PROFILES[@]}"; do
+			read -r w m <<<"$p"
 			echo
-			echo "-M ${PROFILE_TOPS[$i]}; \`go tool pprof -top -nodecount=30\`:"
+			echo "$w -M $m, ${PROFILE_TOPS[$i]}; \`go tool pprof -top -nodecount=30\`:"
 			echo
 			echo '```'
-			sed -n '1,40p' "$GW/profile-$m.top"
+			sed -n '1,40p' "$GW/profile-$w-$m.top"
 			echo '```'
 			echo
 			echo "\`-top -cum -nodecount=30\`:"
 			echo
 			echo '```'
-			sed -n '1,40p' "$GW/profile-$m.cum"
+			sed -n '1,40p' "$GW/profile-$w-$m.cum"
 			echo '```'
 			i=$((i + 1))
 		done
