@@ -424,9 +424,17 @@ for cs in "${CASES[@]}"; do
 	# Rounds the gate won: the targets of a round ran back to back, so a
 	# pair from one round shares its load; the medians alone hide how
 	# often a row goes either way.
-	won=$(paste -d' ' <(tr ' ' '\n' <<<"${TPS["$cs gate"]}" | grep -v '^$') <(tr ' ' '\n' <<<"${TPS["$cs pgbouncer"]}" | grep -v '^$') \
-		<(tr ' ' '\n' <<<"${LAT["$cs gate"]}" | grep -v '^$') <(tr ' ' '\n' <<<"${LAT["$cs pgbouncer"]}" | grep -v '^$') |
-		awk -v c="$c" '{ n++; if (c == 8 ? $1 >= $2 : $3 <= $4) w++ } END { printf "gate ahead in %d of %d rounds", w, n }')
+	pairs=$(paste -d' ' <(tr ' ' '\n' <<<"${TPS["$cs gate"]}" | grep -v '^$') <(tr ' ' '\n' <<<"${TPS["$cs pgbouncer"]}" | grep -v '^$') \
+		<(tr ' ' '\n' <<<"${LAT["$cs gate"]}" | grep -v '^$') <(tr ' ' '\n' <<<"${LAT["$cs pgbouncer"]}" | grep -v '^$'))
+	won=$(awk -v c="$c" '{ n++; if (c == 8 ? $1 >= $2 : $3 <= $4) w++ } END { printf "gate ahead in %d of %d rounds", w, n }' <<<"$pairs")
+	# The same pairs as one figure per round, and its median: it moves
+	# less from run to run than the medians' ratio to direct, which pairs
+	# figures from different rounds.
+	if ((c == 8)); then
+		won+="; gate/PgBouncer tps per round: median $(printf '%.3f' "$(awk '{ printf "%.3f ", $1 / $2 }' <<<"$pairs" | median)")"
+	else
+		won+="; gate minus PgBouncer per round: median $(printf '%+.1f' "$(awk -v n="$stmts" '{ printf "%+.1f ", ($3 - $4) / n * 1000 }' <<<"$pairs" | median)") µs per statement"
+	fi
 	if ((c == 8)); then
 		GOALS+=("$(awk -v l="$w -M $m, 8 clients" -v dt="${mt[direct]}" -v bt="${mt[pgbouncer]}" -v gt="${mt[gate]}" 'BEGIN {
 			printf "%s: gate %.0f%% of direct, PgBouncer %.0f%%: %s", l, 100 * gt / dt, 100 * bt / dt, (gt >= bt) ? "met" : "NOT met" }') ($won)")
