@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/dualkey/dualkey/internal/gate"
 	"github.com/dualkey/dualkey/internal/ledger"
 	"github.com/dualkey/dualkey/internal/quorum/cert"
 	"github.com/dualkey/dualkey/internal/state"
@@ -204,14 +205,15 @@ func (a *app) printRecord(r ledger.Record) error {
 		actor = "-"
 	}
 	data := string(r.Data)
-	var ran ranStatements
+	var ran gate.Statements
 	switch {
 	case r.IsCheckpoint():
 		data = "(signed checkpoint)"
-	case r.Kind == ledger.KindStatements && json.Unmarshal(r.Data, &ran) == nil && len(ran.Statements) > 0:
-		data = fmt.Sprintf("session %s on %s: %d statements, rule %s", ran.Session, ran.DB, len(ran.Statements), ran.Rule)
-	default:
-		ran.Statements = nil
+	case r.Kind == ledger.KindStatements:
+		var err error
+		if ran, err = gate.ParseStatements(r.Data); err == nil && len(ran.Statements) > 0 {
+			data = fmt.Sprintf("session %s on %s: %d statements, rule %s", ran.Session, ran.DB, len(ran.Statements), ran.Rule)
+		}
 	}
 	if _, err := fmt.Fprintf(a.stdout, "%6d  %s  %-13s %-10s %s\n", r.Seq, r.Time.Local().Format("2006-01-02 15:04:05"), r.Kind, actor, data); err != nil {
 		return err
@@ -233,21 +235,4 @@ func (a *app) printRecord(r ledger.Record) error {
 		}
 	}
 	return nil
-}
-
-// ranStatements is the data of a "statements" record, as the gate writes
-// it (internal/gate, stmtGroup).
-type ranStatements struct {
-	DB         string `json:"db"`
-	Rule       string `json:"rule"`
-	Session    string `json:"session"`
-	Statements []struct {
-		At       time.Time `json:"at"`
-		Class    string    `json:"class"`
-		Decision string    `json:"decision"`
-		Error    string    `json:"error"`
-		Request  string    `json:"request"`
-		Rows     *int64    `json:"rows"`
-		SQL      string    `json:"sql"`
-	} `json:"statements"`
 }

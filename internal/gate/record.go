@@ -2,7 +2,9 @@ package gate
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -52,7 +54,10 @@ type queued struct {
 // ranStmt is one statement a session ran (or tried to), for the ledger.
 type ranStmt struct {
 	session, db, actor, rule string
-	item                     stmtItem
+	at                       time.Time // when it completed
+	text                     stmtText
+	err, request             string // SQLSTATE when it failed; the request that approved it
+	rows                     int64  // rows it touched; -1 when not known
 }
 
 // stmtGroup is the data of a "statements" record: statements one session
@@ -62,35 +67,49 @@ type ranStmt struct {
 // (4 records: the JSON, the hash, a SQLite row of ~500 bytes each, and a
 // signed checkpoint every 64 records): more than PgBouncer spends on the
 // whole transaction in user space. Grouped, the fields a record repeats
-// (seq, time, kind, actor, the two hashes, session, db) are paid once per
-// group, and so is the rule (a quarter of a statement's bytes, which
-// SQLite writes twice). Every statement is still there, in a record of the
-// hash chain.
+// (seq, time, kind, actor, the two hashes, session, db, rule) are paid
+// once per group. Within a group each distinct text (with its class and
+// decision) is written once, in texts, and a statement names it by index
+// with its time as microseconds after from: an application repeats a few
+// statements, and a statement's own time, class, decision and text took
+// ~170 bytes, which the ledger hashes and SQLite writes twice (WAL, then
+// the table), against ~25 now. Every statement is still there, in a record
+// of the hash chain. ParseStatements reads both this and the earlier form.
 // Fields in key order (encoding/json's order for a map).
 type stmtGroup struct {
 	DB         string     `json:"db"`
+	From       time.Time  `json:"from"` // the first statement's time, to the microsecond
 	Rule       string     `json:"rule"` // the policy rule that decided them all (a new group when it changes)
 	Session    string     `json:"session"`
 	Statements []stmtItem `json:"statements"`
+	Texts      []stmtText `json:"texts"`
 
-	text int // bytes of SQL so far (maxGroupText)
+	index map[stmtText]int // Texts by value
+	text  int              // bytes of SQL in Texts (maxGroupText)
+}
+
+// stmtText is a statement's text with what the gate made of it: the
+// part statements repeat.
+type stmtText struct {
+	Class    string `json:"class"`
+	Decision string `json:"decision"`
+	SQL      string `json:"sql"`
 }
 
 // stmtItem is one statement of a stmtGroup.
 type stmtItem struct {
-	At       time.Time `json:"at"` // when it completed; the record's time is when it was written
-	Class    string    `json:"class"`
-	Decision string    `json:"decision"`
-	Error    string    `json:"error,omitempty"` // SQLSTATE, when it failed
-	Request  string    `json:"request,omitempty"`
-	Rows     *int64    `json:"rows,omitempty"` // rows it touched, when known
-	SQL      string    `json:"sql"`
+	Error   string `json:"error,omitempty"`   // SQLSTATE, when it failed
+	Request string `json:"request,omitempty"` // the request that approved it
+	Rows    *int64 `json:"rows,omitempty"`    // rows it touched, when known
+	Text    int    `json:"t"`                 // its index in Texts
+	Micros  int64  `json:"us"`                // when it completed, in µs after From
 
-	rows int64 // Rows points here once the item sits in its group: no allocation per statement
+	rows int64 // Rows points here once the group is complete: no allocation per statement
 }
 
 // Bounds on one group, far below ledger.MaxRecordSize: the SQL is clipped
-// at 4 KiB per statement (auditText), and JSON escaping at most sextuples it.
+// at 4 KiB per statement (auditText), and JSON escaping at most sextuples
+// it; an item is at most ~100 bytes.
 const (
 	maxGroupStatements = 1024
 	maxGroupText       = 128 << 10
@@ -107,19 +126,31 @@ func groupStatements(batch []queued) []ledger.Entry {
 	out := make([]ledger.Entry, 0, len(batch))
 	open := map[string]*stmtGroup{}
 	for _, q := range batch {
-		if q.st == nil {
+		st := q.st
+		if st == nil {
 			clear(open)
 			out = append(out, q.e)
 			continue
 		}
-		g := open[q.st.session]
-		if g == nil || g.Rule != q.st.rule || len(g.Statements) >= maxGroupStatements || g.text+len(q.st.item.SQL) > maxGroupText {
-			g = &stmtGroup{DB: q.st.db, Rule: q.st.rule, Session: q.st.session}
-			open[q.st.session] = g
-			out = append(out, ledger.Entry{Kind: ledger.KindStatements, Actor: q.st.actor, Data: g})
+		g := open[st.session]
+		i, seen := 0, false
+		if g != nil {
+			i, seen = g.index[st.text]
 		}
-		g.Statements = append(g.Statements, q.st.item)
-		g.text += len(q.st.item.SQL)
+		if g == nil || g.Rule != st.rule || len(g.Statements) >= maxGroupStatements || !seen && g.text+len(st.text.SQL) > maxGroupText {
+			g = &stmtGroup{DB: st.db, From: st.at.Truncate(time.Microsecond), Rule: st.rule, Session: st.session, index: map[stmtText]int{}}
+			open[st.session] = g
+			out = append(out, ledger.Entry{Kind: ledger.KindStatements, Actor: st.actor, Data: g})
+			seen = false
+		}
+		if !seen {
+			i = len(g.Texts)
+			g.Texts = append(g.Texts, st.text)
+			g.index[st.text] = i
+			g.text += len(st.text.SQL)
+		}
+		g.Statements = append(g.Statements, stmtItem{Error: st.err, Request: st.request, Text: i,
+			Micros: st.at.Truncate(time.Microsecond).Sub(g.From).Microseconds(), rows: st.rows})
 	}
 	for _, e := range out {
 		if g, ok := e.Data.(*stmtGroup); ok {
@@ -131,6 +162,56 @@ func groupStatements(batch []queued) []ledger.Entry {
 		}
 	}
 	return out
+}
+
+// Statements is a "statements" record's data as read back: the group's
+// fields, and each statement whole.
+type Statements struct {
+	DB, Rule, Session string
+	Statements        []Statement
+}
+
+// Statement is one statement of a "statements" record.
+type Statement struct {
+	At                   time.Time
+	Class, Decision, SQL string
+	Error, Request       string
+	Rows                 *int64 // nil when not known
+}
+
+// ParseStatements reads the data of a "statements" record, in the form
+// the gate writes (stmtGroup) or the earlier one, where each statement
+// carried its own at, class, decision and sql.
+func ParseStatements(data []byte) (Statements, error) {
+	var g struct {
+		DB         string     `json:"db"`
+		From       time.Time  `json:"from"`
+		Rule       string     `json:"rule"`
+		Session    string     `json:"session"`
+		Texts      []stmtText `json:"texts"`
+		Statements []struct {
+			stmtItem
+			// the earlier form
+			At time.Time `json:"at"`
+			stmtText
+		} `json:"statements"`
+	}
+	if err := json.Unmarshal(data, &g); err != nil {
+		return Statements{}, fmt.Errorf("statements record: %w", err)
+	}
+	out := Statements{DB: g.DB, Rule: g.Rule, Session: g.Session, Statements: make([]Statement, 0, len(g.Statements))}
+	for i, it := range g.Statements {
+		st := Statement{At: it.At, Class: it.Class, Decision: it.Decision, SQL: it.SQL, Error: it.Error, Request: it.Request, Rows: it.Rows}
+		if g.Texts != nil {
+			if it.Text < 0 || it.Text >= len(g.Texts) {
+				return Statements{}, fmt.Errorf("statements record: statement %d names text %d of %d", i, it.Text, len(g.Texts))
+			}
+			t := g.Texts[it.Text]
+			st.At, st.Class, st.Decision, st.SQL = g.From.Add(time.Duration(it.Micros)*time.Microsecond), t.Class, t.Decision, t.SQL
+		}
+		out.Statements = append(out.Statements, st)
+	}
+	return out, nil
 }
 
 // recordBatch bounds how many queued records go into one ledger

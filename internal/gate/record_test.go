@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -25,7 +26,7 @@ func TestGroupStatements(t *testing.T) {
 	at := time.Date(2026, 12, 2, 12, 0, 0, 5, time.UTC)
 	st := func(session, sql string, rows int64) queued {
 		return queued{st: &ranStmt{session: session, db: "db-" + session, actor: "u-" + session, rule: "r",
-			item: stmtItem{At: at, Class: "write", Decision: "allow", SQL: sql, rows: rows}}}
+			at: at, text: stmtText{Class: "write", Decision: "allow", SQL: sql}, rows: rows}}
 	}
 	ruled := func(rule string, q queued) queued { q.st.rule = rule; return q }
 	other := func(kind string) queued { return queued{e: ledger.Entry{Kind: kind, Actor: "x"}} }
@@ -40,7 +41,7 @@ func TestGroupStatements(t *testing.T) {
 				}
 				fmt.Fprintf(&b, "(%s %s %s:", e.Actor, g.Session, g.DB)
 				for _, it := range g.Statements {
-					b.WriteString(" " + it.SQL)
+					b.WriteString(" " + g.Texts[it.Text].SQL)
 				}
 				b.WriteString(")")
 			}
@@ -81,8 +82,8 @@ func TestGroupStatements(t *testing.T) {
 		}
 		long := strings.Repeat("y", 4097)
 		batch = batch[:0]
-		for range 2*maxGroupText/len(long) + 1 {
-			batch = append(batch, st("a", long, 1))
+		for i := range 2*maxGroupText/len(long) + 1 {
+			batch = append(batch, st("a", long+strconv.Itoa(i), 1)) // distinct: a text repeated is kept once
 		}
 		es := groupStatements(batch)
 		for _, e := range es {
@@ -95,8 +96,12 @@ func TestGroupStatements(t *testing.T) {
 		}
 		worst := strings.Repeat("\x01", 4096) // escaped as \u0001: six bytes each
 		batch = batch[:0]
-		for range maxGroupText / len(worst) {
-			batch = append(batch, st("a", worst, 1))
+		for i := range maxGroupText / (len(worst) + 4) {
+			batch = append(batch, st("a", worst+strconv.Itoa(i), 1))
+		}
+		for range maxGroupStatements {
+			batch = append(batch, queued{st: &ranStmt{session: "a", rule: "r", at: at.Add(1000 * time.Hour), text: stmtText{SQL: worst + "0"},
+				err: "XX000", request: strings.Repeat("r", 64), rows: math.MaxInt64}}) // the largest item
 		}
 		b, err := json.Marshal(groupStatements(batch)[0].Data)
 		if err != nil || len(b) > ledger.MaxRecordSize-1024 {
@@ -105,32 +110,103 @@ func TestGroupStatements(t *testing.T) {
 	})
 
 	t.Run("encoding", func(t *testing.T) {
-		b := []queued{st("a", "UPDATE t SET a = '<&>'", 7), st("a", "SELECT 1", 0), st("a", "INSERT", -1)}
-		b[2].st.item.Error, b[1].st.item.Request = "23505", "req1"
-		got, err := json.Marshal(groupStatements(b)[0].Data)
+		b := []queued{st("a", "UPDATE t SET a = '<&>'", 7), st("a", "SELECT 1", 0), st("a", "INSERT", -1), st("a", "SELECT 1", 2), st("a", "SELECT 1", 3)}
+		b[1].st.at = at.Add(1500 * time.Nanosecond)
+		b[2].st.err, b[2].st.at = "23505", at.Add(-time.Microsecond)
+		b[3].st.request, b[3].st.text.Decision = "req1", "approved"
+		b[4].st.at = at.Add(90 * time.Minute)
+		data := groupStatements(b)[0].Data
+		got, err := json.Marshal(data)
 		if err != nil {
 			t.Fatal(err)
 		}
-		// The keys are in a map's order, as in every other record.
-		want := `{"db":"db-a","rule":"r","session":"a","statements":[` +
-			`{"at":"2026-12-02T12:00:00.000000005Z","class":"write","decision":"allow","rows":7,"sql":"UPDATE t SET a = '\u003c\u0026\u003e'"},` +
-			`{"at":"2026-12-02T12:00:00.000000005Z","class":"write","decision":"allow","request":"req1","rows":0,"sql":"SELECT 1"},` +
-			`{"at":"2026-12-02T12:00:00.000000005Z","class":"write","decision":"allow","error":"23505","sql":"INSERT"}]}`
+		// The keys are in a map's order, as in every other record; each
+		// distinct text once, with its class and decision; times in µs
+		// after the first, which is clipped to the µs.
+		want := `{"db":"db-a","from":"2026-12-02T12:00:00Z","rule":"r","session":"a","statements":[` +
+			`{"rows":7,"t":0,"us":0},{"rows":0,"t":1,"us":1},{"error":"23505","t":2,"us":-1},` +
+			`{"request":"req1","rows":2,"t":3,"us":0},{"rows":3,"t":1,"us":5400000000}],"texts":[` +
+			`{"class":"write","decision":"allow","sql":"UPDATE t SET a = '\u003c\u0026\u003e'"},` +
+			`{"class":"write","decision":"allow","sql":"SELECT 1"},` +
+			`{"class":"write","decision":"allow","sql":"INSERT"},` +
+			`{"class":"write","decision":"approved","sql":"SELECT 1"}]}`
 		if string(got) != want {
 			t.Errorf("got  %s\nwant %s", got, want)
+		}
+
+		// Read back, each statement is whole again (to the µs).
+		back, err := ParseStatements(got)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if back.DB != "db-a" || back.Rule != "r" || back.Session != "a" || len(back.Statements) != len(b) {
+			t.Fatalf("read back %+v", back)
+		}
+		for i, q := range b {
+			g := back.Statements[i]
+			wantRows := q.st.rows
+			if g.Rows == nil {
+				wantRows = -1
+			} else if *g.Rows != q.st.rows {
+				t.Errorf("statement %d: rows %d, want %d", i, *g.Rows, q.st.rows)
+			}
+			if !g.At.Equal(q.st.at.Truncate(time.Microsecond)) || g.Class != q.st.text.Class || g.Decision != q.st.text.Decision ||
+				g.SQL != q.st.text.SQL || g.Error != q.st.err || g.Request != q.st.request || wantRows != q.st.rows {
+				t.Errorf("statement %d read back as %+v, was %+v", i, g, *q.st)
+			}
+		}
+	})
+
+	t.Run("read", func(t *testing.T) {
+		for _, tc := range []struct{ name, data, want string }{
+			// The form before texts, as ledgers written then hold it.
+			{"earlier form", `{"db":"d","rule":"r","session":"s","statements":[` +
+				`{"at":"2026-12-02T12:00:00.000000005Z","class":"write","decision":"allow","rows":7,"sql":"UPDATE t"},` +
+				`{"at":"2026-12-02T12:00:01Z","class":"ddl","decision":"approved","error":"42P07","request":"q","sql":"CREATE TABLE t ()"}]}`,
+				"2026-12-02T12:00:00.000000005Z write allow 7 - - UPDATE t; 2026-12-02T12:00:01Z ddl approved ? 42P07 q CREATE TABLE t (); "},
+			{"current form", `{"db":"d","from":"2026-12-02T12:00:00Z","rule":"r","session":"s","statements":[{"rows":1,"t":0,"us":2},{"t":0,"us":3000001}],` +
+				`"texts":[{"class":"write","decision":"allow","sql":"DELETE FROM t WHERE id = $1"}]}`,
+				"2026-12-02T12:00:00.000002Z write allow 1 - - DELETE FROM t WHERE id = $1; 2026-12-02T12:00:03.000001Z write allow ? - - DELETE FROM t WHERE id = $1; "},
+			{"a text out of range", `{"from":"2026-12-02T12:00:00Z","statements":[{"t":1,"us":0}],"texts":[{"sql":"x"}]}`, "error"},
+			{"a negative text", `{"from":"2026-12-02T12:00:00Z","statements":[{"t":-1,"us":0}],"texts":[{"sql":"x"}]}`, "error"},
+			{"not JSON", `{"statements":[`, "error"},
+			{"a wrong type", `{"statements":[{"t":"0"}],"texts":[]}`, "error"},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				got, err := ParseStatements([]byte(tc.data))
+				var b strings.Builder
+				if err != nil {
+					b.WriteString("error")
+				}
+				for _, st := range got.Statements {
+					rows, orNone := "?", func(s string) string {
+						if s == "" {
+							return "-"
+						}
+						return s
+					}
+					if st.Rows != nil {
+						rows = strconv.FormatInt(*st.Rows, 10)
+					}
+					fmt.Fprintf(&b, "%s %s %s %s %s %s %s; ", st.At.Format(time.RFC3339Nano), st.Class, st.Decision, rows, orNone(st.Error), orNone(st.Request), st.SQL)
+				}
+				if b.String() != tc.want {
+					t.Errorf("got  %s\nwant %s", b.String(), tc.want)
+				}
+			})
 		}
 	})
 }
 
 // ranIn returns the statements a "statements" record holds (none for
 // another kind).
-func ranIn(t *testing.T, r ledger.Record) []stmtItem {
+func ranIn(t *testing.T, r ledger.Record) []Statement {
 	t.Helper()
 	if r.Kind != ledger.KindStatements {
 		return nil
 	}
-	var g stmtGroup
-	if err := json.Unmarshal(r.Data, &g); err != nil {
+	g, err := ParseStatements(r.Data)
+	if err != nil {
 		t.Fatalf("record %d: %v", r.Seq, err)
 	}
 	if len(g.Statements) == 0 || g.Session == "" || g.DB == "" || r.Actor == "" {

@@ -56,6 +56,9 @@ type entry struct {
 // stmtRec is one statement's ledger record, completed with its rows.
 type stmtRec struct {
 	class, text, decision, rule, request string
+
+	audit   string // auditText(text), made at the first completion (a prepared statement's records are reused)
+	audited bool
 }
 
 // probe collects the outcome of a dry run (session.dryRun).

@@ -1179,9 +1179,11 @@ func (s *session) completed(r *stmtRec, rows int64, code string) {
 	if r.class == string(classify.Read) && r.decision == "allow" && !s.g.cfg.RecordReads && code == "" {
 		return
 	}
-	s.g.rec.ran(&ranStmt{session: s.id, db: s.dbName, actor: s.user.Name, rule: r.rule, item: stmtItem{
-		At: time.Now().UTC(), Class: r.class, Decision: r.decision,
-		SQL: auditText(r.text), Error: code, Request: r.request, rows: rows}})
+	if !r.audited {
+		r.audit, r.audited = auditText(r.text), true
+	}
+	s.g.rec.ran(&ranStmt{session: s.id, db: s.dbName, actor: s.user.Name, rule: r.rule, at: time.Now().UTC(),
+		text: stmtText{Class: r.class, Decision: r.decision, SQL: r.audit}, err: code, request: r.request, rows: rows})
 }
 
 // auditText is the statement as the ledger keeps it: clipped, and without
