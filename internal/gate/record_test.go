@@ -398,3 +398,42 @@ func FuzzContainsPassword(f *testing.F) {
 		}
 	})
 }
+
+// A "statements" record is read back from a store that someone may have
+// edited (docs/ledger.md): ParseStatements must refuse what it cannot
+// read, never panic, and never name a text the record does not hold.
+func FuzzParseStatements(f *testing.F) {
+	at := time.Date(2026, 12, 2, 12, 0, 0, 0, time.UTC)
+	b := []queued{
+		{st: &ranStmt{session: "s", db: "d", actor: "a", rule: "r", at: at, text: stmtText{Class: "write", Decision: "allow", SQL: "UPDATE t SET v = 1"}, rows: 3}},
+		{st: &ranStmt{session: "s", db: "d", actor: "a", rule: "r", at: at.Add(time.Millisecond), text: stmtText{Class: "ddl", Decision: "approved", SQL: "CREATE TABLE u ()"}, err: "42P07", request: "q", rows: -1}},
+	}
+	seed, err := json.Marshal(groupStatements(b)[0].Data)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(seed)
+	f.Add([]byte(`{"db":"d","rule":"r","session":"s","statements":[{"at":"2026-12-02T12:00:00Z","class":"write","decision":"allow","rows":7,"sql":"UPDATE t"}]}`))
+	f.Add([]byte(`{"from":"2026-12-02T12:00:00Z","statements":[{"t":9223372036854775807,"us":-9223372036854775808}],"texts":[]}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		got, err := ParseStatements(data)
+		if err != nil {
+			return
+		}
+		var raw struct {
+			Texts []stmtText `json:"texts"`
+		}
+		if json.Unmarshal(data, &raw) != nil || raw.Texts == nil {
+			return
+		}
+		for i, st := range got.Statements {
+			found := false
+			for _, tx := range raw.Texts {
+				found = found || tx == stmtText{Class: st.Class, Decision: st.Decision, SQL: st.SQL}
+			}
+			if !found {
+				t.Fatalf("statement %d (%+v) names no text of the record", i, st)
+			}
+		}
+	})
+}
