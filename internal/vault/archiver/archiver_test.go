@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/dualkey/dualkey/internal/vault/chunker"
 	"github.com/dualkey/dualkey/internal/vault/pack"
 	"github.com/dualkey/dualkey/internal/vault/repo"
 	"github.com/dualkey/dualkey/internal/vault/repo/repotest"
@@ -127,21 +126,81 @@ func TestBackupRoundTripAndDedup(t *testing.T) {
 		t.Errorf("unchanged backup summary = %+v", res2.Summary)
 	}
 
-	// Changing 64 KiB in the middle of the big file stores the one or two
-	// chunks it falls in (two when it straddles a boundary; chunk sizes vary
-	// with the repository's keyed gear, up to Max each) and a tree.
+	// Changing 64 KiB in the middle of the big file keeps every chunk that
+	// ends before the change and stores new chunks only from the one the
+	// change falls in. How far the new cut points run on before they meet
+	// the old ones depends on the repository's keyed gear (random per
+	// repository) and on max-size cuts, so the bound is the file's tail,
+	// not a chunk count.
+	const at = 2 << 20
+	bigNode := func(id repo.ID) *snapshot.Node {
+		t.Helper()
+		tr, err := r2.LoadTree(ctx, mustSnap(t, r2, id).Tree)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tr, err = r2.LoadTree(ctx, *tr.Find("src").Subtree)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tr.Find("big.bin")
+	}
+	old := bigNode(res2.ID)
 	f, err := os.OpenFile(filepath.Join(src, "big.bin"), os.O_WRONLY, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.WriteAt(repotest.Random(64<<10), 2<<20)
+	f.WriteAt(repotest.Random(64<<10), at)
 	f.Close()
 	res3, err := Backup(ctx, r2, []string{src}, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if sm := res3.Summary; sm.FilesChanged != 1 || sm.BlobsAdded > 3 || sm.BytesAdded > 2*int64(chunker.DefaultParams.Max) || sm.BytesAdded < 64<<10 {
-		t.Errorf("after a 64 KiB change: %+v", res3.Summary)
+	cur := bigNode(res3.ID)
+	want, _ := os.ReadFile(filepath.Join(src, "big.bin"))
+	if !bytes.Equal(readAll(t, r2, cur), want) {
+		t.Fatal("changed big.bin does not read back")
+	}
+	// The old chunks that end before the change are kept, in place.
+	var kept, end int
+	for _, id := range old.Content {
+		b, err := r2.LoadBlob(ctx, pack.Data, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if end+len(b) > at {
+			break
+		}
+		if kept >= len(cur.Content) || cur.Content[kept] != id {
+			t.Fatalf("chunk %d (bytes %d..%d, before the change) was not reused", kept, end, end+len(b))
+		}
+		kept++
+		end += len(b)
+	}
+	// New bytes: at least the change, at most from the start of the chunk
+	// it fell in to the end of the file; and exactly the chunks the new
+	// content list has that the old one did not.
+	had := map[repo.ID]bool{}
+	for _, id := range old.Content {
+		had[id] = true
+	}
+	var fresh int64
+	var nfresh int64
+	for _, id := range cur.Content[kept:] {
+		if !had[id] {
+			b, err := r2.LoadBlob(ctx, pack.Data, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			had[id] = true
+			fresh += int64(len(b))
+			nfresh++
+		}
+	}
+	sm := res3.Summary
+	if sm.FilesChanged != 1 || sm.FilesNew != 0 || sm.BytesAdded < 64<<10 || sm.BytesAdded > int64(len(want)-end) ||
+		sm.BytesAdded != fresh || sm.BlobsAdded != nfresh {
+		t.Errorf("after a 64 KiB change at %d (%d chunks kept, %d new bytes in %d chunks): %+v", at, kept, fresh, nfresh, sm)
 	}
 }
 
