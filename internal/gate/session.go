@@ -91,6 +91,11 @@ type session struct {
 	memoSQL string
 	memoV   verdict
 	memoOK  bool
+	// The session's last few cache hits with their decisions: a client
+	// repeating its statements is judged without the shared cache (event
+	// loop only).
+	recent *classify.Recent[policy.Decision]
+	query1 pgproto3.Query // sendQuery's message
 
 	rawClient, rawUp *netfd.Conn   // the sockets, when outside Go's poller (event loop)
 	tlsT             *tlsTransport // under the client's TLS, when it may go to the event loop
@@ -233,7 +238,7 @@ func (s *session) run(m *pgproto3.StartupMessage) {
 		s.fatal("3D000", fmt.Sprintf("database %q does not exist", s.dbName))
 		return
 	}
-	s.db = d
+	s.db, s.recent = d, classify.NewRecent(d.cache, s.decision)
 	if msg := g.admit(user); msg != "" {
 		g.log.Warn("gate: connection limit", "user", user, "db", s.dbName, "from", s.remote)
 		s.refused(user, msg)
@@ -750,6 +755,14 @@ func (s *session) send(m pgproto3.FrontendMessage, e *entry) {
 	s.fe.Send(m)
 }
 
+// sendQuery is send of a Query, with the session's own message: Send
+// encodes it at once, and a new one each time would be garbage.
+func (s *session) sendQuery(sql string, e *entry) {
+	s.query1.String = sql
+	s.send(&s.query1, e)
+	s.query1.String = ""
+}
+
 func (s *session) flushUp() {
 	s.copyPending = 0
 	if err := s.fe.Flush(); err != nil {
@@ -775,7 +788,11 @@ func (s *session) judgeNow(sql string) verdict {
 }
 
 func (s *session) decide(res classify.Result) verdict {
-	return verdict{res: res, dec: s.g.cfg.Policy.DecideResult(s.user.Name, s.user.Groups, s.dbName, res)}
+	return verdict{res: res, dec: s.decision(res)}
+}
+
+func (s *session) decision(res classify.Result) policy.Decision {
+	return s.g.cfg.Policy.DecideResult(s.user.Name, s.user.Groups, s.dbName, res)
 }
 
 // cachedVerdict returns sql's verdict if that needs no parse, and keeps it
@@ -784,11 +801,11 @@ func (s *session) cachedVerdict(sql string) (verdict, bool) {
 	if s.memoOK && s.memoSQL == sql {
 		return s.memoV, true
 	}
-	res, ok := s.db.cache.Cached(sql)
+	res, dec, ok := s.recent.Cached(sql)
 	if !ok {
 		return verdict{}, false
 	}
-	s.memoSQL, s.memoV, s.memoOK = sql, s.decide(res), true
+	s.memoSQL, s.memoV, s.memoOK = sql, verdict{res: res, dec: dec}, true
 	return s.memoV, true
 }
 
@@ -825,11 +842,11 @@ func (s *session) query(sql string) {
 			s.guardRun(sql, v, nil)
 			return
 		}
-		s.send(&pgproto3.Query{String: sql}, &entry{kind: ekQuery, recs: s.recs(v, "allow", "")})
+		s.sendQuery(sql, &entry{kind: ekQuery, recs: s.recs(v, "allow", "")})
 		s.flushUp()
 	case actHold:
 		if id, ok := s.consumeApproved(sql, v.res.Class); ok {
-			s.send(&pgproto3.Query{String: sql}, &entry{kind: ekQuery, recs: s.recs(v, "approved", id)})
+			s.sendQuery(sql, &entry{kind: ekQuery, recs: s.recs(v, "approved", id)})
 			s.flushUp()
 			return
 		}
@@ -846,7 +863,7 @@ func (s *session) query(sql string) {
 // as the refused statement failing would have, and the answer arrives in
 // order with everything still in flight.
 func (s *session) refuseQuery(err *pgproto3.ErrorResponse) {
-	s.send(&pgproto3.Query{String: refusedSQL}, &entry{kind: ekQuery, replace: err})
+	s.sendQuery(refusedSQL, &entry{kind: ekQuery, replace: err})
 	s.flushUp()
 }
 
@@ -1073,7 +1090,7 @@ func (s *session) guardRun(sql string, v verdict, exec *pgproto3.Execute) {
 		// or skips it (an earlier message of the batch failed: waiting
 		// for a guard report that never comes would hang the session).
 		if exec == nil {
-			s.send(&pgproto3.Query{String: sql}, &entry{kind: ekQuery, recs: s.recs(v, "allow", "")})
+			s.sendQuery(sql, &entry{kind: ekQuery, recs: s.recs(v, "allow", "")})
 			s.flushUp()
 		} else {
 			s.send(exec, &entry{kind: ekExecute, recs: s.recs(v, "allow", "")})
@@ -1088,7 +1105,7 @@ func (s *session) guardRun(sql string, v verdict, exec *pgproto3.Execute) {
 	gd := &guard{report: make(chan guardReport, 1), decide: make(chan guardDecision, 1)}
 	recs := s.recs(v, "allow", "")
 	if exec == nil {
-		s.send(&pgproto3.Query{String: sql}, &entry{kind: ekQuery, guard: gd, recs: recs})
+		s.sendQuery(sql, &entry{kind: ekQuery, guard: gd, recs: recs})
 	} else {
 		s.send(exec, &entry{kind: ekExecute, guard: gd, recs: recs})
 		s.fe.Send(&pgproto3.Flush{})
@@ -1161,14 +1178,26 @@ func (s *session) guardKeep(gd *guard, block, simple bool) {
 
 // recs returns the ledger records to fill in as v's statements complete.
 func (s *session) recs(v verdict, decision, request string) []*stmtRec {
-	out := make([]*stmtRec, 0, len(v.res.Statements))
-	for _, st := range v.res.Statements {
-		out = append(out, &stmtRec{class: string(st.Class), text: st.Text, decision: decision, rule: v.dec.Rule, request: request})
+	if len(v.res.Statements) > 1 {
+		out := make([]*stmtRec, len(v.res.Statements))
+		for i, st := range v.res.Statements {
+			out[i] = &stmtRec{class: string(st.Class), text: st.Text, decision: decision, rule: v.dec.Rule, request: request}
+		}
+		return out
 	}
-	if len(out) == 0 {
-		out = append(out, &stmtRec{class: string(v.res.Class), decision: decision, rule: v.dec.Rule})
+	// One record and its slice in one allocation: this is on the path of
+	// every simple query.
+	one := new(struct {
+		ptr [1]*stmtRec
+		rec stmtRec
+	})
+	one.rec = stmtRec{class: string(v.res.Class), decision: decision, rule: v.dec.Rule, request: request}
+	if len(v.res.Statements) == 1 {
+		st := v.res.Statements[0]
+		one.rec.class, one.rec.text = string(st.Class), st.Text
 	}
-	return out
+	one.ptr[0] = &one.rec
+	return one.ptr[:]
 }
 
 // completed records one statement that ran (rows >= 0) or failed (code).

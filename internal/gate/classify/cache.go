@@ -4,6 +4,7 @@ import (
 	"container/list"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 // DefaultCacheSize is the number of statement texts a [Cache] keeps when
@@ -44,6 +45,7 @@ type Cache struct {
 	shapes map[string]*list.Element
 	hits   uint64
 	miss   uint64
+	gen    atomic.Uint64 // bumped by Reset, so that each Recent forgets too
 }
 
 type cacheEntry struct {
@@ -64,7 +66,8 @@ func NewCache(size int) *Cache {
 // Classify returns Classify(sql, opts) but for its Fingerprint, from the
 // cache when sql, or a statement of its shape, was seen.
 func (c *Cache) Classify(sql string, opts Options) Result {
-	res, shape, byShape, ok := c.cached(sql)
+	var buf [256]byte
+	res, shape, byShape, _, ok := c.cached(sql, buf[:0])
 	if ok {
 		return res
 	}
@@ -74,7 +77,7 @@ func (c *Cache) Classify(sql string, opts Options) Result {
 	res, constRead, tree := classifyString(sql, opts, false)
 	if byShape && !constRead && shapeable(res) {
 		var starts []int
-		shapeAt(sql, &starts)
+		appendShape(nil, sql, &starts)
 		byShape = constsAt(sql, tree, starts)
 	} else {
 		byShape = false
@@ -86,7 +89,7 @@ func (c *Cache) Classify(sql string, opts Options) Result {
 		return res
 	}
 	if byShape {
-		c.put(c.shapes, shape, true, res)
+		c.put(c.shapes, string(shape), true, res)
 	} else {
 		c.put(c.items, sql, false, res)
 	}
@@ -98,27 +101,48 @@ func (c *Cache) Classify(sql string, opts Options) Result {
 // event loop hands misses to a goroutine, since classifying may look up
 // functions in the database).
 func (c *Cache) Cached(sql string) (Result, bool) {
-	res, _, _, ok := c.cached(sql)
+	var buf [256]byte
+	res, _, _, _, ok := c.cached(sql, buf[:0])
 	return res, ok
 }
 
-// cached looks sql up by text, then by shape; on a miss it returns the
-// shape to store the result under (byShape false: by text only).
-func (c *Cache) cached(sql string) (res Result, shape string, byShape, ok bool) {
+// cached looks sql up by text, then by shape, which it appends to buf. It
+// returns the shape and whether the cache may key on it (byShape), and
+// whether the hit was by shape.
+func (c *Cache) cached(sql string, buf []byte) (res Result, shape []byte, byShape, viaShape, ok bool) {
 	if res, ok := c.hit(c.items, sql); ok {
-		return res, "", false, true
+		return res, nil, false, false, true
 	}
-	if len(sql) <= maxCachedText {
-		var n int
-		shape, n, byShape = shapeOf(sql)
-		byShape = byShape && n > 0
+	shape, byShape = shapeKey(buf, sql)
+	if res, ok := c.hitShape(shape, byShape); ok {
+		return withText(res, sql), shape, true, true, true
 	}
-	if byShape {
-		if res, ok := c.hit(c.shapes, shape); ok {
-			return withText(res, sql), shape, true, true
-		}
+	return Result{}, shape, byShape, false, false
+}
+
+// hitShape is hit in c.shapes, with the key as bytes: indexing the map
+// with string(shape) right here does not copy it.
+func (c *Cache) hitShape(shape []byte, byShape bool) (Result, bool) {
+	if !byShape {
+		return Result{}, false
 	}
-	return Result{}, shape, byShape, false
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.shapes[string(shape)]
+	if !ok {
+		return Result{}, false
+	}
+	return c.touch(e), true
+}
+
+// shapeKey appends sql's shape to dst and reports whether the cache keys
+// on it: a text it keeps, with at least one literal replaced.
+func shapeKey(dst []byte, sql string) ([]byte, bool) {
+	if len(sql) > maxCachedText {
+		return dst, false
+	}
+	b, n, ok := appendShape(dst, sql, nil)
+	return b, ok && n > 0
 }
 
 // hit returns m's entry for key, now the most recently used.
@@ -129,9 +153,14 @@ func (c *Cache) hit(m map[string]*list.Element, key string) (Result, bool) {
 	if !ok {
 		return Result{}, false
 	}
+	return c.touch(e), true
+}
+
+// touch counts a hit on e and makes it the most recently used. c.mu is held.
+func (c *Cache) touch(e *list.Element) Result {
 	c.ll.MoveToFront(e)
 	c.hits++
-	return e.Value.(*cacheEntry).res, true
+	return e.Value.(*cacheEntry).res
 }
 
 // put stores res under key in m (items or shapes), evicting the least
@@ -184,6 +213,7 @@ func withText(res Result, sql string) Result {
 func (c *Cache) Reset() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.gen.Add(1)
 	c.ll.Init()
 	clear(c.items)
 	clear(c.shapes)

@@ -213,3 +213,22 @@ func TestCacheCached(t *testing.T) {
 		t.Fatalf("stats = %d hits, %d misses; Cached must not count a miss as a classification", h, m)
 	}
 }
+
+// BenchmarkCacheShapeHit is pgbench's select-only statement as it comes:
+// a new aid each time, so the text misses and the shape hits.
+func BenchmarkCacheShapeHit(b *testing.B) {
+	c := NewCache(0)
+	c.Classify("SELECT abalance FROM pgbench_accounts WHERE aid = 1;", Options{})
+	texts := make([]string, 1024)
+	for i := range texts {
+		texts[i] = fmt.Sprintf("SELECT abalance FROM pgbench_accounts WHERE aid = %d;", 1000+i*7919)
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		if _, ok := c.Cached(texts[i%len(texts)]); !ok {
+			b.Fatal("shape missed")
+		}
+		i++
+	}
+}

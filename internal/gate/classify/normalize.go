@@ -28,16 +28,25 @@ import (
 // string: SCONST). A text holding a NUL is refused, so a marker never
 // stands for itself. n counts the literals replaced.
 func shapeOf(sql string) (shape string, n int, ok bool) {
-	return shapeAt(sql, nil)
+	b, n, ok := appendShape(nil, sql, nil)
+	switch {
+	case !ok:
+		return "", 0, false
+	case n == 0:
+		return sql, 0, true
+	}
+	return string(b), n, true
 }
 
-// shapeAt is shapeOf, appending to *starts (when not nil) the offset of
-// each literal it replaced.
-func shapeAt(sql string, starts *[]int) (shape string, n int, ok bool) {
+// appendShape appends sql's shape to dst (all of it, the text itself when
+// n is 0), so that a caller with a buffer of its own finds a shape in a
+// map without allocating; it appends to *starts (when not nil) the offset
+// of each literal it replaced. On !ok what it appended is to be ignored.
+func appendShape(dst []byte, sql string, starts *[]int) (shape []byte, n int, ok bool) {
 	if !utf8.ValidString(sql) || strings.IndexByte(sql, 0) >= 0 {
-		return "", 0, false
+		return dst, 0, false
 	}
-	var b strings.Builder
+	b := dst
 	last := 0 // sql[last:i] is still to be copied
 	i := 0
 	for i < len(sql) {
@@ -45,66 +54,66 @@ func shapeAt(sql string, starts *[]int) (shape string, n int, ok bool) {
 		switch {
 		case ch == 0 || ch == '\\' || ch == '{' || ch == '}' || ch == '$' && !isDigit(at(sql, i+1)):
 			// $ not followed by a digit: a dollar quote (or junk).
-			return "", 0, false
+			return dst, 0, false
 		case ch == '$': // a parameter, $1
 			i++
 			for i < len(sql) && isDigit(sql[i]) {
 				i++
 			}
 			if isIdent(at(sql, i)) {
-				return "", 0, false
+				return dst, 0, false
 			}
 		case ch == '-' && at(sql, i+1) == '-', ch == '/' && at(sql, i+1) == '*':
-			return "", 0, false // a comment
+			return dst, 0, false // a comment
 		case ch == '.' && at(sql, i+1) == '.':
-			return "", 0, false // the scanner's DOT_DOT; "..5" is not ". .5"
+			return dst, 0, false // the scanner's DOT_DOT; "..5" is not ". .5"
 		case ch == ';':
 			// One statement only, and the semicolon last.
 			if strings.TrimLeft(sql[i+1:], " \t\n\r\f\v") != "" {
-				return "", 0, false
+				return dst, 0, false
 			}
 			i++
 		case ch == '"':
 			end := quoted(sql, i, '"')
 			if end < 0 {
-				return "", 0, false
+				return dst, 0, false
 			}
 			i = end
 		case ch == '\'':
 			// A prefix glued to the quote makes another kind of string
 			// (E'', B'', X'', N'', U&''), or a typed literal: give up.
 			if i > 0 && (isIdent(sql[i-1]) || strings.IndexByte("&\"$.", sql[i-1]) >= 0) {
-				return "", 0, false
+				return dst, 0, false
 			}
 			end := quoted(sql, i, '\'')
 			if end < 0 || strings.IndexByte(sql[i:end], '\\') >= 0 {
-				return "", 0, false
+				return dst, 0, false
 			}
-			b.WriteString(sql[last:i])
-			b.WriteString("\x00s")
+			b = append(b, sql[last:i]...)
+			b = append(b, "\x00s"...)
 			n++
 			if starts != nil {
 				*starts = append(*starts, i)
 			}
 			i, last = end, end
 		case ch == '&' && (at(sql, i+1) == '\'' || at(sql, i+1) == '"'):
-			return "", 0, false // U&'...' or U&"..."
+			return dst, 0, false // U&'...' or U&"..."
 		case ch == '.' && isDigit(at(sql, i+1)):
 			// .5 is a number, t.5 an error or worse: rare enough to parse.
-			return "", 0, false
+			return dst, 0, false
 		case isDigit(ch):
 			end, isInt := number(sql, i)
 			if end < 0 {
-				return "", 0, false
+				return dst, 0, false
 			}
-			b.WriteString(sql[last:i])
+			b = append(b, sql[last:i]...)
 			if starts != nil {
 				*starts = append(*starts, i)
 			}
 			if isInt {
-				b.WriteString("\x00i")
+				b = append(b, "\x00i"...)
 			} else {
-				b.WriteString("\x00f")
+				b = append(b, "\x00f"...)
 			}
 			n++
 			i, last = end, end
@@ -116,14 +125,10 @@ func shapeAt(sql string, starts *[]int) (shape string, n int, ok bool) {
 			strings.IndexByte("()[],:.+*/<>=~!@#%^&|`?-", ch) >= 0:
 			i++
 		default:
-			return "", 0, false
+			return dst, 0, false
 		}
 	}
-	if n == 0 {
-		return sql, 0, true
-	}
-	b.WriteString(sql[last:])
-	return b.String(), n, true
+	return append(b, sql[last:]...), n, true
 }
 
 func at(s string, i int) byte {
