@@ -93,6 +93,8 @@ func checkShapes(t *testing.T, sql string) {
 	}
 	c := NewCache(8)
 	c.Classify(sql, withLookup)
+	// A session's Recent in front of the cache must answer the same.
+	r := NewRecent(c, func(res Result) Class { return res.Class })
 	for k := range 12 {
 		for _, same := range []bool{true, false} {
 			v := fillShape(shape, k, same)
@@ -103,6 +105,10 @@ func checkShapes(t *testing.T, sql string) {
 			if got := c.Classify(v, withLookup); !sameResult(want, got) {
 				t.Fatalf("after %q, the cache classifies %q as %s (%s), a full parse as %s (%s)",
 					sql, v, got.Class, got.Reason, want.Class, want.Reason)
+			}
+			if got, class, ok := r.Cached(v); !ok || class != want.Class || !sameResult(want, got) {
+				t.Fatalf("after %q, a session's recent hits give %q as %s (%s, found %v), a full parse as %s (%s)",
+					sql, v, got.Class, class, ok, want.Class, want.Reason)
 			}
 		}
 	}
