@@ -28,7 +28,10 @@
 #             after the other in an order rotated per round, and the whole
 #             set repeats $BENCH_GATE_ROUNDS times (default 3): tps and
 #             latency are the medians, so load from other processes lands on
-#             all three alike
+#             all three alike. Each goal line adds the gate against PgBouncer
+#             round by round (tps ratio, or latency difference), its median
+#             and, from 6 rounds, a 95% interval of that median: rounds here
+#             scatter by +-10%, so one run's verdict can be luck either way
 #   floor     with 8 clients also bench/gatefloor, a Go relay that copies
 #             bytes and nothing else, in two designs: one thread on raw
 #             epoll (as PgBouncer) and the gate's event loop (io_uring where
@@ -401,6 +404,14 @@ fi
 
 # --- report ----------------------------------------------------------------------------------
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+# median_ci: a 95% confidence interval of the median of the numbers read,
+# free of any assumption about their distribution: the k-th smallest and
+# the k-th largest, k the largest with P(Binomial(n, 1/2) < k) <= 2.5%
+# (so at least 95% coverage). Prints "lo hi", or nothing under 6 numbers.
+median_ci() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END {
+	n = NR; p = 0.5 ^ n; cum = p; k = 0
+	for (i = 1; cum <= 0.025; i++) { k = i; p = p * (n - i + 1) / i; cum += p }
+	if (k >= 1) print a[k], a[n - k + 1] }'; }
 ROWS=()
 GOALS=()
 FLOOR_ROWS=()
@@ -431,9 +442,17 @@ for cs in "${CASES[@]}"; do
 	# less from run to run than the medians' ratio to direct, which pairs
 	# figures from different rounds.
 	if ((c == 8)); then
-		won+="; gate/PgBouncer tps per round: median $(printf '%.3f' "$(awk '{ printf "%.3f ", $1 / $2 }' <<<"$pairs" | median)")"
+		ratios=$(awk '{ printf "%.3f ", $1 / $2 }' <<<"$pairs")
+		won+="; gate/PgBouncer tps per round: median $(printf '%.3f' "$(median <<<"$ratios")")"
+		lo="" hi=""
+		read -r lo hi < <(median_ci <<<"$ratios") || true
+		[[ -z ${lo:-} ]] || won+=", 95% interval $lo-$hi"
 	else
-		won+="; gate minus PgBouncer per round: median $(printf '%+.1f' "$(awk -v n="$stmts" '{ printf "%+.1f ", ($3 - $4) / n * 1000 }' <<<"$pairs" | median)") µs per statement"
+		diffs=$(awk -v n="$stmts" '{ printf "%+.1f ", ($3 - $4) / n * 1000 }' <<<"$pairs")
+		won+="; gate minus PgBouncer per round: median $(printf '%+.1f' "$(median <<<"$diffs")") µs per statement"
+		lo="" hi=""
+		read -r lo hi < <(median_ci <<<"$diffs") || true
+		[[ -z ${lo:-} ]] || won+=", 95% interval $lo to $hi"
 	fi
 	if ((c == 8)); then
 		GOALS+=("$(awk -v l="$w -M $m, 8 clients" -v dt="${mt[direct]}" -v bt="${mt[pgbouncer]}" -v gt="${mt[gate]}" 'BEGIN {
