@@ -163,30 +163,44 @@ func TestSQLiteConcurrentWriters(t *testing.T) {
 	}
 }
 
-// BenchmarkLedgerAppendBatch stores statement-sized records in batches of
-// 512, as a busy gate's recorder does: ns/op is per record.
+// BenchmarkLedgerAppendBatch stores records in batches as a busy gate's
+// recorder does: statement-sized records 512 at a time (one record per
+// statement, as before records were grouped), and the ~2 KiB "statements"
+// records of 8 sessions at a time (pgbench TPC-B, 8 clients, one batch per
+// recordLinger). ns/op is per record.
 func BenchmarkLedgerAppendBatch(b *testing.B) {
-	ctx := context.Background()
-	db, err := Open(ctx, "sqlite:"+filepath.Join(b.TempDir(), "state.db"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer db.Close()
-	l := db.Ledger()
-	rec := []byte(`{"seq":0,"time":"2026-12-01T23:22:42.123456789Z","kind":"statement","actor":"bench","data":{"class":"write","db":"bench","decision":"allow","rows":1,"rule":"pgbench reads and writes","session":"7f3a9c2e5b1d4e6f","sql":"UPDATE pgbench_accounts SET abalance = abalance + -1234 WHERE aid = 56789;"},"prev":"` + strings.Repeat("ab", 32) + `","hash":"` + strings.Repeat("cd", 32) + `"}`)
-	const batch = 512
-	recs := make([][]byte, batch)
-	for i := range recs {
-		recs[i] = rec
-	}
-	b.SetBytes(int64(len(rec)))
-	b.ResetTimer()
-	seq := uint64(1)
-	for n := 0; n < b.N; n += batch {
-		ok, err := l.AppendBatch(ctx, seq, recs[:min(batch, b.N-n)])
-		if err != nil || !ok {
-			b.Fatalf("AppendBatch at %d: %v, %v", seq, ok, err)
-		}
-		seq += uint64(min(batch, b.N-n))
+	stmt := []byte(`{"seq":0,"time":"2026-12-01T23:22:42.123456789Z","kind":"statement","actor":"bench","data":{"class":"write","db":"bench","decision":"allow","rows":1,"rule":"pgbench reads and writes","session":"7f3a9c2e5b1d4e6f","sql":"UPDATE pgbench_accounts SET abalance = abalance + -1234 WHERE aid = 56789;"},"prev":"` + strings.Repeat("ab", 32) + `","hash":"` + strings.Repeat("cd", 32) + `"}`)
+	group := []byte(strings.Repeat(`{"t":3,"us":1234,"rows":1},`, 75))
+	for _, bc := range []struct {
+		name  string
+		rec   []byte
+		batch int
+	}{
+		{"statements-512", stmt, 512},
+		{"groups-8", group, 8},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			ctx := context.Background()
+			db, err := Open(ctx, "sqlite:"+filepath.Join(b.TempDir(), "state.db"))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer db.Close()
+			l := db.Ledger()
+			recs := make([][]byte, bc.batch)
+			for i := range recs {
+				recs[i] = bc.rec
+			}
+			b.SetBytes(int64(len(bc.rec)))
+			b.ResetTimer()
+			seq := uint64(1)
+			for n := 0; n < b.N; n += bc.batch {
+				k := min(bc.batch, b.N-n)
+				if ok, err := l.AppendBatch(ctx, seq, recs[:k]); err != nil || !ok {
+					b.Fatalf("AppendBatch at %d: %v, %v", seq, ok, err)
+				}
+				seq += uint64(k)
+			}
+		})
 	}
 }
