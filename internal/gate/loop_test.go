@@ -14,6 +14,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/dualkey/dualkey/internal/evloop"
 )
@@ -451,6 +452,9 @@ func FuzzFrames(f *testing.F) {
 				t.Fatalf("frame at %d: type %q, %d-byte body, size %d of %d bytes", off, typ, len(body), size, len(data)-off)
 			}
 			off += size
+			if typ == 'B' {
+				sameBind(t, body)
+			}
 			m := decodeFrontend(typ, body)
 			if m == nil {
 				continue
@@ -473,4 +477,30 @@ func FuzzFrames(f *testing.F) {
 			}
 		}
 	})
+}
+
+// sameBind checks the loop's Bind against pgproto3's: both accept body or
+// neither, with the same names, and the loop forwards what encoding
+// pgproto3's would.
+func sameBind(t *testing.T, body []byte) {
+	t.Helper()
+	var raw rawBind
+	var pb pgproto3.Bind
+	rawErr, pbErr := raw.Decode(body), pb.Decode(body)
+	if (rawErr == nil) != (pbErr == nil) {
+		t.Fatalf("Bind %q: the loop's decoder says %v, pgproto3's %v", body, rawErr, pbErr)
+	}
+	if rawErr != nil {
+		return
+	}
+	if raw.portal != pb.DestinationPortal || string(raw.stmt) != pb.PreparedStatement {
+		t.Fatalf("Bind %q: names %q %q, pgproto3 %q %q", body, raw.portal, raw.stmt, pb.DestinationPortal, pb.PreparedStatement)
+	}
+	want, err := pb.Encode(nil)
+	if err != nil {
+		return
+	}
+	if got, _ := raw.Encode(nil); !bytes.Equal(got, want) {
+		t.Fatalf("Bind %q: the loop forwards %q, pgproto3 would %q", body, got, want)
+	}
 }

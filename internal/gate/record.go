@@ -274,6 +274,7 @@ func (r *recorder) run() {
 			}
 		}
 		r.write(groupStatements(batch))
+		recycle(batch)
 		clear(batch) // let the statements' text go
 		if flushed != nil {
 			close(flushed)
@@ -360,6 +361,7 @@ func (r *recorder) idle(d time.Duration, es *[]ledger.Entry, flushes *[]chan str
 				*flushes = append(*flushes, it.flushed)
 			default:
 				*es = append(*es, groupStatements([]queued{it})...)
+				recycle([]queued{it})
 			}
 		}
 	}
@@ -401,8 +403,24 @@ func (r *recorder) failing() bool { return r.down.Load() }
 // add queues e.
 func (r *recorder) add(e ledger.Entry) { r.q <- queued{e: e} }
 
-// ran queues a statement a session ran.
+// ran queues a statement a session ran (from newRanStmt).
 func (r *recorder) ran(st *ranStmt) { r.q <- queued{st: st} }
+
+// ranPool recycles the statements queued for the recorder, one per
+// statement a session runs: groupStatements copies what it keeps of them.
+var ranPool = sync.Pool{New: func() any { return new(ranStmt) }}
+
+func newRanStmt() *ranStmt { return ranPool.Get().(*ranStmt) }
+
+// recycle returns batch's statements to ranPool, once grouped.
+func recycle(batch []queued) {
+	for _, q := range batch {
+		if q.st != nil {
+			*q.st = ranStmt{}
+			ranPool.Put(q.st)
+		}
+	}
+}
 
 // flush returns when every record queued before it is written.
 func (r *recorder) flush() {

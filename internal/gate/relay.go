@@ -8,9 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -51,6 +50,21 @@ type entry struct {
 	probe    *probe     // a dry run's messages: its tag or error goes here, not to the client
 	recs     []*stmtRec // statements to record as they complete
 	next     int
+	pooled   bool // from newEntry: back to the pool once answered
+}
+
+// entryPool recycles the entries of the messages every statement sends
+// (Bind, Execute, Sync): three allocations per statement under the
+// extended protocol. Only the relay's queue refers to such an entry, and
+// popLocked returns it when its answer is complete.
+var entryPool = sync.Pool{New: func() any { return new(entry) }}
+
+// newEntry is an entry of kind for a message whose entry nothing but the
+// queue keeps.
+func newEntry(kind entryKind) *entry {
+	e := entryPool.Get().(*entry)
+	e.kind, e.pooled = kind, true
+	return e
 }
 
 // stmtRec is one statement's ledger record, completed with its rows.
@@ -94,6 +108,7 @@ type relay struct {
 	rd  *bufio.Reader
 	wr  *bufio.Writer
 	buf []byte
+	hdr [5]byte // read's
 
 	mu       sync.Mutex
 	queue    []*entry
@@ -137,8 +152,13 @@ func (r *relay) push(e *entry) {
 	if len(r.queue) == 0 {
 		r.queue = r.qbuf[:0]
 	}
+	// An append to a full slice moves the queue to the start of a new
+	// array: that is the one to start again in. (Keeping the array of the
+	// first push made a queue of Bind, Execute and Sync grow afresh each
+	// statement.)
+	moves := len(r.queue) == cap(r.queue)
 	r.queue = append(r.queue, e)
-	if len(r.queue) == 1 {
+	if moves || len(r.queue) == 1 {
 		r.qbuf = r.queue
 	}
 }
@@ -159,6 +179,10 @@ func (r *relay) pop() {
 }
 
 func (r *relay) popLocked() {
+	if e := r.queue[0]; e.pooled {
+		*e = entry{}
+		entryPool.Put(e)
+	}
 	r.queue[0] = nil
 	r.queue = r.queue[1:]
 	if len(r.queue) == 0 && r.emptyCh != nil {
@@ -286,7 +310,7 @@ func (r *relay) read() (byte, []byte, error) {
 			return 0, nil, err
 		}
 	}
-	var hdr [5]byte
+	hdr := &r.hdr // not a local array: io.ReadFull makes it escape
 	if n, err := io.ReadFull(r.rd, hdr[:]); err != nil {
 		var ne net.Error
 		if n == 0 && errors.As(err, &ne) && ne.Timeout() {
@@ -310,10 +334,16 @@ func (r *relay) read() (byte, []byte, error) {
 
 // emit writes one message to the client.
 func (r *relay) emit(typ byte, body []byte) error {
-	var hdr [5]byte
-	hdr[0] = typ
+	// The header is built in the writer's own buffer: a local array
+	// passed to Write escapes, an allocation per message.
+	if r.wr.Available() < 5 {
+		if err := r.wr.Flush(); err != nil {
+			return err
+		}
+	}
+	hdr := append(r.wr.AvailableBuffer(), typ, 0, 0, 0, 0)
 	binary.BigEndian.PutUint32(hdr[1:], uint32(len(body)+4))
-	r.wr.Write(hdr[:])
+	r.wr.Write(hdr)
 	_, err := r.wr.Write(body)
 	return err
 }
@@ -384,13 +414,14 @@ func (r *relay) message(typ byte, body []byte) error {
 func (r *relay) handle(e *entry, typ byte, body []byte) error {
 	switch typ {
 	case 'Z':
+		drop := e.dropRFQ || (e.suppress && !e.keepRFQ)
+		r.mu.Lock()
 		if len(body) == 1 {
-			r.mu.Lock()
 			r.setTx(body[0])
-			r.mu.Unlock()
 		}
-		r.pop()
-		if e.dropRFQ || (e.suppress && !e.keepRFQ) {
+		r.popLocked() // e may be reused from here on (newEntry)
+		r.mu.Unlock()
+		if drop {
 			return nil
 		}
 		return r.emit(typ, body)
@@ -445,9 +476,12 @@ func (r *relay) handle(e *entry, typ byte, body []byte) error {
 		return err
 	}
 	if terminal {
-		r.pop()
-		if typ == 'E' && e.kind != ekQuery {
+		failed := typ == 'E' && e.kind != ekQuery
+		if failed {
 			r.s.undefine(&e.undef)
+		}
+		r.pop() // e may be reused from here on (newEntry)
+		if failed {
 			r.skipToSync()
 		}
 	}
@@ -513,13 +547,21 @@ func (r *relay) guarded(e *entry, typ byte, body []byte) error {
 
 // commandTag follows transaction blocks opened and closed by statements.
 func (r *relay) commandTag(body []byte) {
-	tag := strings.TrimRight(string(body), "\x00")
+	// Most tags change nothing: they take no lock, and the switch on the
+	// converted bytes copies nothing.
+	var begin bool
+	switch string(bytes.TrimRight(body, "\x00")) {
+	case "BEGIN", "START TRANSACTION":
+		begin = true
+	case "COMMIT", "ROLLBACK", "PREPARE TRANSACTION":
+	default:
+		return
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	switch tag {
-	case "BEGIN", "START TRANSACTION":
+	if begin {
 		r.block = true
-	case "COMMIT", "ROLLBACK", "PREPARE TRANSACTION":
+	} else {
 		r.block, r.failed = false, false
 	}
 }
@@ -527,19 +569,21 @@ func (r *relay) commandTag(body []byte) {
 // tagRows returns the row count of a command tag ("DELETE 3", "INSERT 0 1",
 // "SELECT 5"), or -1 when it has none.
 func tagRows(body []byte) int64 {
-	tag := strings.TrimRight(string(body), "\x00")
-	i := strings.LastIndexByte(tag, ' ')
-	if i < 0 {
+	tag := bytes.TrimRight(body, "\x00")
+	i := bytes.LastIndexByte(tag, ' ')
+	if i < 0 || i == len(tag)-1 {
 		return -1
 	}
-	n, err := strconv.ParseInt(tag[i+1:], 10, 64)
-	if err != nil {
-		return -1
+	var n int64
+	for _, c := range tag[i+1:] {
+		if c < '0' || c > '9' || n > (math.MaxInt64-9)/10 {
+			return -1
+		}
+		n = n*10 + int64(c-'0')
 	}
 	return n
 }
 
-// errorCode returns the SQLSTATE of an ErrorResponse body.
 func errorCode(body []byte) string { return errorField(body, 'C') }
 
 // errorField returns one field of an ErrorResponse body ('C' the

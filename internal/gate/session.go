@@ -708,10 +708,12 @@ func (s *session) dispatch(msg pgproto3.FrontendMessage) string {
 	case *pgproto3.Parse:
 		s.parse(m)
 	case *pgproto3.Bind:
-		s.bind(m)
+		s.bind(m.DestinationPortal, s.stmtNamed(m.PreparedStatement), m.PreparedStatement, m)
+	case *rawBind:
+		s.bind(m.portal, s.stmtNamedRaw(m.stmt), "", m)
 	case *pgproto3.Describe:
 		if !s.skipToSync {
-			s.send(m, &entry{kind: ekDescribe})
+			s.send(m, newEntry(ekDescribe))
 		}
 	case *pgproto3.Execute:
 		s.execute(m)
@@ -842,7 +844,9 @@ func (s *session) query(sql string) {
 			s.guardRun(sql, v, nil)
 			return
 		}
-		s.sendQuery(sql, &entry{kind: ekQuery, recs: s.recs(v, "allow", "")})
+		e := newEntry(ekQuery)
+		e.recs = s.recs(v, "allow", "")
+		s.sendQuery(sql, e)
 		s.flushUp()
 	case actHold:
 		if id, ok := s.consumeApproved(sql, v.res.Class); ok {
@@ -924,26 +928,42 @@ func (s *session) parse(m *pgproto3.Parse) {
 	}
 }
 
-func (s *session) bind(m *pgproto3.Bind) {
+// bind handles a Bind of statement p (nil: none by that name; name is
+// for the error, "" when the caller has it only as bytes) into portal.
+func (s *session) bind(portal string, p *prepared, name string, m pgproto3.FrontendMessage) {
 	if s.skipToSync {
 		return
 	}
-	if strings.HasPrefix(m.DestinationPortal, reservedPrefix) {
-		s.refuseExt(reservedName(m.DestinationPortal))
+	if strings.HasPrefix(portal, reservedPrefix) {
+		s.refuseExt(reservedName(portal))
 		return
 	}
-	s.mu.Lock()
-	p := s.stmts[m.PreparedStatement]
-	s.mu.Unlock()
 	if p == nil {
+		if rb, ok := m.(*rawBind); ok {
+			name = string(rb.stmt)
+		}
 		// Also a statement made by SQL PREPARE: the gate judges what it
 		// saw parsed, and did not see this.
-		s.refuseExt(errorResponse("26000", fmt.Sprintf("prepared statement %q does not exist", m.PreparedStatement), "", ""))
+		s.refuseExt(errorResponse("26000", fmt.Sprintf("prepared statement %q does not exist", name), "", ""))
 		return
 	}
-	e := &entry{kind: ekBind}
-	s.define(s.portals, m.DestinationPortal, p, &e.undef)
+	e := newEntry(ekBind)
+	s.define(s.portals, portal, p, &e.undef)
 	s.send(m, e)
+}
+
+func (s *session) stmtNamed(name string) *prepared {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stmts[name]
+}
+
+// stmtNamedRaw is stmtNamed of a name still in the message's bytes: a map
+// index by string(name) copies nothing.
+func (s *session) stmtNamedRaw(name []byte) *prepared {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stmts[string(name)]
 }
 
 // define sets name in table (the statements or the portals) to p, and
@@ -1024,7 +1044,9 @@ func (s *session) execute(m *pgproto3.Execute) {
 		recs = s.recs(p.v, decision, "")
 		p.allowRecs = recs
 	}
-	s.send(m, &entry{kind: ekExecute, recs: recs})
+	e := newEntry(ekExecute)
+	e.recs = recs
+	s.send(m, e)
 }
 
 func (s *session) closeMsg(m *pgproto3.Close) {
@@ -1052,7 +1074,7 @@ func (s *session) sync() {
 		s.inject(sql)
 		s.send(&pgproto3.Sync{}, &entry{kind: ekSync, suppress: true, keepRFQ: true})
 	} else {
-		s.send(&pgproto3.Sync{}, &entry{kind: ekSync})
+		s.send(&pgproto3.Sync{}, newEntry(ekSync))
 	}
 	s.flushUp()
 }
@@ -1211,8 +1233,10 @@ func (s *session) completed(r *stmtRec, rows int64, code string) {
 	if !r.audited {
 		r.audit, r.audited = auditText(r.text), true
 	}
-	s.g.rec.ran(&ranStmt{session: s.id, db: s.dbName, actor: s.user.Name, rule: r.rule, at: time.Now().UTC(),
-		text: stmtText{Class: r.class, Decision: r.decision, SQL: r.audit}, err: code, request: r.request, rows: rows})
+	st := newRanStmt()
+	*st = ranStmt{session: s.id, db: s.dbName, actor: s.user.Name, rule: r.rule, at: time.Now().UTC(),
+		text: stmtText{Class: r.class, Decision: r.decision, SQL: r.audit}, err: code, request: r.request, rows: rows}
+	s.g.rec.ran(st)
 }
 
 // auditText is the statement as the ledger keeps it: clipped, and without
