@@ -36,6 +36,10 @@
 #             bytes and nothing else, in two designs: one thread on raw
 #             epoll (as PgBouncer) and the gate's event loop (io_uring where
 #             the kernel has it): what the gate pays before its own work
+#   state     the gate's state store, so its ledger, in GW/state on the
+#             data's disk, as a gate beside its database would have it;
+#             $BENCH_GATE_STATE_DIR puts it in a folder of its own there
+#             (on a tmpfs, to tell the ledger's fsyncs from its CPU)
 #   profile   afterwards, a gate started with DUALKEY_CPUPROFILE runs the
 #             8-client select-only workload once per protocol, and TPC-B
 #             prepared (where the ledger's records cost most); stopped with
@@ -223,8 +227,11 @@ note "pgbouncer" "pgbouncer -q GW/pgbouncer.ini  (pool_mode=session, auth_type=s
 
 # The gate: one person, bench, with a SCRAM verifier in the state store.
 free_port GATE_PORT
-STATE=$GW/state/state.db
-install -d -o "$OSUSER" -m 700 "$GW/state"
+STATE_DIR=$GW/state
+[[ -z ${BENCH_GATE_STATE_DIR:-} ]] || STATE_DIR=$BENCH_GATE_STATE_DIR/dualkey-gate-bench-state # ours to remove
+STATE=$STATE_DIR/state.db
+rm -rf "$STATE_DIR"
+install -d -o "$OSUSER" -m 700 "$STATE_DIR"
 as_pg "${DK[@]}" -q --state "$STATE" users add bench >/dev/null
 as_pg "${DK[@]}" -q --state "$STATE" users passwd bench --password-stdin <<<"$PASSWORD" >/dev/null
 cat >"$GW/gate.yaml" <<-EOF
@@ -247,6 +254,7 @@ cat >"$GW/gate.yaml" <<-EOF
 	    action: allow             # no max_rows: the guard stays out of TPC-B
 EOF
 chown "$OSUSER" "$GW/gate.yaml"
+[[ $STATE_DIR == "$GW/state" ]] || note "gate state" "$STATE_DIR (BENCH_GATE_STATE_DIR; $(df --output=fstype "$STATE_DIR" | tail -n 1))"
 note "gate users" "dualkey --state GW/state/state.db users add bench; dualkey --state GW/state/state.db users passwd bench --password-stdin"
 note "gate" "dualkey gate --config GW/gate.yaml  (gate.yaml in the results)"
 note "sessions" "$SESSIONS (own: PgBouncer, the gate and the relays each started with setsid; shared: in the script's session, with pgbench)"

@@ -6,10 +6,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"modernc.org/sqlite"
 )
 
 func TestSQLite(t *testing.T) {
@@ -41,6 +44,9 @@ func TestSQLiteOpen(t *testing.T) {
 			}
 			if err := db.sql.QueryRowContext(ctx, "PRAGMA busy_timeout").Scan(&busy); err != nil || busy != int(DefaultBusyTimeout.Milliseconds()) {
 				t.Errorf("busy_timeout = %d, %v", busy, err)
+			}
+			if runtime.GOOS == "linux" && !sqlite.FdatasyncEnabled() {
+				t.Error("SQLite commits with fsync, not fdatasync (syncDataOnly)")
 			}
 			if err := db.AddUser(ctx, User{Name: "ann"}); err != nil {
 				t.Fatal(err)
