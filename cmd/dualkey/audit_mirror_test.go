@@ -13,12 +13,32 @@ import (
 	"testing"
 
 	"github.com/dualkey/dualkey/internal/ledger"
+	"github.com/klauspost/compress/zstd"
 )
+
+// storedRec returns the record a ledger row holds: its bytes, or (codec 1,
+// docs/state.md) one zstd frame of them.
+func storedRec(t *testing.T, codec int, b []byte) []byte {
+	t.Helper()
+	if codec == 0 {
+		return b
+	}
+	d, err := zstd.NewReader(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	rec, err := d.DecodeAll(b, nil)
+	if err != nil || codec != 1 {
+		t.Fatalf("ledger row of codec %d: %v", codec, err)
+	}
+	return rec
+}
 
 // readLedger returns every ledger row of the SQLite state, in seq order.
 func readLedger(t *testing.T, db *sql.DB) []ledger.Record {
 	t.Helper()
-	rows, err := db.Query("SELECT seq, rec FROM ledger ORDER BY seq")
+	rows, err := db.Query("SELECT seq, codec, rec FROM ledger ORDER BY seq")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -26,11 +46,12 @@ func readLedger(t *testing.T, db *sql.DB) []ledger.Record {
 	var recs []ledger.Record
 	for rows.Next() {
 		var seq uint64
+		var codec int
 		var b []byte
-		if err := rows.Scan(&seq, &b); err != nil {
+		if err := rows.Scan(&seq, &codec, &b); err != nil {
 			t.Fatal(err)
 		}
-		r, err := ledger.ParseRecord(b)
+		r, err := ledger.ParseRecord(storedRec(t, codec, b))
 		if err != nil || r.Seq != seq || r.Seq != uint64(len(recs)+1) {
 			t.Fatalf("ledger row %d: %v (record %d)", seq, err, r.Seq)
 		}
@@ -42,11 +63,12 @@ func readLedger(t *testing.T, db *sql.DB) []ledger.Record {
 	return recs
 }
 
-// writeLedger overwrites the rows of recs, each under its own seq.
+// writeLedger overwrites the rows of recs, each under its own seq, plain
+// (codec 0) as someone editing the table would write them.
 func writeLedger(t *testing.T, db *sql.DB, recs []ledger.Record) {
 	t.Helper()
 	for _, r := range recs {
-		if _, err := db.Exec("UPDATE ledger SET rec = ? WHERE seq = ?", r.Encode(), r.Seq); err != nil {
+		if _, err := db.Exec("UPDATE ledger SET codec = 0, rec = ? WHERE seq = ?", r.Encode(), r.Seq); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -194,7 +216,7 @@ func testAuditMirror(t *testing.T, server bool) {
 	// 3. Swap two rows: caught by the chain alone.
 	swapped := []ledger.Record{orig[2], orig[1]}
 	for i, r := range swapped {
-		if _, err := db.Exec("UPDATE ledger SET rec = ? WHERE seq = ?", r.Encode(), i+2); err != nil {
+		if _, err := db.Exec("UPDATE ledger SET codec = 0, rec = ? WHERE seq = ?", r.Encode(), i+2); err != nil {
 			t.Fatal(err)
 		}
 	}

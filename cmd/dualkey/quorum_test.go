@@ -182,13 +182,19 @@ func TestAuditVerifyCatchesDatabaseEdits(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	var seq int64
+	var seq uint64
 	var rec []byte
-	if err := db.QueryRow("SELECT seq, rec FROM ledger WHERE CAST(rec AS TEXT) LIKE '%audit_2019%'").Scan(&seq, &rec); err != nil {
-		t.Fatal(err)
+	for _, r := range readLedger(t, db) {
+		if b := r.Encode(); bytes.Contains(b, []byte("audit_2019")) {
+			seq, rec = r.Seq, b
+			break
+		}
+	}
+	if rec == nil {
+		t.Fatal("no ledger record names audit_2019")
 	}
 	edited := bytes.Replace(rec, []byte("audit_2019"), []byte("audit_2020"), 1)
-	if _, err := db.Exec("UPDATE ledger SET rec = ? WHERE seq = ?", edited, seq); err != nil {
+	if _, err := db.Exec("UPDATE ledger SET codec = 0, rec = ? WHERE seq = ?", edited, seq); err != nil {
 		t.Fatal(err)
 	}
 	out, _, code := c.run("audit", "verify")
@@ -202,11 +208,31 @@ func TestAuditVerifyCatchesDatabaseEdits(t *testing.T) {
 	if err := json.Unmarshal([]byte(jout), &rep); err != nil || len(rep.Problems) == 0 {
 		t.Fatalf("audit verify --json: %v\n%s", err, jout)
 	}
-	// Put it back, then delete a row in the middle.
+	// Put it back; then garbage in a row stored compressed (codec 1): it
+	// does not decode, and verify reports it at its seq, as garbage in a
+	// plain row, rather than stop at it.
 	if _, err := db.Exec("UPDATE ledger SET rec = ? WHERE seq = ?", rec, seq); err != nil {
 		t.Fatal(err)
 	}
 	c.ok("audit", "verify")
+	var codec int
+	var stored []byte
+	if err := db.QueryRow("SELECT codec, rec FROM ledger WHERE seq = ?", seq).Scan(&codec, &stored); err != nil {
+		t.Fatal(err)
+	}
+	junk := append([]byte{0x28, 0xb5, 0x2f, 0xfd}, bytes.Repeat([]byte{0xa5}, 64)...) // zstd's magic, then junk
+	if _, err := db.Exec("UPDATE ledger SET codec = 1, rec = ? WHERE seq = ?", junk, seq); err != nil {
+		t.Fatal(err)
+	}
+	out, _, code = c.run("audit", "verify")
+	if code != exitDamaged || !strings.Contains(out, fmt.Sprintf("seq %d: malformed", seq)) {
+		t.Fatalf("audit verify with garbage in a compressed row: exit %d\n%s", code, out)
+	}
+	if _, err := db.Exec("UPDATE ledger SET codec = ?, rec = ? WHERE seq = ?", codec, stored, seq); err != nil {
+		t.Fatal(err)
+	}
+	c.ok("audit", "verify")
+	// Then delete a row in the middle.
 	if _, err := db.Exec("DELETE FROM ledger WHERE seq = 2"); err != nil {
 		t.Fatal(err)
 	}

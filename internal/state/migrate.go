@@ -88,6 +88,10 @@ CREATE TABLE incidents (
 );
 CREATE INDEX incidents_detected ON incidents (detected, id);
 `},
+	// How rec is stored (ledgerCodec): the rows before it are plain.
+	{3, "ledger codec", `
+ALTER TABLE ledger ADD COLUMN codec SMALLINT NOT NULL DEFAULT 0;
+`},
 }
 
 func (m migration) text(d Dialect) string {

@@ -3,8 +3,10 @@ package state
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -35,6 +37,8 @@ func runSuite(t *testing.T, newDSN func(t *testing.T) string) {
 		{"Ledger", testLedger},
 		{"LedgerBatch", testLedgerBatch},
 		{"LedgerAppendRace", testLedgerRace},
+		{"LedgerCodec", testLedgerCodec},
+		{"LedgerPlainRowsMigrated", testLedgerPlainRows},
 		{"Incidents", testIncidents},
 	}
 	for _, tt := range tests {
@@ -706,5 +710,153 @@ func testLedgerRace(t *testing.T, dsn string) {
 	}
 	if len(winners) != 0 {
 		t.Fatalf("winners for seqs not stored: %v", winners)
+	}
+}
+
+// statementsJSON is a record like the gate's statement groups: the same
+// few statements with other literals.
+func statementsJSON(n int) []byte {
+	b := []byte(`{"statements":[`)
+	for i := range n {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = fmt.Appendf(b, `{"class":"write","decision":"allow","sql":"UPDATE pgbench_accounts SET abalance = abalance + %d WHERE aid = %d;","us":%d}`,
+			(i*7919)%10000-5000, (i*104729)%1000000, i*173)
+	}
+	return append(b, "]}"...)
+}
+
+// testLedgerCodec: records come back byte for byte whatever the codec
+// chosen for them; a large repetitive one is stored compressed, a small
+// or incompressible one plain; a damaged row is an error naming it, not
+// a record.
+func testLedgerCodec(t *testing.T, dsn string) {
+	ctx := ctxT(t)
+	db := open(t, dsn)
+	l := db.Ledger()
+	random := make([]byte, 4096)
+	rand.NewChaCha8([32]byte{1}).Read(random)
+	recs := []struct {
+		rec   []byte
+		codec ledgerCodec
+	}{
+		{statementsJSON(300), codecZstd},
+		{[]byte(`{"kind":"session.open","actor":"ann"}`), codecPlain},
+		{random, codecPlain},
+		{bytes.Repeat([]byte("a"), ledgerCompressMin), codecZstd},
+		{[]byte(strings.Repeat("b", ledgerCompressMin-1)), codecPlain},
+	}
+	if ok, err := l.AppendBatch(ctx, 1, [][]byte{recs[0].rec, recs[1].rec}); !ok || err != nil {
+		t.Fatalf("AppendBatch = %v, %v", ok, err)
+	}
+	for i, r := range recs[2:] {
+		if ok, err := l.Append(ctx, uint64(i+3), r.rec); !ok || err != nil {
+			t.Fatalf("Append %d = %v, %v", i+3, ok, err)
+		}
+	}
+	stored := func(seq int) (ledgerCodec, int) {
+		t.Helper()
+		var c ledgerCodec
+		var n int
+		if err := db.sql.QueryRowContext(ctx, "SELECT codec, length(rec) FROM ledger WHERE seq = $1", seq).Scan(&c, &n); err != nil {
+			t.Fatal(err)
+		}
+		return c, n
+	}
+	for i, r := range recs {
+		seq := i + 1
+		if c, n := stored(seq); c != r.codec || c == codecZstd && n >= len(r.rec)/3 || c == codecPlain && n != len(r.rec) {
+			t.Errorf("record %d (%d bytes) stored with codec %d in %d bytes; want codec %d", seq, len(r.rec), c, n, r.codec)
+		}
+	}
+	read := func() error {
+		want := uint64(1)
+		return l.Read(ctx, 1, func(seq uint64, rec []byte) error {
+			if seq != want || !bytes.Equal(rec, recs[seq-1].rec) {
+				return fmt.Errorf("record %d reads back %d bytes, not the %d appended", seq, len(rec), len(recs[seq-1].rec))
+			}
+			want++
+			return nil
+		})
+	}
+	if err := read(); err != nil {
+		t.Fatal(err)
+	}
+	if seq, rec, err := l.Last(ctx); seq != 5 || !bytes.Equal(rec, recs[4].rec) || err != nil {
+		t.Fatalf("Last = %d, %d bytes, %v", seq, len(rec), err)
+	}
+	if _, err := l.Append(ctx, 9, make([]byte, maxLedgerRecord+1)); !errors.Is(err, ErrInvalid) {
+		t.Errorf("Append of %d bytes: %v; want ErrInvalid", maxLedgerRecord+1, err)
+	}
+
+	// One byte of the compressed record flipped: zstd's checksum (or its
+	// framing) catches it, and Read hands the row on as stored, which is
+	// not JSON, and goes on to the next; so does Last with a codec from
+	// the future.
+	var z []byte
+	if err := db.sql.QueryRowContext(ctx, "SELECT rec FROM ledger WHERE seq = 1").Scan(&z); err != nil {
+		t.Fatal(err)
+	}
+	z[len(z)/2] ^= 0x20
+	if _, err := db.sql.ExecContext(ctx, "UPDATE ledger SET rec = $1 WHERE seq = 1", z); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.sql.ExecContext(ctx, "UPDATE ledger SET codec = 7 WHERE seq = 4"); err != nil {
+		t.Fatal(err)
+	}
+	var got [][]byte
+	if err := l.Read(ctx, 1, func(_ uint64, rec []byte) error { got = append(got, rec); return nil }); err != nil {
+		t.Fatalf("Read over damaged rows: %v", err)
+	}
+	if len(got) != 5 || !bytes.Equal(got[0], z) || !bytes.Equal(got[1], recs[1].rec) || !bytes.Equal(got[2], recs[2].rec) || !bytes.Equal(got[4], recs[4].rec) {
+		t.Fatalf("Read over damaged rows handed on %d records", len(got))
+	}
+	if json.Valid(got[0]) || json.Valid(got[3]) || bytes.Equal(got[3], recs[3].rec) {
+		t.Error("a damaged row reads as JSON")
+	}
+	if _, err := db.sql.ExecContext(ctx, "DELETE FROM ledger WHERE seq = 5"); err != nil {
+		t.Fatal(err)
+	}
+	if seq, rec, err := l.Last(ctx); seq != 4 || err != nil || bytes.Equal(rec, recs[3].rec) {
+		t.Fatalf("Last with an unknown codec = %d, %q, %v", seq, rec, err)
+	}
+}
+
+// testLedgerPlainRows: a ledger written before migration 3 (no codec
+// column) reads back the same after it, and takes compressed records
+// after its plain ones.
+func testLedgerPlainRows(t *testing.T, dsn string) {
+	ctx := ctxT(t)
+	db := open(t, dsn)
+	// back to version 2, with a record as version 2 stored it
+	old := statementsJSON(50)
+	for _, q := range []string{
+		"DELETE FROM schema_version WHERE version = 3",
+		"ALTER TABLE ledger DROP COLUMN codec",
+	} {
+		if _, err := db.sql.ExecContext(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	if _, err := db.sql.ExecContext(ctx, "INSERT INTO ledger (seq, rec) VALUES (1, $1)", old); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	db = open(t, dsn)
+	if v, err := db.version(ctx); err != nil || v != 3 {
+		t.Fatalf("version after reopen = %d, %v", v, err)
+	}
+	l := db.Ledger()
+	next := statementsJSON(60)
+	if ok, err := l.Append(ctx, 2, next); !ok || err != nil {
+		t.Fatalf("Append 2 = %v, %v", ok, err)
+	}
+	var got [][]byte
+	if err := l.Read(ctx, 1, func(_ uint64, rec []byte) error { got = append(got, rec); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || !bytes.Equal(got[0], old) || !bytes.Equal(got[1], next) {
+		t.Fatalf("read back %d records, first equal %v", len(got), len(got) > 0 && bytes.Equal(got[0], old))
 	}
 }
