@@ -39,7 +39,10 @@
 #   state     the gate's state store, so its ledger, in GW/state on the
 #             data's disk, as a gate beside its database would have it;
 #             $BENCH_GATE_STATE_DIR puts it in a folder of its own there
-#             (on a tmpfs, to tell the ledger's fsyncs from its CPU)
+#             (on a tmpfs, to tell the ledger's fsyncs from its CPU), and
+#             BENCH_GATE_STATE_PG=1 in a database of the benchmarked server
+#             (dualkey_state, owned by bench; the password from GW/pgpass),
+#             where the ledger's commits share the server's WAL flushes
 #   profile   afterwards, a gate started with DUALKEY_CPUPROFILE runs the
 #             8-client select-only workload once per protocol, and TPC-B
 #             prepared (where the ledger's records cost most); stopped with
@@ -232,8 +235,15 @@ STATE_DIR=$GW/state
 STATE=$STATE_DIR/state.db
 rm -rf "$STATE_DIR"
 install -d -o "$OSUSER" -m 700 "$STATE_DIR"
-as_pg "${DK[@]}" -q --state "$STATE" users add bench >/dev/null
-as_pg "${DK[@]}" -q --state "$STATE" users passwd bench --password-stdin <<<"$PASSWORD" >/dev/null
+if [[ ${BENCH_GATE_STATE_PG:-0} != 0 ]]; then
+	psql_sock postgres "CREATE DATABASE dualkey_state OWNER bench" >/dev/null
+	STATE="postgres://bench@127.0.0.1:$PGPORT/dualkey_state?sslmode=disable"
+	note "gate state" "PostgreSQL: $STATE (BENCH_GATE_STATE_PG; PGPASSFILE=GW/pgpass)"
+fi
+# The ledger's key in STATE_DIR (beside a SQLite state, where it would be anyway).
+STATE_ENV=(PGPASSFILE="$GW/pgpass" DUALKEY_LEDGER_KEY="$STATE_DIR/ledger.key")
+as_pg env "${STATE_ENV[@]}" "${DK[@]}" -q --state "$STATE" users add bench >/dev/null
+as_pg env "${STATE_ENV[@]}" "${DK[@]}" -q --state "$STATE" users passwd bench --password-stdin <<<"$PASSWORD" >/dev/null
 cat >"$GW/gate.yaml" <<-EOF
 	listen: 127.0.0.1:$GATE_PORT
 	tls:
@@ -261,7 +271,7 @@ note "sessions" "$SESSIONS (own: PgBouncer, the gate and the relays each started
 
 # gate_start [ENV=VALUE...]: start a gate; sets GATE
 gate_start() {
-	${DAEMON[@]+"${DAEMON[@]}"} "${AS_PG[@]}" env "$@" "${DK[@]}" gate --config "$GW/gate.yaml" >>"$GW/logs/gate.log" 2>&1 &
+	${DAEMON[@]+"${DAEMON[@]}"} "${AS_PG[@]}" env "${STATE_ENV[@]}" "$@" "${DK[@]}" gate --config "$GW/gate.yaml" >>"$GW/logs/gate.log" 2>&1 &
 	GATE=$!
 	BG_PIDS+=("$GATE")
 	wait_until "the gate to listen" 30 "listening $GATE_PORT"
