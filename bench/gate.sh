@@ -42,7 +42,9 @@
 #             (on a tmpfs, to tell the ledger's fsyncs from its CPU), and
 #             BENCH_GATE_STATE_PG=1 in a database of the benchmarked server
 #             (dualkey_state, owned by bench; the password from GW/pgpass),
-#             where the ledger's commits share the server's WAL flushes
+#             where the ledger's commits share the server's WAL flushes;
+#             BENCH_GATE_LEDGER_SYNC sets gate.yaml's ledger_sync (default
+#             not given: the gate's default, 1s; 0 flushes every batch)
 #   profile   afterwards, a gate started with DUALKEY_CPUPROFILE runs the
 #             8-client select-only workload once per protocol, and TPC-B
 #             prepared (where the ledger's records cost most); stopped with
@@ -263,6 +265,7 @@ cat >"$GW/gate.yaml" <<-EOF
 	    classes: [read, write]
 	    action: allow             # no max_rows: the guard stays out of TPC-B
 EOF
+[[ -z ${BENCH_GATE_LEDGER_SYNC:-} ]] || echo "ledger_sync: $BENCH_GATE_LEDGER_SYNC" >>"$GW/gate.yaml"
 chown "$OSUSER" "$GW/gate.yaml"
 [[ $STATE_DIR == "$GW/state" ]] || note "gate state" "$STATE_DIR (BENCH_GATE_STATE_DIR; $(df --output=fstype "$STATE_DIR" | tail -n 1))"
 note "gate users" "dualkey --state GW/state/state.db users add bench; dualkey --state GW/state/state.db users passwd bench --password-stdin"

@@ -15,6 +15,7 @@ import (
 
 	"github.com/dualkey/dualkey/internal/gate"
 	"github.com/dualkey/dualkey/internal/gate/policy"
+	"github.com/dualkey/dualkey/internal/state"
 )
 
 func (a *app) gateCmd() *cobra.Command {
@@ -58,7 +59,7 @@ func (a *app) runGate(ctx context.Context, cfg *policy.Config) error {
 	if a.q.webhook == "" && a.getenv("DUALKEY_WEBHOOK") == "" {
 		a.q.webhook = cfg.Webhook
 	}
-	q, err := a.openQuorum(ctx)
+	q, err := a.openQuorum(ctx, state.WithLedgerSync(cfg.LedgerSync))
 	if err != nil {
 		return err
 	}

@@ -121,12 +121,12 @@ func (a *app) quorumLedgerMirror(ctx context.Context) (ledger.Mirror, func(), er
 var _ ledger.Mirror = (*repo.LedgerMirror)(nil)
 
 // openQuorum opens the state, the ledger and the service. Close it.
-func (a *app) openQuorum(ctx context.Context) (*quorumEnv, error) {
+func (a *app) openQuorum(ctx context.Context, stateOpts ...state.Option) (*quorumEnv, error) {
 	dsn, err := a.stateDSN()
 	if err != nil {
 		return nil, err
 	}
-	db, err := state.Open(ctx, dsn, state.WithLogger(a.log))
+	db, err := state.Open(ctx, dsn, append([]state.Option{state.WithLogger(a.log)}, stateOpts...)...)
 	if err != nil {
 		return nil, err
 	}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -528,5 +529,61 @@ func TestAppendBatchCheckpointInside(t *testing.T) {
 	// after 10+10 records (seq 21), after 20 more (seq 42), and Close's over the tip if any
 	if len(cps) < 2 || cps[0] != 21 || cps[1] != 42 {
 		t.Fatalf("checkpoints at %v, want 21 and 42 first", cps)
+	}
+}
+
+// lazyStore is a store whose appends reach its disk only at Sync (state's
+// WithLedgerSync); durable is the highest seq a Sync covered.
+type lazyStore struct {
+	batchStore
+	durable atomic.Uint64
+	syncs   atomic.Int64
+}
+
+func (s *lazyStore) Sync(ctx context.Context) error {
+	last, _, err := s.Last(ctx)
+	s.durable.Store(last)
+	s.syncs.Add(1)
+	return err
+}
+
+// durableMirror refuses any object holding a record its store has not
+// made durable.
+type durableMirror struct {
+	*memMirror
+	st *lazyStore
+}
+
+func (m durableMirror) Put(ctx context.Context, name string, data []byte) error {
+	if _, to, err := ParseObjectName(name); err != nil || to > m.st.durable.Load() {
+		return fmt.Errorf("%s mirrored before its records were durable (durable to %d)", name, m.st.durable.Load())
+	}
+	return m.memMirror.Put(ctx, name, data)
+}
+
+// The mirror copies out only records the store has made durable: one a
+// crash could still take would be written again differently, and the
+// mirror would then accuse the store of tampering.
+func TestMirrorSyncsStoreFirst(t *testing.T) {
+	ctx := context.Background()
+	st := &lazyStore{batchStore: batchStore{newMemStore()}}
+	mir := durableMirror{newMemMirror(), st}
+	l, err := Open(ctx, st, mir, testKey(1), testOptions(8))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		if _, err := l.AppendBatch(ctx, entries(10)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := l.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if st.syncs.Load() == 0 || len(mir.names()) == 0 {
+		t.Fatalf("%d syncs, %d objects mirrored", st.syncs.Load(), len(mir.names()))
+	}
+	if rep := verify(t, st, mir); !rep.OK() || rep.MirroredSeq != rep.LastSeq {
+		t.Fatalf("%+v", rep)
 	}
 }

@@ -119,6 +119,12 @@ func (l *Ledger) mirroredSeq() uint64 {
 	return l.mirrored
 }
 
+// syncStore is a Store whose commits may reach its disk after they return
+// (state's WithLedgerSync); Sync makes every one so far durable.
+type syncStore interface {
+	Sync(ctx context.Context) error
+}
+
 // mirrorNow writes every complete span after the mirrored seq to the mirror.
 func (l *Ledger) mirrorNow(ctx context.Context) error {
 	if l.mirror == nil {
@@ -138,6 +144,14 @@ func (l *Ledger) mirrorNow(ctx context.Context) error {
 		}
 		if len(objs) == 0 {
 			return nil
+		}
+		// What goes into the vault must be on the store's disk first: a
+		// record lost to a crash would be written again differently, and
+		// the mirror would then accuse the store of tampering.
+		if s, ok := l.store.(syncStore); ok {
+			if err := s.Sync(ctx); err != nil {
+				return fmt.Errorf("ledger: mirror: %w", err)
+			}
 		}
 		for _, o := range objs {
 			if err := l.mirror.Put(ctx, o.name, o.data); err != nil {

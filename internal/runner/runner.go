@@ -409,7 +409,11 @@ func newSecret() string {
 func (r *Runner) openState(ctx context.Context) error {
 	dsn := r.cfg.StateDSN()
 	r.info.State = redact(dsn)
-	db, err := state.Open(ctx, dsn, state.WithLogger(r.log))
+	opts := []state.Option{state.WithLogger(r.log)}
+	if r.cfg.Gate.Policy != nil {
+		opts = append(opts, state.WithLedgerSync(r.cfg.Gate.Policy.LedgerSync))
+	}
+	db, err := state.Open(ctx, dsn, opts...)
 	if err != nil {
 		return err
 	}

@@ -41,8 +41,9 @@ func (l *LedgerStore) Append(ctx context.Context, seq uint64, rec []byte) (bool,
 }
 
 // AppendBatch stores recs as records first, first+1, ... in one
-// transaction (one commit, one fsync), all or none: it returns false (and
-// no error) when any of those seqs exists already.
+// transaction (one commit, one fsync, or none with WithLedgerSync), all or
+// none: it returns false (and no error) when any of those seqs exists
+// already.
 func (l *LedgerStore) AppendBatch(ctx context.Context, first uint64, recs [][]byte) (bool, error) {
 	if len(recs) == 0 {
 		return true, nil
@@ -61,7 +62,11 @@ func (l *LedgerStore) AppendBatch(ctx context.Context, first uint64, recs [][]by
 		}
 		codecs[i], stored[i] = encodeRec(rec)
 	}
-	err = l.db.tx(ctx, func(tx *sql.Tx) error {
+	db, err := l.batchDB()
+	if err != nil {
+		return false, l.db.wrap(err, "ledger append %d-%d", first, first+uint64(len(recs))-1)
+	}
+	err = db.tx(ctx, func(tx *sql.Tx) error {
 		// Many rows per INSERT: one statement per record cost the gate a
 		// quarter of its ledger time under pgbench TPC-B (the driver's
 		// work per call, not SQLite's per row). Prepared: parsing the
@@ -72,7 +77,7 @@ func (l *LedgerStore) AppendBatch(ctx context.Context, first uint64, recs [][]by
 			for i, rec := range chunk {
 				args = append(args, s+int64(off+i), codecs[off+i], rec)
 			}
-			st, err := l.db.prepared(ctx, ledgerInsertSQL(l.db.dialect, len(chunk)))
+			st, err := db.prepared(ctx, ledgerInsertSQL(db.dialect, len(chunk)))
 			if err != nil {
 				return err
 			}
@@ -88,6 +93,9 @@ func (l *LedgerStore) AppendBatch(ctx context.Context, first uint64, recs [][]by
 		}
 		return nil
 	})
+	if db != l.db && err == nil {
+		l.db.lazy.dirty.Store(true) // after the commit: a flush from now on covers it
+	}
 	if errors.Is(err, errLedgerTaken) {
 		return false, nil
 	}

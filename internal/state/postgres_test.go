@@ -5,6 +5,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/dualkey/dualkey/internal/pgtest"
 )
@@ -34,6 +35,17 @@ func TestPostgres(t *testing.T) {
 		}
 	})
 	runSuite(t, newDSN)
+	// PostgreSQL's commits join the server's group commit: WithLedgerSync
+	// opens no second handle, and every batch is durable at once.
+	t.Run("LedgerSyncIgnored", func(t *testing.T) {
+		db := open(t, newDSN(t), WithLedgerSync(time.Second))
+		if db.lazy != nil {
+			t.Error("WithLedgerSync opened a second handle on PostgreSQL")
+		}
+		if err := db.Ledger().Sync(ctxT(t)); err != nil {
+			t.Error(err)
+		}
+	})
 
 	// A server whose default isolation is serializable makes a losing
 	// UPDATE fail with 40001 instead of seeing the winner's row: the

@@ -72,7 +72,8 @@ type DB struct {
 	where   string // path or redacted URL, for messages
 	log     *slog.Logger
 	now     func() time.Time
-	stmts   sync.Map // SQL -> *sql.Stmt, for statements run so often that parsing them shows (prepared)
+	stmts   sync.Map    // SQL -> *sql.Stmt, for statements run so often that parsing them shows (prepared)
+	lazy    *lazyLedger // batches committed without waiting for the disk (WithLedgerSync), or nil
 }
 
 // Option configures Open.
@@ -82,6 +83,8 @@ type options struct {
 	log  *slog.Logger
 	now  func() time.Time
 	busy time.Duration
+	// ledgerSync: WithLedgerSync
+	ledgerSync time.Duration
 }
 
 // WithLogger sets the logger for migrations and warnings (default: discard).
@@ -121,6 +124,12 @@ func Open(ctx context.Context, dsn string, opts ...Option) (*DB, error) {
 	if err := db.migrate(ctx); err != nil {
 		db.sql.Close()
 		return nil, err
+	}
+	if o.ledgerSync > 0 && db.dialect == SQLite {
+		if err := db.openLazyLedger(ctx, db.where, o.busy, o.ledgerSync); err != nil {
+			db.sql.Close()
+			return nil, err
+		}
 	}
 	return db, nil
 }
@@ -191,49 +200,63 @@ func (db *DB) openSQLite(ctx context.Context, dsn string, busy time.Duration) er
 	}
 	f.Close()
 	syncDataOnly()
+	s, err := openSQLiteHandle(ctx, db, path, busy, "FULL")
+	if err != nil {
+		return err
+	}
+	db.sql = s
+	return nil
+}
+
+// openSQLiteHandle opens a database/sql handle on the SQLite file at path
+// with the given synchronous level and checks that the file reads.
+func openSQLiteHandle(ctx context.Context, db *DB, path string, busy time.Duration, synchronous string) (*sql.DB, error) {
 	q := url.Values{}
 	q.Add("_pragma", "busy_timeout("+strconv.FormatInt(busy.Milliseconds(), 10)+")")
 	q.Add("_pragma", "foreign_keys(1)")
 	q.Add("_pragma", "journal_mode(WAL)")
 	// FULL: a consumed request or a ledger row must survive power loss;
-	// NORMAL in WAL mode may lose the last commits.
-	q.Add("_pragma", "synchronous(FULL)")
+	// NORMAL in WAL mode may lose the last commits (WithLedgerSync).
+	q.Add("_pragma", "synchronous("+synchronous+")")
 	// Every transaction takes the write lock at BEGIN: a deferred one that
 	// reads and then writes can fail with SQLITE_BUSY at once, without
 	// waiting, when another connection wrote in between.
 	q.Set("_txlock", "immediate")
 	s, err := sql.Open("sqlite", path+"?"+q.Encode())
 	if err != nil {
-		return fmt.Errorf("state: open %s: %w", path, err)
+		return nil, fmt.Errorf("state: open %s: %w", path, err)
 	}
 	// Connecting runs the pragmas. Switching a new file to WAL while
 	// another process does the same can fail busy at once, without SQLite
 	// waiting its busy timeout: try again, as for any busy error.
 	if err := db.retry(ctx, func() error { return s.PingContext(ctx) }); err != nil {
 		s.Close()
-		return db.wrap(err, "open %s", path)
+		return nil, db.wrap(err, "open %s", path)
 	}
 	// A read that touches the schema: a file whose header passes but whose
 	// first page is damaged fails here rather than at the first query.
 	var n int
 	if err := db.retry(ctx, func() error { return s.QueryRowContext(ctx, "SELECT count(*) FROM sqlite_schema").Scan(&n) }); err != nil {
 		s.Close()
-		return db.wrap(err, "open %s", path)
+		return nil, db.wrap(err, "open %s", path)
 	}
-	db.sql = s
-	return nil
+	return s, nil
 }
 
 // Close closes the database handle.
 func (db *DB) Close() error {
+	var lazyErr error
+	if db.lazy != nil {
+		lazyErr = db.lazy.close()
+	}
 	db.stmts.Range(func(_, st any) bool {
 		st.(*sql.Stmt).Close()
 		return true
 	})
 	if err := db.sql.Close(); err != nil {
-		return fmt.Errorf("state: close %s: %w", db.where, err)
+		return errors.Join(lazyErr, fmt.Errorf("state: close %s: %w", db.where, err))
 	}
-	return nil
+	return lazyErr
 }
 
 // Dialect reports which engine holds the state.

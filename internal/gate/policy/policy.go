@@ -71,6 +71,11 @@ type Config struct {
 	RequestExpiry time.Duration // how long a held statement may be approved and run (default 1h)
 	Webhook       string        // URL told about held statements; "" for none
 	Limits        Limits
+	// LedgerSync (ledger_sync) bounds how long the statements the gate
+	// recorded may wait to be flushed to a SQLite state's disk: a killed
+	// gate loses none of them, a crashed machine up to this much (state's
+	// WithLedgerSync). 0 flushes every batch. Default [DefaultLedgerSync].
+	LedgerSync time.Duration
 	// NoEventLoop (event_loop: false) serves every session on goroutines:
 	// a way out should the event loop (docs/gate.md) misbehave somewhere.
 	NoEventLoop bool

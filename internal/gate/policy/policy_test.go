@@ -87,6 +87,16 @@ rules: [{users: [a], databases: [db], classes: [read], action: allow}]
 	if c.EventLoops != 3 {
 		t.Errorf("event_loops: 3 gave %d", c.EventLoops)
 	}
+	if c.LedgerSync != DefaultLedgerSync {
+		t.Errorf("ledger_sync not given: %v, want %v", c.LedgerSync, DefaultLedgerSync)
+	}
+	for in, want := range map[string]time.Duration{"0": 0, "0s": 0, "250ms": 250 * time.Millisecond, "1m": time.Minute} {
+		c, err := Parse([]byte("tls: {require_tls: false}\nledger_sync: "+in+"\nupstreams: {db: {host: h, user: u}}\n"+
+			"rules: [{users: [a], databases: [db], classes: [read], action: allow}]\n"), "g.yaml")
+		if err != nil || c.LedgerSync != want {
+			t.Errorf("ledger_sync: %s: %v, %v; want %v", in, c.LedgerSync, err, want)
+		}
+	}
 	for _, b := range []string{"epoll", "io_uring"} {
 		c, err := Parse([]byte("tls: {require_tls: false}\nevent_loop: "+b+"\nupstreams: {db: {host: h, user: u}}\n"+
 			"rules: [{users: [a], databases: [db], classes: [read], action: allow}]\n"), "g.yaml")
@@ -216,7 +226,7 @@ func TestBrokenConfigs(t *testing.T) {
 		{"syntax", "a: 1\nlisten: [\n", []string{"g.yaml:2: did not find"}},
 		{"empty", "", []string{"g.yaml: empty config"}},
 		{"not a mapping", "- a\n", []string{"g.yaml:1: must be a mapping"}},
-		{"unknown key", "tls: {require_tls: false}\nlistn: x\n" + ok, []string{"g.yaml:2: listn: unknown key (known: event_loop, event_loops, groups, limits"}},
+		{"unknown key", "tls: {require_tls: false}\nlistn: x\n" + ok, []string{"g.yaml:2: listn: unknown key (known: event_loop, event_loops, groups, ledger_sync, limits"}},
 		{"twice", "tls: {require_tls: false}\nlisten: a:1\nlisten: b:2\n" + ok, []string{"g.yaml:3: listen: given twice"}},
 		{"listen", "tls: {require_tls: false}\nlisten: nowhere\n" + ok, []string{`g.yaml:2: listen: "nowhere" is not host:port`}},
 		{"no upstreams", "tls: {require_tls: false}\nrules: []\n", []string{"upstreams: missing", "g.yaml:2: rules: must be a non-empty list"}},
@@ -226,6 +236,9 @@ func TestBrokenConfigs(t *testing.T) {
 		{"tls bool", "tls: {require_tls: maybe}\n" + ok, []string{"g.yaml:1: tls.require_tls: must be true or false"}},
 		{"expiry", "tls: {require_tls: false}\nrequest_expiry: soon\n" + ok, []string{`g.yaml:2: request_expiry: "soon" is not a positive duration`}},
 		{"webhook", "tls: {require_tls: false}\nwebhook: ftp://x\n" + ok, []string{"g.yaml:2: webhook:"}},
+		{"ledger_sync negative", "tls: {require_tls: false}\nledger_sync: -1s\n" + ok, []string{`g.yaml:2: ledger_sync: "-1s" is not a duration from 0`}},
+		{"ledger_sync long", "tls: {require_tls: false}\nledger_sync: 2m\n" + ok, []string{`g.yaml:2: ledger_sync: "2m" is not a duration from 0`}},
+		{"ledger_sync word", "tls: {require_tls: false}\nledger_sync: often\n" + ok, []string{`g.yaml:2: ledger_sync: "often" is not a duration`}},
 		{"event_loop", "tls: {require_tls: false}\nevent_loop: off\n" + ok, []string{"g.yaml:2: event_loop: must be true, false, epoll or io_uring"}},
 		{"event_loops", "tls: {require_tls: false}\nevent_loops: 0\n" + ok, []string{"g.yaml:2: event_loops: 0 is out of range"}},
 		{"limits", "tls: {require_tls: false}\nlimits:\n  max_rows: -1\n  max_message_bytes: 10\n  max_connections_per_user: -2\n  dry_run_timeout: soon\n" + ok,
