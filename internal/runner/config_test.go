@@ -90,17 +90,20 @@ func TestConfigExample(t *testing.T) {
 	}
 }
 
-// TestConfigGateSettings: the gate section's limits and event_loop reach
+// TestConfigGateSettings: the gate section's limits, event_loop and ledger_sync reach
 // the gate's policy config (the runner builds the gate's Config from it
 // with gate.ConfigFrom, as `dualkey gate` does).
 func TestConfigGateSettings(t *testing.T) {
-	c, err := Parse([]byte("gate:\n  event_loop: false\n  limits:\n    max_connections: 3\n    max_connections_per_user: 1\n"), "x.yaml")
+	c, err := Parse([]byte("gate:\n  event_loop: false\n  ledger_sync: 0\n  limits:\n    max_connections: 3\n    max_connections_per_user: 1\n"), "x.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
 	p := c.Gate.Policy
-	if p == nil || !p.NoEventLoop || p.Limits.MaxConnections != 3 || p.Limits.MaxConnectionsPerUser != 1 {
+	if p == nil || !p.NoEventLoop || p.Limits.MaxConnections != 3 || p.Limits.MaxConnectionsPerUser != 1 || p.LedgerSync != 0 {
 		t.Fatalf("gate policy: %+v", p)
+	}
+	if d := Default().Gate.Policy.LedgerSync; d != time.Second {
+		t.Fatalf("default ledger_sync %v, want 1s", d)
 	}
 }
 
