@@ -403,7 +403,7 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 bg_stop "$GATE"
 
 # --- profile: a gate of its own per workload, 8 clients --------------------------------------
-PROFILES=("select simple" "select prepared" "tpcb prepared")
+PROFILES=("select simple" "select prepared" "tpcb simple" "tpcb prepared")
 PROFILE_TOPS=()
 if [[ $PROFILE != 0 ]]; then
 	lock_on
