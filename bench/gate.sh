@@ -46,8 +46,8 @@
 #             BENCH_GATE_LEDGER_SYNC sets gate.yaml's ledger_sync (default
 #             not given: the gate's default, 1s; 0 flushes every batch)
 #   profile   afterwards, a gate started with DUALKEY_CPUPROFILE runs the
-#             8-client select-only workload once per protocol, and TPC-B
-#             prepared (where the ledger's records cost most); stopped with
+#             four 8-client workloads once each (select-only and TPC-B,
+#             simple and prepared); stopped with
 #             SIGINT so the profile is flushed; `go tool pprof -top` of each
 #
 # Settings, chosen to make the proxies' jobs alike:
