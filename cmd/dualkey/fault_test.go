@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dualkey/dualkey/internal/disktest"
 	"github.com/dualkey/dualkey/internal/vault/repo/repotest"
 )
 
@@ -95,11 +96,7 @@ func TestKill9(t *testing.T) {
 // TestFullDisk backs up into a vault on a small tmpfs: the backup that
 // does not fit fails with a clear error, and nothing stored before is lost.
 func TestFullDisk(t *testing.T) {
-	mnt := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", mnt).CombinedOutput(); err != nil {
-		t.Skipf("cannot mount a tmpfs (needs root): %v %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("umount", "-l", mnt).Run() })
+	mnt := disktest.Tmpfs(t, "48m")
 	repo := filepath.Join(mnt, "vault")
 	c := newCLI(t, repo)
 	c.ok("vault", "init", "--min-retention", "1h")

@@ -86,8 +86,8 @@ func startGate(t testing.TB, srv *pgtest.Server, mod func(*Config)) *env {
 }
 
 // startGateOn is startGate with its state store at stateDSN (""; SQLite in
-// a temporary directory).
-func startGateOn(t testing.TB, srv *pgtest.Server, stateDSN string, mod func(*Config)) *env {
+// a temporary directory), opened with opts.
+func startGateOn(t testing.TB, srv *pgtest.Server, stateDSN string, mod func(*Config), opts ...state.Option) *env {
 	t.Helper()
 	dir := t.TempDir()
 	e := &env{t: t, srv: srv, dir: dir}
@@ -96,7 +96,7 @@ func startGateOn(t testing.TB, srv *pgtest.Server, stateDSN string, mod func(*Co
 		stateDSN = filepath.Join(dir, "state.db")
 	}
 	var err error
-	if e.db, err = state.Open(ctx, stateDSN); err != nil {
+	if e.db, err = state.Open(ctx, stateDSN, opts...); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.db.Close() })

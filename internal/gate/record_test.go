@@ -7,14 +7,18 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/dualkey/dualkey/internal/disktest"
 	"github.com/dualkey/dualkey/internal/ledger"
 	"github.com/dualkey/dualkey/internal/pgtest"
+	"github.com/dualkey/dualkey/internal/state"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 )
@@ -241,6 +245,20 @@ func TestLedgerOutage(t *testing.T) {
 		ledgerOutage(t, e, "t1", 0, store.Stop, store.Start)
 	})
 
+	t.Run("disk full", func(t *testing.T) {
+		// SQLite on a disk that fills up, with ledger_sync as the gate
+		// runs by default: the commit that does not fit fails (SQLite
+		// writes the WAL as it commits), and the recorder keeps its batch.
+		dir := disktest.Tmpfs(t, "16m")
+		filler := filepath.Join(dir, "filler")
+		e := startGateOn(t, upstream, filepath.Join(dir, "state.db"), nil, state.WithLedgerSync(time.Second))
+		ledgerOutage(t, e, "t3", 0, func() { fillDisk(t, filler) }, func() {
+			if err := os.Remove(filler); err != nil {
+				t.Fatal(err)
+			}
+		})
+	})
+
 	t.Run("store stalled", func(t *testing.T) {
 		defer func(d time.Duration) { recordStall = d }(recordStall)
 		recordStall = 300 * time.Millisecond
@@ -436,4 +454,22 @@ func FuzzParseStatements(f *testing.F) {
 			}
 		}
 	})
+}
+
+// fillDisk writes path until its disk is full.
+func fillDisk(t *testing.T, path string) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	for {
+		if _, err := f.Write(buf); errors.Is(err, syscall.ENOSPC) {
+			return
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	}
 }

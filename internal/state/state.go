@@ -46,6 +46,10 @@ var (
 	ErrCorrupt = errors.New("state: database file is corrupt or not a SQLite database")
 	// ErrInvalid: an argument the store refuses (empty name, bad ID, ...).
 	ErrInvalid = errors.New("state: invalid argument")
+	// ErrFull: the store's disk is full (SQLite's file, or the PostgreSQL
+	// server's). Nothing of the failed write was kept; it can be retried
+	// once there is room.
+	ErrFull = errors.New("state: the disk of the state store is full")
 )
 
 // Dialect names the engine behind a DB.
@@ -271,7 +275,13 @@ func (db *DB) wrap(err error, format string, args ...any) error {
 		switch se.Code() & 0xff {
 		case sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB:
 			return fmt.Errorf("state: %s: %w (%s): %w", what, ErrCorrupt, db.where, err)
+		case sqlite3.SQLITE_FULL:
+			return fmt.Errorf("state: %s: %w (%s): %w", what, ErrFull, db.where, err)
 		}
+	}
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) && pe.Code == "53100" { // disk_full
+		return fmt.Errorf("state: %s: %w (%s): %w", what, ErrFull, db.where, err)
 	}
 	return fmt.Errorf("state: %s: %w", what, err)
 }

@@ -10,14 +10,13 @@ import (
 	"io/fs"
 	mrand "math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/dualkey/dualkey/internal/disktest"
 	"github.com/dualkey/dualkey/internal/vault/backend"
 	"github.com/dualkey/dualkey/internal/vault/backend/backendtest"
 	"github.com/dualkey/dualkey/internal/vault/backend/local"
@@ -320,22 +319,7 @@ func TestLoadCorrupted(t *testing.T) {
 // TestFullDisk fills a 2 MiB tmpfs and checks that the Save that does not fit
 // fails clearly and leaves everything saved before intact.
 func TestFullDisk(t *testing.T) {
-	if runtime.GOOS != "linux" {
-		t.Skip("needs a Linux tmpfs")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("mounting a tmpfs needs root")
-	}
-	root := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", root).CombinedOutput(); err != nil {
-		t.Skipf("cannot mount a tmpfs: %v: %s", err, out)
-	}
-	// Registered after TempDir's removal, so it runs before it.
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", root).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", root, err, out)
-		}
-	})
+	root := disktest.Tmpfs(t, "2m")
 	be := create(t, root)
 
 	const size = 300 << 10 // about 7 fit; the last one fails part-written
