@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
+
 	"github.com/dualkey/dualkey/internal/disktest"
 )
 
@@ -114,5 +116,31 @@ func TestLedgerFullDisk(t *testing.T) {
 			}
 			check(open(t, dsn), len(want))
 		})
+	}
+}
+
+// TestWrapFull: PostgreSQL's disk_full (53100) is ErrFull too, naming the
+// store; other server errors are not.
+func TestWrapFull(t *testing.T) {
+	db := &DB{where: "postgres://state@db.example/dualkey"}
+	for _, tc := range []struct {
+		code string
+		full bool
+	}{
+		{"53100", true},
+		{"53200", false}, // out of memory
+		{"42501", false},
+	} {
+		err := db.wrap(&pgconn.PgError{Code: tc.code, Message: "could not extend file"}, "ledger append %d", 7)
+		if errors.Is(err, ErrFull) != tc.full {
+			t.Errorf("%s: %v; ErrFull = %v, want %v", tc.code, err, errors.Is(err, ErrFull), tc.full)
+		}
+		if tc.full && !strings.Contains(err.Error(), db.where) {
+			t.Errorf("%s: %v does not name the store", tc.code, err)
+		}
+		var pe *pgconn.PgError
+		if !errors.As(err, &pe) || !strings.Contains(err.Error(), "ledger append 7") {
+			t.Errorf("%s: %v lost the server's error or the context", tc.code, err)
+		}
 	}
 }
