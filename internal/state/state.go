@@ -273,15 +273,16 @@ func (db *DB) wrap(err error, format string, args ...any) error {
 	var se *sqlite.Error
 	if errors.As(err, &se) {
 		switch se.Code() & 0xff {
+		// The sentinel first: its text begins "state:" already.
 		case sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB:
-			return fmt.Errorf("state: %s: %w (%s): %w", what, ErrCorrupt, db.where, err)
+			return fmt.Errorf("%w: %s (%s): %w", ErrCorrupt, what, db.where, err)
 		case sqlite3.SQLITE_FULL:
-			return fmt.Errorf("state: %s: %w (%s): %w", what, ErrFull, db.where, err)
+			return fmt.Errorf("%w: %s (%s): %w", ErrFull, what, db.where, err)
 		}
 	}
 	var pe *pgconn.PgError
 	if errors.As(err, &pe) && pe.Code == "53100" { // disk_full
-		return fmt.Errorf("state: %s: %w (%s): %w", what, ErrFull, db.where, err)
+		return fmt.Errorf("%w: %s (%s): %w", ErrFull, what, db.where, err)
 	}
 	return fmt.Errorf("state: %s: %w", what, err)
 }
