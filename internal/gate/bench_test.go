@@ -152,14 +152,20 @@ func runPgbench(b *testing.B, url, mode, script string, clients, secs int) (floa
 }
 
 // BenchmarkStatementPath is the gate's own CPU for one statement of
-// pgbench's TPC-B under the extended protocol, as a session on the event
-// loop handles it, without sockets or a server: the client's Bind, Execute
-// and Sync framed, decoded and dispatched, the upstream's BindComplete,
-// CommandComplete and ReadyForQuery relayed, and the statement's ledger
+// pgbench's TPC-B UPDATE as a session on the event loop handles it,
+// without sockets or a server: the client's messages framed, decoded and
+// dispatched, the upstream's answers relayed, and the statement's ledger
 // record written by the recorder (SQLite in a temporary directory). The
 // machine's scatter drowns a few µs per transaction in pgbench's tps;
 // here they show. cpu-ns/op is this process's user and system time per
 // statement, the recorder's goroutine included.
+//
+//   - prepared: Bind, Execute and Sync of a prepared statement;
+//   - simple: a Query with other literals each time (pgbench -M simple),
+//     looked up by the loop (cachedVerdict) before it is dispatched, as
+//     loopSession.inline does; the gate's per-statement work that the
+//     prepared protocol does not have (the text's shape, a text per
+//     statement in the record).
 func BenchmarkStatementPath(b *testing.B) {
 	e := startGate(b, &pgtest.Server{Port: 1}, func(c *Config) {
 		pc, err := policy.Parse(fmt.Appendf(nil, benchPolicy, 1, 1), "bench.yaml")
@@ -168,56 +174,90 @@ func BenchmarkStatementPath(b *testing.B) {
 		}
 		c.Policy, c.RecordReads = pc, false
 	})
-	s := &session{g: e.g, id: "bench-session", user: state.User{Name: "alice", Groups: []string{"ops"}}, dbName: "bench",
-		stmts: map[string]*prepared{}, portals: map[string]*prepared{}, counts: map[string]int{}}
-	s.db = e.g.dbs["bench"]
-	s.recent = classify.NewRecent(s.db.cache, s.decision)
-	s.fe = pgproto3.NewFrontend(nil, io.Discard)
-	s.r = &relay{s: s, wr: bufio.NewWriterSize(io.Discard, 64<<10), done: make(chan struct{})}
-	const sql = "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2;"
-	v := s.judgeNow(sql)
-	if v.dec.Action != actAllow {
-		b.Fatalf("%s: %+v, want allowed", sql, v.dec)
+	newSession := func(id string) *session {
+		s := &session{g: e.g, id: id, user: state.User{Name: "alice", Groups: []string{"ops"}}, dbName: "bench",
+			stmts: map[string]*prepared{}, portals: map[string]*prepared{}, counts: map[string]int{}}
+		s.db = e.g.dbs["bench"]
+		s.recent = classify.NewRecent(s.db.cache, s.decision)
+		s.fe = pgproto3.NewFrontend(nil, io.Discard)
+		s.r = &relay{s: s, wr: bufio.NewWriterSize(io.Discard, 64<<10), done: make(chan struct{})}
+		return s
 	}
-	s.stmts["P0_1"] = &prepared{sql: sql, v: v}
-
-	in, _ := (&pgproto3.Bind{PreparedStatement: "P0_1", ParameterFormatCodes: []int16{0, 0},
-		Parameters: [][]byte{[]byte("-1234"), []byte("734512")}, ResultFormatCodes: []int16{}}).Encode(nil)
-	in, _ = (&pgproto3.Execute{}).Encode(in)
-	in, _ = (&pgproto3.Sync{}).Encode(in)
-	out := []struct {
-		typ  byte
-		body []byte
-	}{{'2', nil}, {'C', []byte("UPDATE 1\x00")}, {'Z', []byte("T")}}
-
-	var dec decoders
-	statement := func() {
-		for off := 0; off < len(in); {
-			typ, body, size, _ := frame(in[off:], 1<<20)
-			if why := s.dispatch(dec.decode(typ, body)); why != "" {
-				b.Fatal(why)
+	run := func(b *testing.B, s *session, ins [][]byte, out []backendMsg, lookup bool) {
+		var dec decoders
+		statement := func(in []byte) {
+			for off := 0; off < len(in); {
+				typ, body, size, _ := frame(in[off:], 1<<20)
+				m := dec.decode(typ, body)
+				if q, ok := m.(*pgproto3.Query); ok && lookup {
+					if _, ok := s.cachedVerdict(q.String); !ok {
+						// The loop would classify it on a goroutine; the
+						// bench measures the cached path only.
+						s.judgeNow(q.String)
+					}
+				}
+				if why := s.dispatch(m); why != "" {
+					b.Fatal(why)
+				}
+				off += size
 			}
-			off += size
-		}
-		for _, m := range out {
-			if err := s.r.message(m.typ, m.body); err != nil {
-				b.Fatal(err)
+			for _, m := range out {
+				if err := s.r.message(m.typ, m.body); err != nil {
+					b.Fatal(err)
+				}
 			}
+			s.r.wr.Flush()
 		}
-		s.r.wr.Flush()
+		statement(ins[0]) // the session's first record of the statement
+		e.g.rec.flush()
+		b.ReportAllocs()
+		b.ResetTimer()
+		c0 := cpuTime()
+		for i := range b.N {
+			statement(ins[i%len(ins)])
+		}
+		e.g.rec.flush()
+		b.StopTimer()
+		b.ReportMetric(float64(cpuTime()-c0)/float64(b.N), "cpu-ns/op")
+		if s.r.busy() {
+			b.Fatal("the relay still waits for answers")
+		}
 	}
-	statement() // the session's first record of the statement
-	e.g.rec.flush()
-	b.ReportAllocs()
-	b.ResetTimer()
-	c0 := cpuTime()
-	for range b.N {
-		statement()
-	}
-	e.g.rec.flush()
-	b.StopTimer()
-	b.ReportMetric(float64(cpuTime()-c0)/float64(b.N), "cpu-ns/op")
-	if s.r.busy() {
-		b.Fatal("the relay still waits for answers")
-	}
+
+	b.Run("prepared", func(b *testing.B) {
+		s := newSession("bench-prepared")
+		const sql = "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2;"
+		v := s.judgeNow(sql)
+		if v.dec.Action != actAllow {
+			b.Fatalf("%s: %+v, want allowed", sql, v.dec)
+		}
+		s.stmts["P0_1"] = &prepared{sql: sql, v: v}
+		in, _ := (&pgproto3.Bind{PreparedStatement: "P0_1", ParameterFormatCodes: []int16{0, 0},
+			Parameters: [][]byte{[]byte("-1234"), []byte("734512")}, ResultFormatCodes: []int16{}}).Encode(nil)
+		in, _ = (&pgproto3.Execute{}).Encode(in)
+		in, _ = (&pgproto3.Sync{}).Encode(in)
+		run(b, s, [][]byte{in}, []backendMsg{{'2', nil}, {'C', []byte("UPDATE 1\x00")}, {'Z', []byte("T")}}, false)
+	})
+
+	b.Run("simple", func(b *testing.B) {
+		s := newSession("bench-simple")
+		ins := make([][]byte, 1024)
+		for i := range ins {
+			// Deltas of both signs, as pgbench's: two shapes ("+ -?" too).
+			sql := fmt.Sprintf("UPDATE pgbench_accounts SET abalance = abalance + %d WHERE aid = %d;", i*37%10001-5000, 1+i*7919%1000000)
+			ins[i], _ = (&pgproto3.Query{String: sql}).Encode(nil)
+		}
+		_, miss0 := s.db.cache.Stats()
+		run(b, s, ins, []backendMsg{{'C', []byte("UPDATE 1\x00")}, {'Z', []byte("T")}}, true)
+		// Parsed once per shape (two), not once per statement.
+		if _, miss := s.db.cache.Stats(); miss-miss0 > 2 {
+			b.Fatalf("%d statements classified anew, want at most 2", miss-miss0)
+		}
+	})
+}
+
+// backendMsg is one message of the upstream's answer.
+type backendMsg struct {
+	typ  byte
+	body []byte
 }
