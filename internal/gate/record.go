@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/dualkey/dualkey/internal/gate/classify"
 	"github.com/dualkey/dualkey/internal/ledger"
 )
 
@@ -35,6 +37,7 @@ type recorder struct {
 	once    sync.Once
 	down    atomic.Bool // the last write failed
 	gaveUp  bool        // the gate stops with the ledger down: what is left is lost (run's goroutine only)
+	gr      grouper     // run's goroutine only
 }
 
 func newRecorder(led *ledger.Ledger, log *slog.Logger) *recorder {
@@ -73,47 +76,71 @@ type ranStmt struct {
 // with its time as microseconds after from: an application repeats a few
 // statements, and a statement's own time, class, decision and text took
 // ~170 bytes, which the ledger hashes and SQLite writes twice (WAL, then
-// the table), against ~25 now. Every statement is still there, in a record
-// of the hash chain. ParseStatements reads both this and the earlier form.
-// Fields in key order (encoding/json's order for a map).
+// the table), against ~25 now. A text with literals is kept as its parts
+// between them, once per shape, and each statement gives its own literals
+// (v): on the simple protocol no two texts are equal, and writing each
+// whole was most of the recorder's work per statement (the JSON, the
+// hash, the compression and the grouping of ~100 bytes). Every statement
+// is still there, byte for byte, in a record of the hash chain.
+// ParseStatements reads this and the earlier forms. Fields in key order
+// (encoding/json's order for a map).
 type stmtGroup struct {
 	DB         string     `json:"db"`
 	From       time.Time  `json:"from"` // the first statement's time, to the microsecond
 	Rule       string     `json:"rule"` // the policy rule that decided them all (a new group when it changes)
 	Session    string     `json:"session"`
-	Statements []stmtItem `json:"statements"`
-	Texts      []stmtText `json:"texts"`
+	Statements []stmtItem  `json:"statements"`
+	Texts      []groupText `json:"texts"`
 
-	index map[stmtText]int // Texts by value
-	text  int              // bytes of SQL in Texts (maxGroupText)
+	exact  map[stmtText]int // Texts without literals, by value
+	shapes map[string]int   // Texts with literals, by groupKey
+	vals   []string         // the literals of Statements (each item's V is a piece of it)
+	text   int              // what the SQL in Texts and V costs in JSON at most, over 6 (maxGroupText)
 }
 
 // stmtText is a statement's text with what the gate made of it: the
 // part statements repeat.
 type stmtText struct {
-	Class    string `json:"class"`
-	Decision string `json:"decision"`
-	SQL      string `json:"sql"`
+	Class, Decision, SQL string
+}
+
+// groupText is a stmtText in a stmtGroup: SQL whole, or when it has
+// literals (classify.Literals) Parts, the pieces between them.
+type groupText struct {
+	Class    string   `json:"class"`
+	Decision string   `json:"decision"`
+	Parts    []string `json:"parts,omitempty"`
+	SQL      string   `json:"sql,omitempty"`
 }
 
 // stmtItem is one statement of a stmtGroup.
 type stmtItem struct {
-	Error   string `json:"error,omitempty"`   // SQLSTATE, when it failed
-	Request string `json:"request,omitempty"` // the request that approved it
-	Rows    *int64 `json:"rows,omitempty"`    // rows it touched, when known
-	Text    int    `json:"t"`                 // its index in Texts
-	Micros  int64  `json:"us"`                // when it completed, in µs after From
+	Error   string   `json:"error,omitempty"`   // SQLSTATE, when it failed
+	Request string   `json:"request,omitempty"` // the request that approved it
+	Rows    *int64   `json:"rows,omitempty"`    // rows it touched, when known
+	Text    int      `json:"t"`                 // its index in Texts
+	Micros  int64    `json:"us"`                // when it completed, in µs after From
+	V       []string `json:"v,omitempty"`       // its literals, between its text's Parts
 
 	rows int64 // Rows points here once the group is complete: no allocation per statement
 }
 
 // Bounds on one group, far below ledger.MaxRecordSize: the SQL is clipped
-// at 4 KiB per statement (auditText), and JSON escaping at most sextuples
-// it; an item is at most ~100 bytes.
+// at 4 KiB per statement (auditText); each piece of it (a text, a part, a
+// literal) counts its bytes and 3 more (quotes, comma), and JSON escaping
+// at most sextuples that; an item without its literals is at most ~100
+// bytes.
 const (
 	maxGroupStatements = 1024
 	maxGroupText       = 128 << 10
 )
+
+// grouper turns batches into ledger entries (groupStatements), keeping
+// its scratch space from one batch to the next.
+type grouper struct {
+	spans []int  // classify.Literals of the statement at hand
+	key   []byte // its shape's key in stmtGroup.shapes
+}
 
 // groupStatements turns a batch into ledger entries: the statements of each
 // session become one "statements" record, at the place of its first
@@ -122,7 +149,7 @@ const (
 // barrier that no statement crosses: a session's close, a denial or a hold
 // stays after the statements that came before it and before those that
 // came after.
-func groupStatements(batch []queued) []ledger.Entry {
+func (gr *grouper) groupStatements(batch []queued) []ledger.Entry {
 	out := make([]ledger.Entry, 0, len(batch))
 	open := map[string]*stmtGroup{}
 	for _, q := range batch {
@@ -133,24 +160,68 @@ func groupStatements(batch []queued) []ledger.Entry {
 			continue
 		}
 		g := open[st.session]
+		// A text seen whole needs no cutting (every statement of the
+		// extended protocol): look it up first.
 		i, seen := 0, false
 		if g != nil {
-			i, seen = g.index[st.text]
+			i, seen = g.exact[st.text]
 		}
-		if g == nil || g.Rule != st.rule || len(g.Statements) >= maxGroupStatements || !seen && g.text+len(st.text.SQL) > maxGroupText {
-			g = &stmtGroup{DB: st.db, From: st.at.Truncate(time.Microsecond), Rule: st.rule, Session: st.session, index: map[stmtText]int{}}
-			open[st.session] = g
-			out = append(out, ledger.Entry{Kind: ledger.KindStatements, Actor: st.actor, Data: g})
-			seen = false
+		lits := false
+		if !seen {
+			gr.spans, lits = classify.Literals(gr.spans[:0], st.text.SQL)
+			if lits && g != nil {
+				i, seen = g.shapes[string(gr.shapeKey(st.text))]
+			}
+		}
+		// What the statement adds to g.text: its literals, and its text
+		// unless the group has it.
+		add, whole := 0, len(st.text.SQL)+3
+		if lits {
+			n := len(gr.spans) / 2
+			for k := 0; k < len(gr.spans); k += 2 {
+				add += gr.spans[k+1] - gr.spans[k]
+			}
+			whole = len(st.text.SQL) + 3*(2*n+1) // literals and parts
+			add += 3 * n
 		}
 		if !seen {
-			i = len(g.Texts)
-			g.Texts = append(g.Texts, st.text)
-			g.index[st.text] = i
-			g.text += len(st.text.SQL)
+			add = whole
 		}
-		g.Statements = append(g.Statements, stmtItem{Error: st.err, Request: st.request, Text: i,
-			Micros: st.at.Truncate(time.Microsecond).Sub(g.From).Microseconds(), rows: st.rows})
+		if g == nil || g.Rule != st.rule || len(g.Statements) >= maxGroupStatements || g.text+add > maxGroupText {
+			g = &stmtGroup{DB: st.db, From: st.at.Truncate(time.Microsecond), Rule: st.rule, Session: st.session}
+			open[st.session] = g
+			out = append(out, ledger.Entry{Kind: ledger.KindStatements, Actor: st.actor, Data: g})
+			seen, add = false, whole
+		}
+		g.text += add
+		if !seen {
+			i = len(g.Texts)
+			t := groupText{Class: st.text.Class, Decision: st.text.Decision, SQL: st.text.SQL}
+			if lits {
+				t.Parts, t.SQL = cut(t.SQL, gr.spans), ""
+				if g.shapes == nil {
+					g.shapes = map[string]int{}
+				}
+				g.shapes[string(gr.shapeKey(st.text))] = i
+			} else {
+				if g.exact == nil {
+					g.exact = map[stmtText]int{}
+				}
+				g.exact[st.text] = i
+			}
+			g.Texts = append(g.Texts, t)
+		}
+		it := stmtItem{Error: st.err, Request: st.request, Text: i,
+			Micros: st.at.Truncate(time.Microsecond).Sub(g.From).Microseconds(), rows: st.rows}
+		if lits {
+			n := len(g.vals)
+			for k := 0; k < len(gr.spans); k += 2 {
+				g.vals = append(g.vals, st.text.SQL[gr.spans[k]:gr.spans[k+1]])
+			}
+			// A piece of vals: when it grows, earlier pieces keep the old array.
+			it.V = g.vals[n:len(g.vals):len(g.vals)]
+		}
+		g.Statements = append(g.Statements, it)
 	}
 	for _, e := range out {
 		if g, ok := e.Data.(*stmtGroup); ok {
@@ -162,6 +233,36 @@ func groupStatements(batch []queued) []ledger.Entry {
 		}
 	}
 	return out
+}
+
+// shapeKey is t's key in stmtGroup.shapes, from gr.spans: its class,
+// decision and the parts between its literals, apart by NULs (which no
+// class, decision or text that has literals holds).
+func (gr *grouper) shapeKey(t stmtText) []byte {
+	k := append(gr.key[:0], t.Class...)
+	k = append(k, 0)
+	k = append(k, t.Decision...)
+	last := 0
+	for i := 0; i < len(gr.spans); i += 2 {
+		k = append(k, 0)
+		k = append(k, t.SQL[last:gr.spans[i]]...)
+		last = gr.spans[i+1]
+	}
+	k = append(k, 0)
+	k = append(k, t.SQL[last:]...)
+	gr.key = k
+	return k
+}
+
+// cut returns the pieces of sql around the literals at spans.
+func cut(sql string, spans []int) []string {
+	parts := make([]string, 0, len(spans)/2+1)
+	last := 0
+	for i := 0; i < len(spans); i += 2 {
+		parts = append(parts, sql[last:spans[i]])
+		last = spans[i+1]
+	}
+	return append(parts, sql[last:])
 }
 
 // Statements is a "statements" record's data as read back: the group's
@@ -188,12 +289,14 @@ func ParseStatements(data []byte) (Statements, error) {
 		From       time.Time  `json:"from"`
 		Rule       string     `json:"rule"`
 		Session    string     `json:"session"`
-		Texts      []stmtText `json:"texts"`
+		Texts      []groupText `json:"texts"`
 		Statements []struct {
 			stmtItem
 			// the earlier form
-			At time.Time `json:"at"`
-			stmtText
+			At       time.Time `json:"at"`
+			Class    string    `json:"class"`
+			Decision string    `json:"decision"`
+			SQL      string    `json:"sql"`
 		} `json:"statements"`
 	}
 	if err := json.Unmarshal(data, &g); err != nil {
@@ -202,16 +305,43 @@ func ParseStatements(data []byte) (Statements, error) {
 	out := Statements{DB: g.DB, Rule: g.Rule, Session: g.Session, Statements: make([]Statement, 0, len(g.Statements))}
 	for i, it := range g.Statements {
 		st := Statement{At: it.At, Class: it.Class, Decision: it.Decision, SQL: it.SQL, Error: it.Error, Request: it.Request, Rows: it.Rows}
+		if g.Texts == nil && it.V != nil {
+			return Statements{}, fmt.Errorf("statements record: statement %d has literals but the record no texts", i)
+		}
 		if g.Texts != nil {
 			if it.Text < 0 || it.Text >= len(g.Texts) {
 				return Statements{}, fmt.Errorf("statements record: statement %d names text %d of %d", i, it.Text, len(g.Texts))
 			}
 			t := g.Texts[it.Text]
-			st.At, st.Class, st.Decision, st.SQL = g.From.Add(time.Duration(it.Micros)*time.Microsecond), t.Class, t.Decision, t.SQL
+			sql, err := t.with(it.V)
+			if err != nil {
+				return Statements{}, fmt.Errorf("statements record: statement %d: %w", i, err)
+			}
+			st.At, st.Class, st.Decision, st.SQL = g.From.Add(time.Duration(it.Micros)*time.Microsecond), t.Class, t.Decision, sql
 		}
 		out.Statements = append(out.Statements, st)
 	}
 	return out, nil
+}
+
+// with returns the text whole, with the literals v between its parts.
+func (t groupText) with(v []string) (string, error) {
+	switch {
+	case t.Parts == nil && v == nil:
+		return t.SQL, nil
+	case t.Parts == nil || t.SQL != "":
+		return "", fmt.Errorf("literals for a text without parts, or a text with both parts and sql")
+	case len(v) != len(t.Parts)-1:
+		return "", fmt.Errorf("%d literals for a text of %d parts", len(v), len(t.Parts))
+	}
+	var b strings.Builder
+	for i, p := range t.Parts {
+		if i > 0 {
+			b.WriteString(v[i-1])
+		}
+		b.WriteString(p)
+	}
+	return b.String(), nil
 }
 
 // recordBatch bounds how many queued records go into one ledger
@@ -273,7 +403,7 @@ func (r *recorder) run() {
 				break more
 			}
 		}
-		r.write(groupStatements(batch))
+		r.write(r.gr.groupStatements(batch))
 		recycle(batch)
 		clear(batch) // let the statements' text go
 		if flushed != nil {
@@ -360,7 +490,7 @@ func (r *recorder) idle(d time.Duration, es *[]ledger.Entry, flushes *[]chan str
 			case it.flushed != nil:
 				*flushes = append(*flushes, it.flushed)
 			default:
-				*es = append(*es, groupStatements([]queued{it})...)
+				*es = append(*es, r.gr.groupStatements([]queued{it})...)
 				recycle([]queued{it})
 			}
 		}

@@ -23,6 +23,9 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
+// groupStatements groups batch as the recorder does, afresh.
+func groupStatements(batch []queued) []ledger.Entry { return new(grouper).groupStatements(batch) }
+
 // The recorder makes one "statements" record per session per batch, at
 // its first statement's place; any other record is a barrier that keeps
 // the order around it; groups are bounded; rows are there when known.
@@ -45,7 +48,11 @@ func TestGroupStatements(t *testing.T) {
 				}
 				fmt.Fprintf(&b, "(%s %s %s:", e.Actor, g.Session, g.DB)
 				for _, it := range g.Statements {
-					b.WriteString(" " + g.Texts[it.Text].SQL)
+					sql, err := g.Texts[it.Text].with(it.V)
+					if err != nil {
+						t.Fatal(err)
+					}
+					b.WriteString(" " + sql)
 				}
 				b.WriteString(")")
 			}
@@ -60,6 +67,9 @@ func TestGroupStatements(t *testing.T) {
 	}{
 		{"one session", []queued{st("a", "1", 1), st("a", "2", 1), st("a", "3", 1)},
 			"statements(u-a a db-a: 1 2 3); "},
+		{"shapes and texts", []queued{st("a", "UPDATE t SET v = 1 WHERE id = 'x'", 1), st("a", "BEGIN", 1), st("a", "UPDATE t SET v = -2.5 WHERE id = 'it''s'", 1),
+			st("a", "UPDATE t SET v = $1", 1), st("a", "BEGIN", 1), st("a", "UPDATE t SET v = 3 WHERE id > 'x'", 1)},
+			"statements(u-a a db-a: UPDATE t SET v = 1 WHERE id = 'x' BEGIN UPDATE t SET v = -2.5 WHERE id = 'it''s' UPDATE t SET v = $1 BEGIN UPDATE t SET v = 3 WHERE id > 'x'); "},
 		{"sessions interleaved", []queued{st("a", "1", 1), st("b", "2", 1), st("a", "3", 1), st("b", "4", 1)},
 			"statements(u-a a db-a: 1 3); statements(u-b b db-b: 2 4); "},
 		{"a barrier", []queued{st("a", "1", 1), st("b", "2", 1), other("session.close"), st("a", "3", 1), st("b", "4", 1)},
@@ -111,6 +121,32 @@ func TestGroupStatements(t *testing.T) {
 		if err != nil || len(b) > ledger.MaxRecordSize-1024 {
 			t.Errorf("the largest group encodes to %d bytes (%v), the ledger takes %d", len(b), err, ledger.MaxRecordSize)
 		}
+
+		// Texts cut at literals: each piece costs its quotes and comma,
+		// "<" its escape (\u003c), a literal of control characters theirs.
+		// New shapes each time, then one shape with new literals each time.
+		batch = batch[:0]
+		for i := range 100 {
+			batch = append(batch, st("a", strings.Repeat("1<", 2040)+"x"+strconv.Itoa(i), 1))
+		}
+		for range maxGroupStatements {
+			batch = append(batch, st("a", "SELECT "+strings.Repeat("'\x01',", 585)+"'\x01'", 1))
+		}
+		es = groupStatements(batch)
+		for _, e := range es {
+			g := e.Data.(*stmtGroup)
+			b, err := json.Marshal(g)
+			if err != nil || len(b) > ledger.MaxRecordSize-1024 || g.text > maxGroupText {
+				t.Errorf("a group of %d statements, %d texts, costing %d, encodes to %d bytes (%v), the ledger takes %d",
+					len(g.Statements), len(g.Texts), g.text, len(b), err, ledger.MaxRecordSize)
+			}
+			if len(g.Texts[0].Parts) == 0 {
+				t.Errorf("a text not cut at its literals: %.40q", g.Texts[0].SQL)
+			}
+		}
+		if len(es) < 3 {
+			t.Errorf("%d statements with literals in %d records", len(batch), len(es))
+		}
 	})
 
 	t.Run("encoding", func(t *testing.T) {
@@ -125,15 +161,16 @@ func TestGroupStatements(t *testing.T) {
 			t.Fatal(err)
 		}
 		// The keys are in a map's order, as in every other record; each
-		// distinct text once, with its class and decision; times in µs
-		// after the first, which is clipped to the µs.
+		// distinct text once, with its class and decision, and cut at its
+		// literals when it has any (each statement gives its own); times
+		// in µs after the first, which is clipped to the µs.
 		want := `{"db":"db-a","from":"2026-12-02T12:00:00Z","rule":"r","session":"a","statements":[` +
-			`{"rows":7,"t":0,"us":0},{"rows":0,"t":1,"us":1},{"error":"23505","t":2,"us":-1},` +
-			`{"request":"req1","rows":2,"t":3,"us":0},{"rows":3,"t":1,"us":5400000000}],"texts":[` +
-			`{"class":"write","decision":"allow","sql":"UPDATE t SET a = '\u003c\u0026\u003e'"},` +
-			`{"class":"write","decision":"allow","sql":"SELECT 1"},` +
+			`{"rows":7,"t":0,"us":0,"v":["'\u003c\u0026\u003e'"]},{"rows":0,"t":1,"us":1,"v":["1"]},{"error":"23505","t":2,"us":-1},` +
+			`{"request":"req1","rows":2,"t":3,"us":0,"v":["1"]},{"rows":3,"t":1,"us":5400000000,"v":["1"]}],"texts":[` +
+			`{"class":"write","decision":"allow","parts":["UPDATE t SET a = ",""]},` +
+			`{"class":"write","decision":"allow","parts":["SELECT ",""]},` +
 			`{"class":"write","decision":"allow","sql":"INSERT"},` +
-			`{"class":"write","decision":"approved","sql":"SELECT 1"}]}`
+			`{"class":"write","decision":"approved","parts":["SELECT ",""]}]}`
 		if string(got) != want {
 			t.Errorf("got  %s\nwant %s", got, want)
 		}
@@ -171,6 +208,16 @@ func TestGroupStatements(t *testing.T) {
 			{"current form", `{"db":"d","from":"2026-12-02T12:00:00Z","rule":"r","session":"s","statements":[{"rows":1,"t":0,"us":2},{"t":0,"us":3000001}],` +
 				`"texts":[{"class":"write","decision":"allow","sql":"DELETE FROM t WHERE id = $1"}]}`,
 				"2026-12-02T12:00:00.000002Z write allow 1 - - DELETE FROM t WHERE id = $1; 2026-12-02T12:00:03.000001Z write allow ? - - DELETE FROM t WHERE id = $1; "},
+			{"literals", `{"db":"d","from":"2026-12-02T12:00:00Z","rule":"r","session":"s","statements":[{"t":0,"us":1,"v":["-5","'a''b'"]},{"t":1,"us":2},{"t":0,"us":3,"v":["7","''"]}],` +
+				`"texts":[{"class":"write","decision":"allow","parts":["UPDATE t SET v = v + ", " WHERE k = ", ""]},{"class":"write","decision":"allow","sql":"BEGIN"}]}`,
+				"2026-12-02T12:00:00.000001Z write allow ? - - UPDATE t SET v = v + -5 WHERE k = 'a''b'; 2026-12-02T12:00:00.000002Z write allow ? - - BEGIN; " +
+					"2026-12-02T12:00:00.000003Z write allow ? - - UPDATE t SET v = v + 7 WHERE k = ''; "},
+			{"too few literals", `{"from":"2026-12-02T12:00:00Z","statements":[{"t":0,"us":0,"v":["1"]}],"texts":[{"parts":["a","b","c"]}]}`, "error"},
+			{"too many literals", `{"from":"2026-12-02T12:00:00Z","statements":[{"t":0,"us":0,"v":["1","2"]}],"texts":[{"parts":["a","b"]}]}`, "error"},
+			{"no literals for parts", `{"from":"2026-12-02T12:00:00Z","statements":[{"t":0,"us":0}],"texts":[{"parts":["a","b"]}]}`, "error"},
+			{"literals without parts", `{"from":"2026-12-02T12:00:00Z","statements":[{"t":0,"us":0,"v":["1"]}],"texts":[{"sql":"a"}]}`, "error"},
+			{"parts and sql", `{"from":"2026-12-02T12:00:00Z","statements":[{"t":0,"us":0,"v":["1"]}],"texts":[{"parts":["a","b"],"sql":"a1b"}]}`, "error"},
+			{"literals in the earlier form", `{"statements":[{"at":"2026-12-02T12:00:00Z","sql":"a","v":["1"]}]}`, "error"},
 			{"a text out of range", `{"from":"2026-12-02T12:00:00Z","statements":[{"t":1,"us":0}],"texts":[{"sql":"x"}]}`, "error"},
 			{"a negative text", `{"from":"2026-12-02T12:00:00Z","statements":[{"t":-1,"us":0}],"texts":[{"sql":"x"}]}`, "error"},
 			{"not JSON", `{"statements":[`, "error"},
@@ -433,24 +480,44 @@ func FuzzParseStatements(f *testing.F) {
 	f.Add(seed)
 	f.Add([]byte(`{"db":"d","rule":"r","session":"s","statements":[{"at":"2026-12-02T12:00:00Z","class":"write","decision":"allow","rows":7,"sql":"UPDATE t"}]}`))
 	f.Add([]byte(`{"from":"2026-12-02T12:00:00Z","statements":[{"t":9223372036854775807,"us":-9223372036854775808}],"texts":[]}`))
+	f.Add([]byte(`{"from":"2026-12-02T12:00:00Z","statements":[{"t":0,"us":0,"v":["1","'x'"]},{"t":1,"us":0,"v":[]}],"texts":[{"parts":["a "," b ",""]},{"parts":["c"]}]}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		got, err := ParseStatements(data)
 		if err != nil {
 			return
 		}
+		// Each statement is a text of the record (class, decision and
+		// parts) with the literals it gives between the parts.
 		var raw struct {
-			Texts []stmtText `json:"texts"`
+			Texts      []groupText `json:"texts"`
+			Statements []struct {
+				T int      `json:"t"`
+				V []string `json:"v"`
+			} `json:"statements"`
 		}
 		if json.Unmarshal(data, &raw) != nil || raw.Texts == nil {
 			return
 		}
 		for i, st := range got.Statements {
-			found := false
-			for _, tx := range raw.Texts {
-				found = found || tx == stmtText{Class: st.Class, Decision: st.Decision, SQL: st.SQL}
+			tx := raw.Texts[raw.Statements[i].T]
+			v, sql := raw.Statements[i].V, st.SQL
+			ok := tx.Class == st.Class && tx.Decision == st.Decision
+			if tx.Parts == nil {
+				ok = ok && len(v) == 0 && sql == tx.SQL
+			} else {
+				ok = ok && len(v) == len(tx.Parts)-1
+				for j, p := range tx.Parts {
+					if j > 0 && ok {
+						ok = strings.HasPrefix(sql, v[j-1])
+						sql = strings.TrimPrefix(sql, v[j-1])
+					}
+					ok = ok && strings.HasPrefix(sql, p)
+					sql = strings.TrimPrefix(sql, p)
+				}
+				ok = ok && sql == ""
 			}
-			if !found {
-				t.Fatalf("statement %d (%+v) names no text of the record", i, st)
+			if !ok {
+				t.Fatalf("statement %d (%+v) is not text %d (%+v) with %q", i, st, raw.Statements[i].T, tx, v)
 			}
 		}
 	})

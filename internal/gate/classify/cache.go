@@ -76,9 +76,9 @@ func (c *Cache) Classify(sql string, opts Options) Result {
 	// sessions classifying the same new text at once only waste a parse.
 	res, constRead, tree := classifyString(sql, opts, false)
 	if byShape && !constRead && shapeable(res) {
-		var starts []int
-		appendShape(nil, sql, &starts)
-		byShape = constsAt(sql, tree, starts)
+		var spans []int
+		appendShape(nil, sql, &spans)
+		byShape = constsAt(sql, tree, spans)
 	} else {
 		byShape = false
 	}

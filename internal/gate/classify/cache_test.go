@@ -2,6 +2,8 @@ package classify
 
 import (
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -230,5 +232,32 @@ func BenchmarkCacheShapeHit(b *testing.B) {
 			b.Fatal("shape missed")
 		}
 		i++
+	}
+}
+
+// Literals cuts a text where its shape has markers; a text without a
+// shape, or without literals, is not cut.
+func TestLiterals(t *testing.T) {
+	for _, tt := range []struct {
+		sql  string
+		want []string // the literals; nil: none
+	}{
+		{"UPDATE pgbench_accounts SET abalance = abalance + -4242 WHERE aid = 17;", []string{"4242", "17"}},
+		{`SELECT "a'b", 'it''s', 1.5e3, x1 FROM t WHERE c = ''`, []string{"'it''s'", "1.5e3", "''"}},
+		{"SELECT $1 FROM t", nil},
+		{"BEGIN", nil},
+		{"SELECT 'a' -- a comment", nil},
+		{"SELECT E'a\\n'", nil},
+		{"SELECT 1; SELECT 2", nil},
+		{"SELECT '" + strings.Repeat("x", maxCachedText) + "'", nil},
+	} {
+		spans, ok := Literals(nil, tt.sql)
+		var got []string
+		for i := 0; i < len(spans); i += 2 {
+			got = append(got, tt.sql[spans[i]:spans[i+1]])
+		}
+		if ok != (tt.want != nil) || !slices.Equal(got, tt.want) {
+			t.Errorf("Literals(%q) = %q, %v; want %q", tt.sql, got, ok, tt.want)
+		}
 	}
 }

@@ -114,6 +114,37 @@ func checkShapes(t *testing.T, sql string) {
 	}
 }
 
+// checkLiterals: Literals finds literals where the shape has markers, in
+// order, and what lies between them is the shape's text between markers.
+func checkLiterals(t *testing.T, sql, shape string, has bool) {
+	spans, ok := Literals([]int{-1}, sql)
+	if spans[0] != -1 || ok != has || ok != (len(spans) > 1) {
+		t.Fatalf("Literals(%q) = %v, %v; the shape %q says %v", sql, spans, ok, shape, has)
+	}
+	if !ok {
+		return
+	}
+	spans = spans[1:]
+	var rebuilt strings.Builder
+	last := 0
+	for i := 0; i < len(spans); i += 2 {
+		if spans[i] < last || spans[i+1] <= spans[i] || spans[i+1] > len(sql) {
+			t.Fatalf("Literals(%q): spans %v out of order", sql, spans)
+		}
+		rebuilt.WriteString(sql[last:spans[i]])
+		rebuilt.WriteString("\x00")
+		if rebuilt.Len() >= len(shape) {
+			t.Fatalf("Literals(%q) = %v: more literals than its shape %q has", sql, spans, shape)
+		}
+		rebuilt.WriteByte(shape[rebuilt.Len()])
+		last = spans[i+1]
+	}
+	rebuilt.WriteString(sql[last:])
+	if rebuilt.String() != shape {
+		t.Fatalf("Literals(%q) = %v: cut there it is %q, its shape %q", sql, spans, rebuilt.String(), shape)
+	}
+}
+
 // fillShape replaces a shape's markers with values: the k-th of each list,
 // or (same false) the (k+place)-th.
 func fillShape(shape string, k int, same bool) string {
@@ -166,6 +197,7 @@ func FuzzShape(f *testing.F) {
 		if ok1 && strings.Count(s1, "\x00") != n1 {
 			t.Fatalf("shapeOf(%q) = %q with %d markers, says %d", sql, s1, strings.Count(s1, "\x00"), n1)
 		}
+		checkLiterals(t, sql, s1, ok1 && n1 > 0)
 		checkShapes(t, sql)
 	})
 }

@@ -40,9 +40,10 @@ func shapeOf(sql string) (shape string, n int, ok bool) {
 
 // appendShape appends sql's shape to dst (all of it, the text itself when
 // n is 0), so that a caller with a buffer of its own finds a shape in a
-// map without allocating; it appends to *starts (when not nil) the offset
-// of each literal it replaced. On !ok what it appended is to be ignored.
-func appendShape(dst []byte, sql string, starts *[]int) (shape []byte, n int, ok bool) {
+// map without allocating; it appends to *spans (when not nil) the start
+// and end offsets of each literal it replaced. On !ok what it appended is
+// to be ignored.
+func appendShape(dst []byte, sql string, spans *[]int) (shape []byte, n int, ok bool) {
 	if !utf8.ValidString(sql) || strings.IndexByte(sql, 0) >= 0 {
 		return dst, 0, false
 	}
@@ -92,8 +93,8 @@ func appendShape(dst []byte, sql string, starts *[]int) (shape []byte, n int, ok
 			b = append(b, sql[last:i]...)
 			b = append(b, "\x00s"...)
 			n++
-			if starts != nil {
-				*starts = append(*starts, i)
+			if spans != nil {
+				*spans = append(*spans, i, end)
 			}
 			i, last = end, end
 		case ch == '&' && (at(sql, i+1) == '\'' || at(sql, i+1) == '"'):
@@ -107,8 +108,8 @@ func appendShape(dst []byte, sql string, starts *[]int) (shape []byte, n int, ok
 				return dst, 0, false
 			}
 			b = append(b, sql[last:i]...)
-			if starts != nil {
-				*starts = append(*starts, i)
+			if spans != nil {
+				*spans = append(*spans, i, end)
 			}
 			if isInt {
 				b = append(b, "\x00i"...)
@@ -129,6 +130,25 @@ func appendShape(dst []byte, sql string, starts *[]int) (shape []byte, n int, ok
 		}
 	}
 	return append(b, sql[last:]...), n, true
+}
+
+// Literals appends to spans the start and end offsets in sql of each
+// literal its shape replaces (the cache's notion: numbers and plain
+// strings), in order, and reports whether it found any: false too when the
+// shape's lexer gives up on sql. The texts of one shape are cut at their
+// literals alike, which is what lets the gate's ledger write a shape once
+// and each statement's literals (sql is exactly the pieces between the
+// spans and the literals, whatever they are).
+func Literals(spans []int, sql string) ([]int, bool) {
+	if len(sql) > maxCachedText {
+		return spans, false
+	}
+	n0 := len(spans)
+	var buf [512]byte // the shape, unused: on the stack for most texts
+	if _, n, ok := appendShape(buf[:0], sql, &spans); !ok || n == 0 {
+		return spans[:n0], false
+	}
+	return spans, true
 }
 
 func at(s string, i int) byte {
@@ -207,13 +227,13 @@ func number(sql string, i int) (end int, isInt bool) {
 }
 
 // constsAt reports whether the parse tree has a constant (A_Const) for
-// every literal at starts: at the literal itself, or at a minus sign
+// every literal in spans: at the literal itself, or at a minus sign
 // before it (the grammar folds "-5" into one constant located at the "-").
 // A literal the grammar consumed without leaving a constant, such as the
 // precision in float(53), which it checks (float(0) does not parse) and
 // turns into a type name, makes the text's parse depend on a value: such
 // a shape must not be cached.
-func constsAt(sql string, tree *pg_query.ParseResult, starts []int) bool {
+func constsAt(sql string, tree *pg_query.ParseResult, spans []int) bool {
 	at := map[int]bool{}
 	walk(tree, func(m any) bool {
 		if k, ok := m.(*pg_query.A_Const); ok {
@@ -221,7 +241,8 @@ func constsAt(sql string, tree *pg_query.ParseResult, starts []int) bool {
 		}
 		return true
 	})
-	for _, s := range starts {
+	for i := 0; i < len(spans); i += 2 {
+		s := spans[i]
 		if at[s] {
 			continue
 		}
