@@ -85,10 +85,10 @@ type ranStmt struct {
 // ParseStatements reads this and the earlier forms. Fields in key order
 // (encoding/json's order for a map).
 type stmtGroup struct {
-	DB         string     `json:"db"`
-	From       time.Time  `json:"from"` // the first statement's time, to the microsecond
-	Rule       string     `json:"rule"` // the policy rule that decided them all (a new group when it changes)
-	Session    string     `json:"session"`
+	DB         string      `json:"db"`
+	From       time.Time   `json:"from"` // the first statement's time, to the microsecond
+	Rule       string      `json:"rule"` // the policy rule that decided them all (a new group when it changes)
+	Session    string      `json:"session"`
 	Statements []stmtItem  `json:"statements"`
 	Texts      []groupText `json:"texts"`
 
@@ -285,10 +285,10 @@ type Statement struct {
 // carried its own at, class, decision and sql.
 func ParseStatements(data []byte) (Statements, error) {
 	var g struct {
-		DB         string     `json:"db"`
-		From       time.Time  `json:"from"`
-		Rule       string     `json:"rule"`
-		Session    string     `json:"session"`
+		DB         string      `json:"db"`
+		From       time.Time   `json:"from"`
+		Rule       string      `json:"rule"`
+		Session    string      `json:"session"`
 		Texts      []groupText `json:"texts"`
 		Statements []struct {
 			stmtItem
