@@ -152,6 +152,15 @@ type grouper struct {
 func (gr *grouper) groupStatements(batch []queued) []ledger.Entry {
 	out := make([]ledger.Entry, 0, len(batch))
 	open := map[string]*stmtGroup{}
+	// How many statements of each session are still to come: a group's
+	// slice is made once at its size, where growing it by append cost
+	// more than the rest of the grouping.
+	left := map[string]int{}
+	for _, q := range batch {
+		if q.st != nil {
+			left[q.st.session]++
+		}
+	}
 	for _, q := range batch {
 		st := q.st
 		if st == nil {
@@ -159,6 +168,8 @@ func (gr *grouper) groupStatements(batch []queued) []ledger.Entry {
 			out = append(out, q.e)
 			continue
 		}
+		n := left[st.session]
+		left[st.session] = n - 1
 		g := open[st.session]
 		// A text seen whole needs no cutting (every statement of the
 		// extended protocol): look it up first.
@@ -188,7 +199,8 @@ func (gr *grouper) groupStatements(batch []queued) []ledger.Entry {
 			add = whole
 		}
 		if g == nil || g.Rule != st.rule || len(g.Statements) >= maxGroupStatements || g.text+add > maxGroupText {
-			g = &stmtGroup{DB: st.db, From: st.at.Truncate(time.Microsecond), Rule: st.rule, Session: st.session}
+			g = &stmtGroup{DB: st.db, From: st.at.Truncate(time.Microsecond), Rule: st.rule, Session: st.session,
+				Statements: make([]stmtItem, 0, min(n, maxGroupStatements))}
 			open[st.session] = g
 			out = append(out, ledger.Entry{Kind: ledger.KindStatements, Actor: st.actor, Data: g})
 			seen, add = false, whole
