@@ -168,8 +168,8 @@ func (gr *grouper) groupStatements(batch []queued) []ledger.Entry {
 			out = append(out, q.e)
 			continue
 		}
-		n := left[st.session]
-		left[st.session] = n - 1
+		rest := left[st.session] // this one and those after it
+		left[st.session] = rest - 1
 		g := open[st.session]
 		// A text seen whole needs no cutting (every statement of the
 		// extended protocol): look it up first.
@@ -188,19 +188,19 @@ func (gr *grouper) groupStatements(batch []queued) []ledger.Entry {
 		// unless the group has it.
 		add, whole := 0, len(st.text.SQL)+3
 		if lits {
-			n := len(gr.spans) / 2
+			nlit := len(gr.spans) / 2
 			for k := 0; k < len(gr.spans); k += 2 {
 				add += gr.spans[k+1] - gr.spans[k]
 			}
-			whole = len(st.text.SQL) + 3*(2*n+1) // literals and parts
-			add += 3 * n
+			whole = len(st.text.SQL) + 3*(2*nlit+1) // literals and parts
+			add += 3 * nlit
 		}
 		if !seen {
 			add = whole
 		}
 		if g == nil || g.Rule != st.rule || len(g.Statements) >= maxGroupStatements || g.text+add > maxGroupText {
 			g = &stmtGroup{DB: st.db, From: st.at.Truncate(time.Microsecond), Rule: st.rule, Session: st.session,
-				Statements: make([]stmtItem, 0, min(n, maxGroupStatements))}
+				Statements: make([]stmtItem, 0, min(rest, maxGroupStatements))}
 			open[st.session] = g
 			out = append(out, ledger.Entry{Kind: ledger.KindStatements, Actor: st.actor, Data: g})
 			seen, add = false, whole
@@ -226,12 +226,12 @@ func (gr *grouper) groupStatements(batch []queued) []ledger.Entry {
 		it := stmtItem{Error: st.err, Request: st.request, Text: i,
 			Micros: st.at.Truncate(time.Microsecond).Sub(g.From).Microseconds(), rows: st.rows}
 		if lits {
-			n := len(g.vals)
+			from := len(g.vals)
 			for k := 0; k < len(gr.spans); k += 2 {
 				g.vals = append(g.vals, st.text.SQL[gr.spans[k]:gr.spans[k+1]])
 			}
 			// A piece of vals: when it grows, earlier pieces keep the old array.
-			it.V = g.vals[n:len(g.vals):len(g.vals)]
+			it.V = g.vals[from:len(g.vals):len(g.vals)]
 		}
 		g.Statements = append(g.Statements, it)
 	}
