@@ -100,6 +100,9 @@ func (a *app) runGate(ctx context.Context, cfg *policy.Config) error {
 	if n := g.Loops(); n > 1 {
 		fmt.Fprintf(a.stdout, " (%d threads)", n)
 	}
+	if cpus := g.LoopCPUs(); cpus != "" {
+		fmt.Fprintf(a.stdout, " on CPU %s", cpus)
+	}
 	fmt.Fprintln(a.stdout)
 	errc := make(chan error, 1)
 	go func() { errc <- g.Serve(ln) }()

@@ -83,9 +83,12 @@ rules:
 	if !lines.Scan() {
 		t.Fatalf("the gate printed nothing: %s", errb.String())
 	}
-	m := regexp.MustCompile(`gate listening on (\S+);.*; event loop: (io_uring|epoll)( \(\d+ threads\))?$`).FindStringSubmatch(lines.Text())
+	m := regexp.MustCompile(`gate listening on (\S+);.*; event loop: (io_uring|epoll)( \(\d+ threads\))?( on CPU ([\d,-]+))?$`).FindStringSubmatch(lines.Text())
 	if m == nil {
 		t.Fatalf("first line %q", lines.Text())
+	}
+	if m[4] == "" {
+		t.Errorf("first line %q: the event loop is not pinned to a CPU by default", lines.Text())
 	}
 	go func() {
 		for lines.Scan() {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"runtime"
 	"strings"
 	"sync"
@@ -933,5 +934,94 @@ func TestRunKeepsProcessors(t *testing.T) {
 				t.Fatalf("GOMAXPROCS %d after Stop, want %d", got, tc.procs)
 			}
 		})
+	}
+}
+
+// TestRunOn checks that RunOn runs the loop on a thread pinned to the CPU
+// asked for, that the thread ends with the loop rather than going back to
+// the runtime with its affinity, and that a CPU the process cannot have
+// is an error that leaves the loop free to run unpinned.
+func TestRunOn(t *testing.T) {
+	var all unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &all); err != nil {
+		t.Fatal(err)
+	}
+	cpu := -1
+	for i := range 1024 {
+		if all.IsSet(i) {
+			cpu = i // the last: not the default placement when there are several
+		}
+	}
+	l, err := newLoop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.RunOn(cpu); err != nil {
+		t.Fatal(err)
+	}
+	stopped := false
+	t.Cleanup(func() {
+		if !stopped {
+			l.Stop()
+		}
+	})
+	if l.CPU() != cpu {
+		t.Errorf("CPU() = %d, want %d", l.CPU(), cpu)
+	}
+	var set unix.CPUSet
+	var tid int
+	mustRun(t, l, func() error {
+		tid = unix.Gettid()
+		return unix.SchedGetaffinity(0, &set)
+	})
+	if set.Count() != 1 || !set.IsSet(cpu) {
+		t.Errorf("the loop's thread may run on %d CPUs (CPU %d among them: %v), want only CPU %d", set.Count(), cpu, set.IsSet(cpu), cpu)
+	}
+	// It still serves an fd.
+	p := newPair(t)
+	c := newCounter()
+	mustRun(t, l, func() error { return l.Add(p.a, c, evloop.Readable) })
+	writeAll(t, p.b, []byte("pinned"))
+	waitFor(t, c.called, "the handler")
+	if _, _, data := c.state(t, l); data != "pinned" {
+		t.Errorf("read %q through the pinned loop", data)
+	}
+	l.Stop()
+	stopped = true
+	if tid == os.Getpid() {
+		// The main thread cannot exit: the runtime parks it for good
+		// instead, which also keeps it from other goroutines.
+		t.Log("the loop ran on the main thread")
+		tid = -1
+	}
+	deadline := time.Now().Add(patience)
+	for tid > 0 {
+		if _, err := os.Stat(fmt.Sprintf("/proc/self/task/%d", tid)); errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		if time.Now().After(deadline) {
+			st, _ := os.ReadFile(fmt.Sprintf("/proc/self/task/%d/status", tid))
+			t.Fatalf("the pinned thread %d outlived its loop: %s", tid, st)
+		}
+		time.Sleep(time.Millisecond)
+	}
+
+	for _, bad := range []int{-1, 1023, 4096} {
+		l, err := newLoop()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if bad == 1023 && all.IsSet(1023) {
+			continue
+		}
+		if err := l.RunOn(bad); err == nil || !strings.Contains(err.Error(), fmt.Sprint("CPU ", bad)) {
+			t.Errorf("RunOn(%d) = %v, want an error naming the CPU", bad, err)
+		}
+		if l.CPU() != -1 {
+			t.Errorf("after a failed RunOn(%d), CPU() = %d", bad, l.CPU())
+		}
+		go l.Run() // unpinned after all
+		mustRun(t, l, func() error { return nil })
+		l.Stop()
 	}
 }

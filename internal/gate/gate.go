@@ -10,11 +10,14 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"golang.org/x/sys/unix"
 
 	"github.com/dualkey/dualkey/internal/evloop"
 	"github.com/dualkey/dualkey/internal/gate/classify"
@@ -107,6 +110,12 @@ type Config struct {
 	// 2-core VM two loops cost more CPU per transaction than they gained
 	// (docs/benchmarks.md), so more is a setting for larger machines.
 	Loops int
+	// LoopCPUs pins loop i's thread to LoopCPUs[i mod len]; each must be
+	// a CPU the gate may run on. Nil: loop i goes to the i-th CPU the gate
+	// may run on, unless NoLoopPin leaves the loops to the scheduler.
+	// Pinned, the loop waits less for a CPU under load (evloop.RunOn).
+	LoopCPUs  []int
+	NoLoopPin bool
 	// PoolIdle is the number of idle upstream connections kept per
 	// database for the next session with the same startup parameters
 	// (default 20; negative: none, every session opens its own). A connection is kept
@@ -129,7 +138,7 @@ func ConfigFrom(p *policy.Config) Config {
 		MaxMessageSize: p.Limits.MaxMessageBytes, MaxConnections: p.Limits.MaxConnections,
 		MaxConnectionsPerUser: p.Limits.MaxConnectionsPerUser, DryRunTimeout: p.Limits.DryRunTimeout,
 		NoEventLoop: p.NoEventLoop, PoolIdle: p.Limits.PoolIdle, PoolIdleTimeout: p.Limits.PoolIdleTimeout,
-		PoolLifetime: p.Limits.PoolLifetime, Loops: p.EventLoops,
+		PoolLifetime: p.Limits.PoolLifetime, Loops: p.EventLoops, LoopCPUs: p.LoopCPUs, NoLoopPin: p.NoLoopPin,
 	}
 	switch p.LoopBackend {
 	case "epoll":
@@ -259,8 +268,17 @@ func New(cfg Config) (*Gate, error) {
 		g.dbs[name] = d
 	}
 	if !cfg.NoEventLoop {
-		for range cfg.Loops {
-			lp, err := newLoopState(cfg.LoopBackend)
+		cpus, err := loopCPUs(cfg)
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		for i := range cfg.Loops {
+			cpu := -1
+			if len(cpus) > 0 {
+				cpu = cpus[i%len(cpus)]
+			}
+			lp, err := newLoopState(cfg.LoopBackend, cpu, cfg.Logger)
 			if err != nil {
 				for _, lp := range g.loops {
 					lp.stop()
@@ -349,6 +367,71 @@ func (g *Gate) EventLoop() string {
 		return "off"
 	}
 	return g.loops[0].l.Backend().String()
+}
+
+// LoopCPUs returns the CPUs the event loops are pinned to, as Linux
+// writes a list of CPUs (0-3,6), or "" if not every loop is.
+func (g *Gate) LoopCPUs() string {
+	var cpus []int
+	for _, lp := range g.loops {
+		if lp.l.CPU() < 0 {
+			return ""
+		}
+		cpus = append(cpus, lp.l.CPU())
+	}
+	slices.Sort(cpus)
+	return cpuList(slices.Compact(cpus))
+}
+
+// loopCPUs returns the CPUs the loops are to be pinned to, in turn (nil:
+// none), checked against those the gate may run on.
+func loopCPUs(cfg Config) ([]int, error) {
+	if cfg.NoLoopPin {
+		return nil, nil
+	}
+	var set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &set); err != nil {
+		if cfg.LoopCPUs != nil {
+			return nil, fmt.Errorf("gate: event_loop_cpus: the CPUs the gate may run on: %w", err)
+		}
+		return nil, nil // auto: the scheduler's, then
+	}
+	var allowed []int
+	for cpu := range 1024 {
+		if set.IsSet(cpu) {
+			allowed = append(allowed, cpu)
+		}
+	}
+	if cfg.LoopCPUs == nil {
+		return allowed, nil
+	}
+	for _, cpu := range cfg.LoopCPUs {
+		if !slices.Contains(allowed, cpu) {
+			return nil, fmt.Errorf("gate: event_loop_cpus: CPU %d is not one the gate may run on (%s)", cpu, cpuList(allowed))
+		}
+	}
+	return cfg.LoopCPUs, nil
+}
+
+// cpuList writes CPUs as ranges, as Linux does: 0-3,6.
+func cpuList(cpus []int) string {
+	var b strings.Builder
+	for i := 0; i < len(cpus); {
+		j := i
+		for j+1 < len(cpus) && cpus[j+1] == cpus[j]+1 {
+			j++
+		}
+		if b.Len() > 0 {
+			b.WriteByte(',')
+		}
+		if j > i {
+			fmt.Fprintf(&b, "%d-%d", cpus[i], cpus[j])
+		} else {
+			fmt.Fprintf(&b, "%d", cpus[i])
+		}
+		i = j + 1
+	}
+	return b.String()
 }
 
 // Loops returns the number of event loops (0: off).

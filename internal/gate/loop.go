@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math"
 	"net"
 	"strings"
@@ -47,13 +48,21 @@ type loopState struct {
 	stalls           atomic.Int64 // times a session's output waited for its socket
 }
 
-func newLoopState(b evloop.Backend) (*loopState, error) {
+// newLoopState starts an event loop on backend b, pinned to cpu (-1: not
+// pinned). A pin that fails, as it should not once the CPU was checked,
+// leaves the loop to the scheduler with a warning rather than no gate.
+func newLoopState(b evloop.Backend, cpu int, log *slog.Logger) (*loopState, error) {
 	l, err := evloop.NewBackend(b)
 	if err != nil {
 		return nil, err
 	}
 	ls := &loopState{l: l, buf: make([]byte, loopReadSize), sessions: map[*loopSession]struct{}{}}
-	go l.Run()
+	if cpu < 0 {
+		go l.Run()
+	} else if err := l.RunOn(cpu); err != nil {
+		log.Warn("gate: event loop left unpinned", "err", err)
+		go l.Run()
+	}
 	return ls, nil
 }
 

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -15,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
+	"golang.org/x/sys/unix"
 
 	"github.com/dualkey/dualkey/internal/evloop"
 )
@@ -51,6 +54,9 @@ func testEventLoop(t *testing.T, b evloop.Backend) {
 	for _, lp := range e.g.loops {
 		if got := lp.l.Backend(); got != b {
 			t.Fatalf("event loop on %s, want %s", got, b)
+		}
+		if lp.l.CPU() < 0 {
+			t.Error("the event loop is not pinned to a CPU by default")
 		}
 	}
 	ctx := ctxT(t, 3*time.Minute)
@@ -378,6 +384,60 @@ func testEventLoop(t *testing.T, b evloop.Backend) {
 // handed between the event loop and their goroutines (a first statement,
 // then a hold), where closing the client from outside once raced with the
 // hand-over of its TLS transport. Run with -race.
+// TestLoopCPUs checks which CPUs the loops are pinned to for each
+// setting of event_loop_cpus, against the CPUs this test may run on.
+func TestLoopCPUs(t *testing.T) {
+	var set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &set); err != nil {
+		t.Fatal(err)
+	}
+	var allowed []int
+	for cpu := range 1024 {
+		if set.IsSet(cpu) {
+			allowed = append(allowed, cpu)
+		}
+	}
+	last := allowed[len(allowed)-1]
+	tests := []struct {
+		name string
+		cfg  Config
+		want []int
+		err  string
+	}{
+		{"auto", Config{}, allowed, ""},
+		{"none", Config{NoLoopPin: true, LoopCPUs: []int{last}}, nil, ""},
+		{"given", Config{LoopCPUs: []int{last, last}}, []int{last, last}, ""},
+		{"not allowed", Config{LoopCPUs: []int{last, 1023}}, nil, "event_loop_cpus: CPU 1023 is not one the gate may run on (" + cpuList(allowed) + ")"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.err != "" && set.IsSet(1023) {
+				t.Skip("this machine has CPU 1023")
+			}
+			got, err := loopCPUs(tc.cfg)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("error %v, want %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil || !slices.Equal(got, tc.want) {
+				t.Fatalf("loopCPUs = %v, %v; want %v", got, err, tc.want)
+			}
+		})
+	}
+	for in, want := range map[string]string{"0": "0", "0 1 2 3": "0-3", "0 2 3 6": "0,2-3,6", "1 3": "1,3", "": ""} {
+		var cpus []int
+		for _, f := range strings.Fields(in) {
+			n, _ := strconv.Atoi(f)
+			cpus = append(cpus, n)
+		}
+		if got := cpuList(cpus); got != want {
+			t.Errorf("cpuList(%v) = %q, want %q", cpus, got, want)
+		}
+	}
+}
+
 func TestCloseWhileLeavingLoop(t *testing.T) {
 	e := newEnv(t, nil)
 	e.srv.Exec("shop", "CREATE TABLE t (x int)")

@@ -582,7 +582,7 @@ func (p *parser) quorum(n *yaml.Node, path string, c *Config, thresholdNode **ya
 
 // gateKeys are the gate.yaml keys dualkey.yaml's gate section may hold;
 // upstreams and state come from pg and state.
-var gateKeys = []string{"listen", "tls", "request_expiry", "webhook", "limits", "event_loop", "event_loops", "ledger_sync", "groups", "rules"}
+var gateKeys = []string{"listen", "tls", "request_expiry", "webhook", "limits", "event_loop", "event_loops", "event_loop_cpus", "ledger_sync", "groups", "rules"}
 
 // gateSection cuts the gate mapping out of the file, keeping its lines
 // where they are, so that the gate's own config parser (internal/gate/

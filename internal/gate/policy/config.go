@@ -146,6 +146,22 @@ func (p *parser) config(root *yaml.Node, c *Config) {
 				c.EventLoops = int(n)
 			}
 		},
+		"event_loop_cpus": func(v *yaml.Node, f string) {
+			c.LoopCPUs, c.NoLoopPin = nil, false
+			switch {
+			case v.Kind == yaml.ScalarNode && v.Value == "auto":
+			case v.Kind == yaml.ScalarNode && v.Value == "none":
+				c.NoLoopPin = true
+			case v.Kind == yaml.SequenceNode && len(v.Content) > 0:
+				for _, n := range v.Content {
+					if x, ok := p.Int(n, f, 0, 1023); ok {
+						c.LoopCPUs = append(c.LoopCPUs, int(x))
+					}
+				}
+			default:
+				p.Errf(v, f, "must be auto, none or a list of CPU numbers like [0, 2]")
+			}
+		},
 		"event_loop": func(v *yaml.Node, f string) {
 			switch v.Value {
 			case "true", "false":

@@ -86,6 +86,12 @@ type Config struct {
 	// EventLoops (event_loops: N) is the number of event loops the
 	// sessions are spread over; 0 (not given) is one.
 	EventLoops int
+	// LoopCPUs (event_loop_cpus: [N, ...]) are the CPUs the event loops'
+	// threads are pinned to, loop i to LoopCPUs[i mod len]. Not given
+	// (auto), loop i is pinned to the i-th CPU the gate may run on;
+	// NoLoopPin (event_loop_cpus: none) leaves them to the scheduler.
+	LoopCPUs  []int
+	NoLoopPin bool
 }
 
 // TLS is the certificate the gate offers.

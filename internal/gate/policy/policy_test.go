@@ -3,6 +3,7 @@ package policy
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -95,6 +96,19 @@ rules: [{users: [a], databases: [db], classes: [read], action: allow}]
 			"rules: [{users: [a], databases: [db], classes: [read], action: allow}]\n"), "g.yaml")
 		if err != nil || c.LedgerSync != want {
 			t.Errorf("ledger_sync: %s: %v, %v; want %v", in, c.LedgerSync, err, want)
+		}
+	}
+	for in, want := range map[string]struct {
+		cpus []int
+		none bool
+	}{"": {}, "auto": {}, "none": {none: true}, "[0, 2]": {cpus: []int{0, 2}}, "[3]": {cpus: []int{3}}} {
+		doc := "tls: {require_tls: false}\nupstreams: {db: {host: h, user: u}}\nrules: [{users: [a], databases: [db], classes: [read], action: allow}]\n"
+		if in != "" {
+			doc += "event_loop_cpus: " + in + "\n"
+		}
+		c, err := Parse([]byte(doc), "g.yaml")
+		if err != nil || !slices.Equal(c.LoopCPUs, want.cpus) || c.NoLoopPin != want.none {
+			t.Errorf("event_loop_cpus: %q: %v, none %v, %v; want %v, none %v", in, c.LoopCPUs, c.NoLoopPin, err, want.cpus, want.none)
 		}
 	}
 	for _, b := range []string{"epoll", "io_uring"} {
@@ -226,7 +240,7 @@ func TestBrokenConfigs(t *testing.T) {
 		{"syntax", "a: 1\nlisten: [\n", []string{"g.yaml:2: did not find"}},
 		{"empty", "", []string{"g.yaml: empty config"}},
 		{"not a mapping", "- a\n", []string{"g.yaml:1: must be a mapping"}},
-		{"unknown key", "tls: {require_tls: false}\nlistn: x\n" + ok, []string{"g.yaml:2: listn: unknown key (known: event_loop, event_loops, groups, ledger_sync, limits"}},
+		{"unknown key", "tls: {require_tls: false}\nlistn: x\n" + ok, []string{"g.yaml:2: listn: unknown key (known: event_loop, event_loop_cpus, event_loops, groups, ledger_sync, limits"}},
 		{"twice", "tls: {require_tls: false}\nlisten: a:1\nlisten: b:2\n" + ok, []string{"g.yaml:3: listen: given twice"}},
 		{"listen", "tls: {require_tls: false}\nlisten: nowhere\n" + ok, []string{`g.yaml:2: listen: "nowhere" is not host:port`}},
 		{"no upstreams", "tls: {require_tls: false}\nrules: []\n", []string{"upstreams: missing", "g.yaml:2: rules: must be a non-empty list"}},
@@ -241,6 +255,9 @@ func TestBrokenConfigs(t *testing.T) {
 		{"ledger_sync word", "tls: {require_tls: false}\nledger_sync: often\n" + ok, []string{`g.yaml:2: ledger_sync: "often" is not a duration`}},
 		{"event_loop", "tls: {require_tls: false}\nevent_loop: off\n" + ok, []string{"g.yaml:2: event_loop: must be true, false, epoll or io_uring"}},
 		{"event_loops", "tls: {require_tls: false}\nevent_loops: 0\n" + ok, []string{"g.yaml:2: event_loops: 0 is out of range"}},
+		{"event_loop_cpus word", "tls: {require_tls: false}\nevent_loop_cpus: all\n" + ok, []string{"g.yaml:2: event_loop_cpus: must be auto, none or a list of CPU numbers like [0, 2]"}},
+		{"event_loop_cpus empty", "tls: {require_tls: false}\nevent_loop_cpus: []\n" + ok, []string{"g.yaml:2: event_loop_cpus: must be auto, none or a list"}},
+		{"event_loop_cpus bad CPU", "tls: {require_tls: false}\nevent_loop_cpus:\n  - 0\n  - 1024\n  - x\n" + ok, []string{"g.yaml:4: event_loop_cpus: 1024 is out of range 0..1023", "g.yaml:5: event_loop_cpus: must be a whole number"}},
 		{"limits", "tls: {require_tls: false}\nlimits:\n  max_rows: -1\n  max_message_bytes: 10\n  max_connections_per_user: -2\n  dry_run_timeout: soon\n" + ok,
 			[]string{"g.yaml:3: limits.max_rows: -1 is out of range", "g.yaml:4: limits.max_message_bytes: 10 is out of range",
 				"g.yaml:5: limits.max_connections_per_user: -2 is out of range", `g.yaml:6: limits.dry_run_timeout: "soon" is not a positive duration`}},
